@@ -1,0 +1,1 @@
+"""xim-router — the open router that ximd nodes join."""
