@@ -1,0 +1,211 @@
+"""`ximd` command line: a thin layer that parses, loads config and delegates.
+
+Heavy modules are imported inside the commands that need them so that
+`ximd --help` and `ximd status` stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from ximd import __version__
+from ximd import config as configmod
+from ximd.config import EX_CONFIG, ConfigError
+
+EX_UNAVAILABLE = 69
+EX_NOT_RUNNING = 3  # what `systemctl status` says for an inactive unit
+
+
+def setting_flags() -> argparse.ArgumentParser:
+    """Flags shared by the commands that load configuration (highest precedence)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("configuration (flag > env > agent.toml.d/ > agent.toml > default)")
+    group.add_argument("--config", metavar="PATH",
+                       help=f"main config file (default {configmod.DEFAULT_CONFIG_PATH}, "
+                            f"or ${configmod.CONFIG_PATH_ENV}); drop-ins from PATH.d/")
+    for name, info in configmod.SCHEMA.items():
+        if info.flag:
+            group.add_argument(info.flag, dest=f"setting:{name}", metavar="VALUE",
+                               help=f"{name}: {info.doc}")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any key, e.g. --set lmcache.enabled=false (repeatable)")
+    return parent
+
+
+def flags_from(args: argparse.Namespace) -> dict[str, str]:
+    flags = {dest.split(":", 1)[1]: value for dest, value in vars(args).items()
+             if dest.startswith("setting:") and value is not None}
+    for item in getattr(args, "overrides", []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([configmod.ConfigProblem("flag:--set", item, "expected KEY=VALUE")])
+        flags[key.strip()] = value
+    return flags
+
+
+def load_config(args: argparse.Namespace) -> configmod.Config:
+    return configmod.load(args.config, flags=flags_from(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    shared = setting_flags()
+    parser = argparse.ArgumentParser(
+        prog="ximd",
+        description="ximd — the systemd-native XIM node agent: supervises vLLM and serves "
+                    "a router mesh over CurveZMQ.")
+    parser.add_argument("--version", action="version", version=f"ximd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("run", parents=[shared], help="run the daemon (what the systemd unit starts)",
+                   description="Run the node agent in the foreground; systemd's Type=notify unit runs this.")
+
+    enroll = sub.add_parser("enroll", parents=[shared], help="enroll this node with a join key")
+    enroll.add_argument("--join-key-file", metavar="PATH",
+                        help="read the join key from PATH ('-' for stdin); never pass it in argv")
+    enroll.add_argument("--force", action="store_true",
+                        help="enroll again even though an identity exists (replaces it)")
+    sub.add_parser("unenroll", parents=[shared], help="tell the router and remove this node's identity")
+
+    status = sub.add_parser("status", parents=[shared], help="ask the running daemon how it is")
+    status.add_argument("--format", choices=("text", "json"), default="text")
+
+    doctor = sub.add_parser("doctor", parents=[shared], help="check this host against what ximd needs")
+    doctor.add_argument("--format", choices=("text", "json"), default="text")
+    plan = sub.add_parser("plan", parents=[shared], help="show the engine settings ximd would choose, and why")
+    plan.add_argument("--format", choices=("text", "json"), default="text")
+
+    cfg = sub.add_parser("config", help="show or validate configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    show = cfg_sub.add_parser("show", parents=[shared], help="print the effective configuration")
+    show.add_argument("--origin", action="store_true", help="say where each value came from")
+    show.add_argument("--format", choices=("toml", "json"), default="toml")
+    validate = cfg_sub.add_parser("validate", help="check a config file (and its .d/ drop-ins)")
+    validate.add_argument("path", nargs="?", help=f"default {configmod.DEFAULT_CONFIG_PATH}")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> int:
+    from ximd.agent import run_daemon
+    return run_daemon(lambda: load_config(args))
+
+
+def cmd_config_show(args) -> int:
+    cfg = load_config(args)
+    print(render_config(cfg, origin=args.origin, fmt=args.format))
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def render_config(cfg: configmod.Config, *, origin: bool, fmt: str) -> str:
+    if fmt == "json":
+        shown = {name: ({"value": configmod.shown_value(name, value), "origin": where} if origin
+                        else configmod.shown_value(name, value))
+                 for name, value, where in cfg.items()}
+        return json.dumps(shown, indent=2)
+    lines, section = [], None
+    for name, value, where in cfg.items():
+        sec, key = name.split(".", 1)
+        if sec != section:
+            lines += ([""] if section else []) + [f"[{sec}]"]
+            section = sec
+        line = f"{key} = {toml_literal(configmod.shown_value(name, value))}"
+        lines.append(f"{line:<56} # {where}" if origin else line)
+    return "\n".join(lines)
+
+
+def toml_literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return json.dumps(value)  # a TOML basic string is JSON-compatible
+
+
+def cmd_config_validate(args) -> int:
+    path = args.path or configmod.DEFAULT_CONFIG_PATH
+    cfg = configmod.load(path, use_env=False)
+    print(f"{path}: OK ({len(cfg.sources)} file(s): {', '.join(cfg.sources) or 'defaults only'})")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from ximd import control
+    cfg = load_config(args)
+    try:
+        reply = control.query(control.socket_path(cfg.runtime_dir))
+    except control.NotRunning as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_NOT_RUNNING
+    print(json.dumps(reply, indent=2) if args.format == "json" else render_status(reply))
+    return 0
+
+
+def render_status(reply: dict) -> str:
+    lines = []
+    for key, value in reply.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {v}" for k, v in value.items()]
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def cmd_doctor(args) -> int:
+    from ximd import doctor
+    return doctor.main(load_config(args), args.format)
+
+
+def cmd_plan(args) -> int:
+    from ximd import autoconfig
+    return autoconfig.main(load_config(args), args.format)
+
+
+def cmd_enroll(args) -> int:
+    from ximd import enrollment
+    return asyncio.run(enrollment.main_enroll(load_config(args), join_key_file=args.join_key_file,
+                                              force=args.force))
+
+
+def cmd_unenroll(args) -> int:
+    from ximd import enrollment
+    return asyncio.run(enrollment.main_unenroll(load_config(args)))
+
+
+COMMANDS = {
+    ("run", None): cmd_run,
+    ("enroll", None): cmd_enroll,
+    ("unenroll", None): cmd_unenroll,
+    ("status", None): cmd_status,
+    ("doctor", None): cmd_doctor,
+    ("plan", None): cmd_plan,
+    ("config", "show"): cmd_config_show,
+    ("config", "validate"): cmd_config_validate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[(args.command, getattr(args, "config_command", None))]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print("ximd: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

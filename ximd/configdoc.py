@@ -1,0 +1,60 @@
+"""The shipped /etc/xerotier/agent.toml, written from the schema.
+
+Generating the file keeps it from drifting from the code: a test checks the
+committed etc/agent.toml equals `render()`. Regenerate with
+`python -m ximd.configdoc > etc/agent.toml`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ximd.config import SCHEMA, SECTIONS, SYSTEMD_DIRECTORIES
+
+HEADER = """\
+# /etc/xerotier/agent.toml — configuration of ximd, the XIM node agent.
+#
+# Every key is shown commented out with its built-in default. Precedence, highest
+# first: command-line flag > environment variable > agent.toml.d/*.toml (in name
+# order) > this file > default. `ximd config show --origin` prints each effective
+# value and where it came from; `ximd config validate` checks this file.
+#
+# This file may hold the join key, so it is mode 0640 root:xerotier. After editing:
+#   systemctl reload ximd      (log level, join key)    or
+#   systemctl restart ximd     (everything else)
+"""
+
+
+def literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def render() -> str:
+    lines = [HEADER]
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for name, info in SCHEMA.items():
+            if not name.startswith(section + "."):
+                continue
+            key = name.split(".", 1)[1]
+            lines.append(f"# {info.doc}")
+            sources = [f"env {info.env}"] if info.env else []
+            if info.flag:
+                sources.append(f"flag {info.flag}")
+            if name in SYSTEMD_DIRECTORIES:
+                sources.append(f"systemd ${SYSTEMD_DIRECTORIES[name]}")
+            if sources:
+                lines.append(f"# ({', '.join(sources)})")
+            lines.append(f"#{key} = {literal(info.default)}")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
