@@ -489,8 +489,10 @@ def file_layer(path: Path) -> tuple[dict[str, tuple[Any, str]], list[ConfigProbl
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}, [ConfigProblem(source, "", "file not found")]
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         return {}, [ConfigProblem(source, "", f"cannot read: {exc.strerror or exc}")]
+    except UnicodeDecodeError as exc:
+        return {}, [ConfigProblem(source, "", f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})")]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
