@@ -1,0 +1,45 @@
+"""The watchdog is fed by the main loop only while the health predicate holds."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ximd.agent import Agent
+from ximd.config import load
+from ximd.systemd import Notifier
+from tests.support.notify import NotifyReceiver
+
+
+def make_agent(tmp_path, receiver: NotifyReceiver) -> Agent:
+    cfg = load(None, env={"XEROTIER_AGENT_RUNTIME_DIR": str(tmp_path / "run"),
+                          "XEROTIER_AGENT_STATE_DIR": str(tmp_path / "state")})
+    notifier = Notifier.from_env(receiver.env(watchdog_usec=400_000))
+    return Agent(cfg, notifier, lambda: cfg)
+
+
+async def run_for(agent: Agent, seconds: float) -> None:
+    loop = asyncio.create_task(agent.main_loop())
+    await asyncio.sleep(seconds)
+    agent.request_stop("test")
+    await asyncio.wait_for(loop, timeout=2)
+
+
+def test_fed_while_healthy_and_starved_when_not(tmp_path):
+    receiver = NotifyReceiver(tmp_path)
+    try:
+        agent = make_agent(tmp_path, receiver)
+        agent.phase = "ready"
+        asyncio.run(run_for(agent, 1.0))
+        receiver.poll(0.2)
+        healthy_pings = len(receiver.times_of("WATCHDOG"))
+
+        receiver.messages.clear()
+        agent = make_agent(tmp_path, receiver)
+        agent.phase = "ready"
+        agent.healthy = lambda: False  # e.g. an engine wedged past its threshold
+        asyncio.run(run_for(agent, 1.0))
+        receiver.poll(0.2)
+        assert healthy_pings >= 4  # every 0.2 s for 1 s
+        assert receiver.times_of("WATCHDOG") == []
+    finally:
+        receiver.close()
