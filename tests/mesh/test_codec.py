@@ -1,0 +1,234 @@
+"""The codec: round trips, every rejection path, and arbitrary bytes (hypothesis)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ximd.mesh import codec
+from ximd.mesh.codec import ProtocolError
+
+
+def sample_messages() -> list[codec.Message]:
+    model = codec.Model(name="tiny", state="ready", max_model_len=2048)
+    return [
+        codec.Hello(token="xat_secret", versions=[1], agent_version="0.1.0", hostname="n1",
+                    capabilities=["stream", "credit"], hardware={"gpus": [], "ram_bytes": 1 << 34},
+                    models=[model], max_concurrent=8),
+        codec.Welcome(version=1, session="s1", router_version="0.1.0", lease_interval_s=5.0,
+                      lease_timeout_s=15.0, max_frame_bytes=codec.MAX_FRAME_BYTES,
+                      capabilities=["credit"], assigned_model="tiny"),
+        codec.Reject(code="revoked", message="identity revoked", retry_after_s=None),
+        codec.Lease(seq=3, running=1, waiting=0, kv_cache_usage=0.25, engine_state="ready",
+                    models=[model], in_flight=["r1"], max_concurrent=8, draining=False),
+        codec.LeaseAck(seq=3, stale=["r0"]),
+        codec.Infer(id="r1", model="tiny", endpoint="chat.completions", body=b'{"messages":[]}',
+                    stream=True, deadline_s=30.0, credit=16),
+        codec.Chunk(id="r1", seq=0, data=[b'{"choices":[]}', b'{"choices":[1]}']),
+        codec.Done(id="r1", finish_reason="stop", usage=codec.Usage(3, 4, 7)),
+        codec.Error(code="at_capacity", message="8 running", retryable=True, http_status=429, id="r2"),
+        codec.Cancel(id="r1", reason="client went away"),
+        codec.Credit(id="r1", n=4),
+        codec.Drain(reason="SIGTERM"),
+        codec.DrainAck(in_flight=2),
+        codec.Bye(reason="shutting down"),
+    ]
+
+
+def test_every_message_type_has_a_sample():
+    assert {type(m).TYPE for m in sample_messages()} == set(codec.MESSAGES)
+
+
+@pytest.mark.parametrize("msg", sample_messages(), ids=lambda m: type(m).TYPE)
+def test_round_trip(msg):
+    assert codec.decode(codec.encode(msg)) == msg
+
+
+def test_envelope_is_a_flat_map_with_version_and_type():
+    raw = msgpack.unpackb(codec.encode(codec.Credit(id="r1", n=2)))
+    assert raw == {"v": 1, "type": "credit", "id": "r1", "n": 2}
+
+
+def test_optional_fields_are_omitted_and_nil_means_absent():
+    raw = msgpack.unpackb(codec.encode(codec.Done(id="r1")))
+    assert raw == {"v": 1, "type": "done", "id": "r1"}
+    frame = msgpack.packb({"v": 1, "type": "done", "id": "r1", "usage": None})
+    assert codec.decode(frame) == codec.Done(id="r1")
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    frame = msgpack.packb({"v": 1, "type": "credit", "id": "r1", "n": 2, "later": [1, 2]})
+    assert codec.decode(frame) == codec.Credit(id="r1", n=2)
+
+
+def test_float_fields_accept_integers():
+    frame = msgpack.packb({"v": 1, "type": "drain_ack", "in_flight": 0})
+    assert codec.decode(frame) == codec.DrainAck(in_flight=0)
+    lease = msgpack.unpackb(codec.encode(sample_messages()[3]))
+    lease["kv_cache_usage"] = 0
+    assert codec.decode(msgpack.packb(lease)).kv_cache_usage == 0.0
+
+
+def test_token_is_not_in_repr():
+    assert "xat_secret" not in repr(sample_messages()[0])
+
+
+def expect(code: str, frame: bytes, detail: str = "", **kw):
+    with pytest.raises(ProtocolError) as info:
+        codec.decode(frame, **kw)
+    assert info.value.code == code
+    assert detail in info.value.detail
+    return info.value
+
+
+def test_truncated_frame_is_malformed():
+    frame = codec.encode(sample_messages()[0])
+    for cut in (1, len(frame) // 2, len(frame) - 1):
+        expect("malformed", frame[:cut])
+
+
+def test_trailing_bytes_are_malformed():
+    expect("malformed", codec.encode(codec.Bye(reason="x")) + b"\x00")
+
+
+def test_not_a_map_is_malformed():
+    expect("malformed", msgpack.packb([1, 2, 3]), "not a map")
+
+
+def test_missing_version_and_type():
+    expect("malformed", msgpack.packb({"type": "bye", "reason": "x"}), "envelope field v")
+    expect("malformed", msgpack.packb({"v": 1, "reason": "x"}), "envelope field type")
+    expect("malformed", msgpack.packb({"v": True, "type": "bye", "reason": "x"}), "envelope field v")
+
+
+def test_wrong_version():
+    err = expect("unsupported_version", msgpack.packb({"v": 99, "type": "bye", "reason": "x"}))
+    assert "99" in err.detail
+
+
+def test_unknown_type():
+    expect("unknown_type", msgpack.packb({"v": 1, "type": "teleport"}), "teleport")
+
+
+def test_missing_field_is_named():
+    expect("malformed", msgpack.packb({"v": 1, "type": "credit", "id": "r1"}),
+           "credit.n: missing required field")
+
+
+def test_wrong_type_is_named():
+    expect("malformed", msgpack.packb({"v": 1, "type": "credit", "id": "r1", "n": "2"}),
+           "credit.n: expected int, got str")
+    expect("malformed", msgpack.packb({"v": 1, "type": "credit", "id": "r1", "n": True}),
+           "expected int, got bool")
+    expect("malformed", msgpack.packb({"v": 1, "type": "chunk", "id": "r", "seq": 0,
+                                       "data": ["text, not bin"]}, use_bin_type=True),
+           "chunk.data: expected bin")
+
+
+def test_nested_record_is_validated():
+    lease = msgpack.unpackb(codec.encode(sample_messages()[3]))
+    lease["models"] = [{"name": "tiny"}]
+    expect("malformed", msgpack.packb(lease), "lease.models.state: missing required field")
+
+
+def test_non_string_map_keys_are_malformed():
+    hello = msgpack.unpackb(codec.encode(sample_messages()[0]))
+    hello["hardware"] = {b"bytes key": 2}
+    expect("malformed", msgpack.packb(hello, use_bin_type=True), "hello.hardware: map keys")
+    hello["hardware"] = {1: 2}
+    expect("malformed", msgpack.packb(hello), "not one MessagePack value")
+
+
+def test_oversized_frame_is_refused_both_ways():
+    expect("too_large", b"\x00" * (codec.MAX_FRAME_BYTES + 1))
+    big = codec.Chunk(id="r1", seq=0, data=[b"x" * codec.MAX_FRAME_BYTES])
+    with pytest.raises(ProtocolError) as info:
+        codec.encode(big)
+    assert info.value.code == "too_large"
+
+
+def test_role_check():
+    welcome = codec.encode(sample_messages()[1])
+    assert isinstance(codec.decode(welcome, sender=codec.ROUTER), codec.Welcome)
+    expect("unexpected_type", welcome, "welcome is not sent by the agent", sender=codec.AGENT)
+    error = codec.encode(sample_messages()[8])
+    codec.decode(error, sender=codec.AGENT)
+    codec.decode(error, sender=codec.ROUTER)
+
+
+def test_encode_validates_our_own_messages():
+    with pytest.raises(ProtocolError, match="credit.n: expected int"):
+        codec.encode(codec.Credit(id="r1", n="3"))
+    with pytest.raises(ProtocolError, match="missing required field"):
+        codec.encode(codec.Credit(id=None, n=3))
+
+
+def test_hello_always_travels_in_a_version_1_envelope():
+    assert msgpack.unpackb(codec.encode(sample_messages()[0], version=7))["v"] == 1
+
+
+def test_error_for_uses_the_code_table():
+    err = codec.error_for("at_capacity", "full", request_id="r9")
+    assert (err.retryable, err.http_status, err.id) == (True, 429, "r9")
+    with pytest.raises(KeyError):
+        codec.error_for("no_such_code", "x")
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_only_ever_raise_protocol_error(frame):
+    try:
+        codec.decode(frame)
+    except ProtocolError as exc:
+        assert exc.code in codec.PROTOCOL_ERROR_CODES
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.sampled_from(sorted(codec.MESSAGES)), st.integers(0, 2),
+       st.dictionaries(st.sampled_from(["id", "n", "seq", "data", "code", "message", "token",
+                                        "models", "usage", "body", "versions", "hardware",
+                                        "retryable", "http_status", "reason", "in_flight"]),
+                       msgpack_values, max_size=8))
+def test_well_formed_maps_with_random_fields_only_raise_protocol_error(kind, version, fields):
+    frame = msgpack.packb({"v": version, "type": kind, **fields}, use_bin_type=True)
+    try:
+        msg = codec.decode(frame)
+    except ProtocolError:
+        return
+    # Whatever decodes must encode again to the same message.
+    assert codec.decode(codec.encode(msg)) == msg
+
+
+@st.composite
+def chunks(draw):
+    data = draw(st.lists(st.binary(max_size=200), max_size=20))
+    return codec.Chunk(id=draw(st.text(min_size=1, max_size=36)), seq=draw(st.integers(0, 2**31)),
+                       data=data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks())
+def test_chunk_round_trip(chunk):
+    assert codec.decode(codec.encode(chunk)) == chunk
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=50), st.integers(0, 2**32), st.integers(0, 10_000),
+       st.floats(0, 1), st.lists(st.text(max_size=10), max_size=5), st.booleans())
+def test_lease_round_trip(state, seq, running, usage, ids, draining):
+    lease = codec.Lease(seq=seq, running=running, waiting=0, kv_cache_usage=usage,
+                        engine_state=state, models=[codec.Model(name="m", state=state)],
+                        in_flight=ids, max_concurrent=4, draining=draining)
+    assert codec.decode(codec.encode(lease)) == lease

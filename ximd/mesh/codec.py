@@ -1,0 +1,475 @@
+"""The mesh wire format, in one place: message dataclasses, encode(), decode().
+
+A frame is one MessagePack map ``{"v": 1, "type": "<name>", <fields>...}``
+(docs/protocol.md §4). Each message type is a dataclass below; its type hints
+are the schema, so the codec, its validation and the documented catalogue
+cannot disagree (tests/mesh/test_protocol_doc.py walks the document's tables
+against ``catalogue()``).
+
+Nothing here does I/O. decode() turns arbitrary bytes into a message or raises
+ProtocolError, never anything else: the link and the router log and drop
+what fails and keep serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+# Protocol versions this implementation speaks, oldest first. ``hello`` is
+# always sent in a version-1 envelope so that any router can read it and
+# answer with the version it picked (docs/protocol.md §4.3).
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
+
+# The largest frame either side sends or accepts. The transport enforces the
+# same limit (ZMQ_MAXMSGSIZE), so an oversized frame never reaches Python.
+MAX_FRAME_BYTES = 1 << 20
+
+AGENT = "agent"
+ROUTER = "router"
+BOTH = (AGENT, ROUTER)
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow docs/protocol.md.
+
+    ``code`` is one of PROTOCOL_ERROR_CODES; ``detail`` says what exactly
+    (which field, what was expected) and never echoes a secret value.
+    """
+
+    def __init__(self, code: str, detail: str):
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}")
+
+
+PROTOCOL_ERROR_CODES = ("malformed", "too_large", "unsupported_version", "unknown_type",
+                        "unexpected_type")
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model the agent serves, and how far along it is."""
+
+    name: str
+    state: str                       # loading | ready | failed | stopped
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """OpenAI token usage of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+RECORDS: dict[str, type] = {"Model": Model, "Usage": Usage}
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message; ``TYPE`` is its wire name, ``SENDERS`` who may send it."""
+
+    TYPE: ClassVar[str] = ""
+    SENDERS: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    TYPE: ClassVar[str] = "hello"
+    SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
+    token: str = field(repr=False)
+    versions: list[int]
+    agent_version: str
+    hostname: str
+    capabilities: list[str]
+    hardware: dict
+    models: list[Model]
+    max_concurrent: int
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    version: int
+    session: str
+    router_version: str
+    lease_interval_s: float
+    lease_timeout_s: float
+    max_frame_bytes: int
+    capabilities: list[str]
+    assigned_model: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject(Message):
+    TYPE: ClassVar[str] = "reject"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Lease(Message):
+    TYPE: ClassVar[str] = "lease"
+    SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
+    seq: int
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    engine_state: str
+    models: list[Model]
+    in_flight: list[str]
+    max_concurrent: int
+    draining: bool
+
+
+@dataclass(frozen=True)
+class LeaseAck(Message):
+    TYPE: ClassVar[str] = "lease_ack"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    seq: int
+    stale: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Infer(Message):
+    TYPE: ClassVar[str] = "infer"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    id: str
+    model: str
+    endpoint: str                    # chat.completions | completions
+    body: bytes
+    stream: bool
+    deadline_s: float
+    credit: int
+
+
+@dataclass(frozen=True)
+class Chunk(Message):
+    TYPE: ClassVar[str] = "chunk"
+    SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
+    id: str
+    seq: int
+    data: list[bytes]
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    TYPE: ClassVar[str] = "done"
+    SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
+    id: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    SENDERS: ClassVar[tuple[str, ...]] = BOTH
+    code: str
+    message: str
+    retryable: bool
+    http_status: int
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Credit(Message):
+    TYPE: ClassVar[str] = "credit"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    id: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Drain(Message):
+    TYPE: ClassVar[str] = "drain"
+    SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
+    reason: str
+
+
+@dataclass(frozen=True)
+class DrainAck(Message):
+    TYPE: ClassVar[str] = "drain_ack"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    TYPE: ClassVar[str] = "bye"
+    SENDERS: ClassVar[tuple[str, ...]] = BOTH
+    reason: str
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, Reject, Lease, LeaseAck, Infer, Chunk, Done,
+                              Error, Cancel, Credit, Drain, DrainAck, Bye)
+}
+
+
+# ---------------------------------------------------------------- error codes
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    retryable: bool
+    http_status: int
+    meaning: str
+
+
+# The codes an ``error`` or ``reject`` carries (docs/protocol.md §6).
+ERROR_CODES: dict[str, ErrorCode] = {e.code: e for e in (
+    ErrorCode("bad_request", False, 400, "the OpenAI body is not acceptable to the engine"),
+    ErrorCode("model_not_found", False, 404, "the agent does not serve that model"),
+    ErrorCode("at_capacity", True, 429, "max_concurrent requests already running"),
+    ErrorCode("draining", True, 503, "the agent is draining and takes no new work"),
+    ErrorCode("engine_unavailable", True, 503, "the engine is not running or not healthy"),
+    ErrorCode("agent_unavailable", True, 503, "the agent's link went away mid-request (router side)"),
+    ErrorCode("timeout", True, 504, "the deadline passed before the request finished"),
+    ErrorCode("cancelled", False, 499, "the request was cancelled"),
+    ErrorCode("internal", False, 500, "an unexpected failure on the sender"),
+    ErrorCode("malformed", False, 400, "a frame that does not follow this document"),
+    ErrorCode("too_large", False, 413, "a frame over max_frame_bytes"),
+    ErrorCode("unsupported_version", False, 400, "no protocol version in common"),
+    ErrorCode("unknown_type", False, 400, "a message type this side does not know"),
+    ErrorCode("unexpected_type", False, 400, "a message the sender's role may not send"),
+    ErrorCode("unauthorized", False, 401, "hello's token is not valid for this CURVE key"),
+    ErrorCode("token_expired", True, 401, "hello's token has expired: refresh it, then hello again"),
+    ErrorCode("revoked", False, 401, "the agent's identity was revoked: enroll again"),
+    ErrorCode("no_session", True, 409, "a message before hello/welcome: send hello"),
+)}
+
+
+def error_for(code: str, message: str, *, request_id: str | None = None) -> Error:
+    """An ``error`` message with the retryable flag and HTTP hint of ``code``."""
+    spec = ERROR_CODES[code]
+    return Error(code=code, message=message, retryable=spec.retryable,
+                 http_status=spec.http_status, id=request_id)
+
+
+# ---------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    wire_type: str          # str int float bool bin map list[T] or a record name
+    required: bool
+
+
+_SCALARS = {str: "str", int: "int", float: "float", bool: "bool", bytes: "bin", dict: "map"}
+
+
+def _wire_type(hint: Any) -> tuple[str, bool]:
+    """Map a type hint to (wire type name, required)."""
+    args = typing.get_args(hint)
+    if type(None) in args:                               # X | None: optional
+        inner = [a for a in args if a is not type(None)]
+        return _wire_type(inner[0])[0], False
+    if typing.get_origin(hint) is list:
+        return f"list[{_wire_type(args[0])[0]}]", True
+    if hint in _SCALARS:
+        return _SCALARS[hint], True
+    if isinstance(hint, type) and hint.__name__ in RECORDS:
+        return hint.__name__, True
+    raise TypeError(f"no wire type for {hint!r}")
+
+
+def _schema(cls: type) -> tuple[FieldSpec, ...]:
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        wire, required = _wire_type(hints[f.name])
+        specs.append(FieldSpec(f.name, wire, required))
+    return tuple(specs)
+
+
+SCHEMAS: dict[str, tuple[FieldSpec, ...]] = {
+    **{name: _schema(cls) for name, cls in MESSAGES.items()},
+    **{name: _schema(cls) for name, cls in RECORDS.items()},
+}
+
+
+def catalogue() -> dict[str, list[tuple[str, str, bool]]]:
+    """Every message and record as ``{name: [(field, wire type, required)]}``."""
+    return {name: [(s.name, s.wire_type, s.required) for s in specs]
+            for name, specs in SCHEMAS.items()}
+
+
+# ---------------------------------------------------------------- validation
+#
+# Each wire type compiles once into a checker: value -> Python value, raising
+# ProtocolError. Encoding uses the same checkers in the other direction
+# (records become maps), so both sides enforce one schema at the cost of a
+# few isinstance() calls per field.
+
+_PY_TYPES = {"str": str, "bin": bytes, "map": dict}
+
+
+def _describe(value: Any) -> str:
+    return type(value).__name__
+
+
+def _wrong(where: str, wire_type: str, value: Any) -> ProtocolError:
+    return ProtocolError("malformed", f"{where}: expected {wire_type}, got {_describe(value)}")
+
+
+def _checker(wire_type: str, encoding: bool):
+    """A function (value, where) -> converted value for ``wire_type``."""
+    if wire_type == "int":
+        def check(value, where):
+            if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
+                return value
+            raise _wrong(where, wire_type, value)
+    elif wire_type == "float":
+        def check(value, where):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            raise _wrong(where, wire_type, value)
+    elif wire_type == "bool":
+        def check(value, where):
+            if isinstance(value, bool):
+                return value
+            raise _wrong(where, wire_type, value)
+    elif wire_type == "map":
+        def check(value, where):
+            if not isinstance(value, dict):
+                raise _wrong(where, wire_type, value)
+            if not all(isinstance(k, str) for k in value):
+                raise ProtocolError("malformed", f"{where}: map keys must be strings")
+            return value
+    elif wire_type in _PY_TYPES:
+        py_type = _PY_TYPES[wire_type]
+
+        def check(value, where):
+            if isinstance(value, py_type):
+                return value
+            raise _wrong(where, wire_type, value)
+    elif wire_type.startswith("list["):
+        inner = _checker(wire_type[5:-1], encoding)
+
+        def check(value, where):
+            if not isinstance(value, list):
+                raise _wrong(where, wire_type, value)
+            return [inner(item, where) for item in value]
+    elif wire_type in RECORDS:
+        record = RECORDS[wire_type]
+
+        def check(value, where):
+            if encoding and isinstance(value, record):
+                return _to_map(record, value, where)
+            if not encoding and isinstance(value, dict):
+                return _from_map(record, value, where)
+            raise _wrong(where, wire_type, value)
+    else:
+        raise TypeError(f"unknown wire type {wire_type}")
+    return check
+
+
+_DECODERS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
+_ENCODERS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
+for _name, _specs in SCHEMAS.items():
+    _DECODERS[_name] = tuple((s.name, _checker(s.wire_type, False), s.required) for s in _specs)
+    _ENCODERS[_name] = tuple((s.name, _checker(s.wire_type, True), s.required) for s in _specs)
+
+
+def _from_map(cls: type, raw: dict, where: str) -> Any:
+    kwargs = {}
+    for name, check, required in _DECODERS[cls.TYPE if issubclass(cls, Message) else cls.__name__]:
+        value = raw.get(name)
+        if value is None:                  # absent, or nil: both mean "not given"
+            if required:
+                raise ProtocolError("malformed", f"{where}.{name}: missing required field")
+            continue
+        kwargs[name] = check(value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _to_map(cls: type, obj: Any, where: str, out: dict | None = None) -> dict:
+    out = {} if out is None else out
+    for name, check, required in _ENCODERS[cls.TYPE if issubclass(cls, Message) else cls.__name__]:
+        value = getattr(obj, name)
+        if value is None:
+            if required:
+                raise ProtocolError("malformed", f"{where}.{name}: missing required field")
+            continue
+        out[name] = check(value, f"{where}.{name}")
+    return out
+
+
+# ---------------------------------------------------------------- encode / decode
+
+
+def encode(msg: Message, *, version: int = PROTOCOL_VERSION) -> bytes:
+    """One frame for ``msg``. Raises ProtocolError if it breaks the schema or the size limit.
+
+    ``hello`` always travels in a version-1 envelope (see PROTOCOL_VERSIONS).
+    Our own output is validated too: a bug here would otherwise be dropped as
+    malformed by the peer, far from its cause.
+    """
+    cls = type(msg)
+    if MESSAGES.get(cls.TYPE) is not cls:
+        raise ProtocolError("unknown_type", f"{cls.__name__} is not a mesh message")
+    envelope = {"v": 1 if cls is Hello else version, "type": cls.TYPE}
+    frame = msgpack.packb(_to_map(cls, msg, cls.TYPE, envelope), use_bin_type=True)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"{cls.TYPE} frame is {len(frame)} bytes, "
+                                         f"over the {MAX_FRAME_BYTES}-byte limit")
+    return frame
+
+
+def decode(frame: bytes, *, sender: str | None = None) -> Message:
+    """The message in ``frame``; ProtocolError for anything else.
+
+    ``sender`` (AGENT or ROUTER), when given, also rejects a message that role
+    may not send, e.g. a ``welcome`` from an agent.
+    """
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"frame is {len(frame)} bytes, over {MAX_FRAME_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:   # arbitrary bytes: msgpack raises several unrelated types
+        raise ProtocolError("malformed", f"not one MessagePack value ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("malformed", f"frame is a {_describe(raw)}, not a map")
+    version, kind = raw.get("v"), raw.get("type")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError("malformed", "envelope field v: missing or not an int")
+    if version not in PROTOCOL_VERSIONS:
+        raise ProtocolError("unsupported_version",
+                            f"frame version {version}, this side speaks {list(PROTOCOL_VERSIONS)}")
+    if not isinstance(kind, str):
+        raise ProtocolError("malformed", "envelope field type: missing or not a string")
+    cls = MESSAGES.get(kind)
+    if cls is None:
+        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+    if sender is not None and sender not in cls.SENDERS:
+        raise ProtocolError("unexpected_type", f"{kind} is not sent by the {sender}")
+    return _from_map(cls, raw, kind)
