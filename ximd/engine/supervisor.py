@@ -1,0 +1,363 @@
+"""EngineSupervisor: keeps one vLLM engine running, healthy, and reported.
+
+    supervisor = EngineSupervisor(launch, on_state=agent.engine_state_changed)
+    task = asyncio.create_task(supervisor.run())
+    ...
+    await supervisor.stop()
+
+One engine lifetime: remove earlier engines of ours → start in a new process group
+(session) → "loading" until GET /health on the unix socket answers 200 (reported
+every few seconds, so the agent can send STATUS and EXTEND_TIMEOUT_USEC) →
+"healthy", polled every `health_interval` → on exit, or health failing
+`unhealthy_threshold` times in a row (wedged), the group is stopped and the engine
+restarted after a capped exponential backoff. An engine that dies during start-up
+with LMCache on is retried once at once without it.
+
+`on_state(state, detail)` is called on every change of state and every
+`loading_report_interval` while loading; it must not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from ximd import kvcache
+from ximd.engine import processes
+from ximd.engine.launch import EngineLaunch, describe
+from ximd.engine.output import OutputForwarder, clean_line
+
+log = logging.getLogger("ximd.engine.supervisor")
+
+OUTPUT_LINE_LIMIT = 1024 * 1024   # a longer line is cut, never a reason to stop reading
+
+
+class EngineState(str, enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    LOADING = "loading"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def backoff_delay(failures: int, base_s: float, cap_s: float) -> float:
+    """base, 2·base, 4·base … capped; `failures` counts consecutive failed lifetimes (≥ 1)."""
+    return min(cap_s, base_s * 2 ** max(failures - 1, 0))
+
+
+# "OSError: ...", "RuntimeError: ...", "ValueError: ..." after vLLM's own prefix, if any.
+EXCEPTION_LINE = re.compile(r"(?:^|\] |\) )\s*((?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception|Exit)\b:?.*)$")
+
+
+def failure_reason(lines: list[str]) -> str:
+    """The line of the engine's output that says why it died: its last exception, else its last line."""
+    for line in reversed(lines):
+        match = EXCEPTION_LINE.search(line.strip())
+        if match:
+            return match.group(1).strip()
+    return lines[-1].strip() if lines else "no output"
+
+
+def exit_description(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class EngineSupervisor:
+    def __init__(self, launch: EngineLaunch, *, on_state: Callable[[str, str], None] | None = None,
+                 health_interval: float = 2.0, health_timeout: float = 5.0,
+                 unhealthy_threshold: int = 3, startup_timeout: float = 900.0,
+                 backoff: tuple[float, float] = (1.0, 60.0), stable_after: float = 60.0,
+                 loading_report_interval: float = 5.0, loading_poll_interval: float = 0.25,
+                 stop_grace: float = 15.0, orphan_grace: float = 10.0,
+                 forwarder: OutputForwarder | None = None):
+        self.launch = launch
+        self.on_state = on_state
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.unhealthy_threshold = unhealthy_threshold
+        self.startup_timeout = startup_timeout
+        self.backoff_base, self.backoff_cap = backoff
+        self.stable_after = stable_after
+        self.loading_report_interval = loading_report_interval
+        self.loading_poll_interval = loading_poll_interval
+        self.stop_grace = stop_grace
+        self.orphan_grace = orphan_grace
+        self.output = forwarder or OutputForwarder()
+
+        self.state = EngineState.STOPPED
+        self.started_at: float | None = None    # wall clock of the running engine's start
+        self.healthy_at: float | None = None    # wall clock it first answered /health
+        self.starts = 0                         # engines spawned
+        self.restarts = 0                       # spawns after the first
+        self.last_error: str | None = None
+        self.pid: int | None = None
+        self.lmcache_dropped = False
+        self._failures = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stopping = asyncio.Event()
+        self._done = asyncio.Event()
+        self._running = False
+
+    # ------------------------------------------------------------ public view
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == EngineState.HEALTHY
+
+    @property
+    def socket_path(self):
+        return self.launch.socket_path
+
+    @property
+    def dropped_output_lines(self) -> int:
+        return self.output.dropped
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Supervise until stop(); never leaves an engine process behind."""
+        if self._running:
+            raise RuntimeError("EngineSupervisor.run() is already running")
+        self._running = True
+        self._stopping.clear()
+        self._done.clear()
+        self.output.start()
+        log.info("Engine command: %s", describe(self.launch))
+        try:
+            while not self._stopping.is_set():
+                await self._one_lifetime()
+                if self._stopping.is_set():
+                    break
+                await self._pause_before_restart()
+        finally:
+            await self._stop_process(self.stop_grace)
+            self._set_state(EngineState.STOPPED, "engine stopped")
+            self.output.close()
+            self._running = False
+            self._done.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """SIGTERM the engine's group, SIGKILL after `grace`; return once nothing is left."""
+        if grace is not None:
+            self.stop_grace = grace
+        self._stopping.set()
+        if self._running:
+            await self._done.wait()
+        else:
+            await self._stop_process(self.stop_grace)
+
+    # ------------------------------------------------------------ one engine lifetime
+
+    async def _one_lifetime(self) -> None:
+        self._set_state(EngineState.STARTING, f"starting engine for {self.launch.model}")
+        proc = await self._spawn()
+        if proc is None:
+            self._failures += 1
+            return
+        reached_healthy = await self._watch(proc)
+        if self._stopping.is_set():
+            return
+        await self._stop_process(self.stop_grace)   # the rest of the group, if anything is left
+        if reached_healthy and self.healthy_at and time.time() - self.healthy_at >= self.stable_after:
+            self._failures = 0
+        self._failures += 1
+        if kvcache.retry_without_lmcache(self.launch.lmcache, reached_healthy, self.lmcache_dropped):
+            self.lmcache_dropped = True
+            self.launch = self.launch.without_lmcache()
+            self._failures = 0   # the retry is immediate: this failure was LMCache's
+            log.warning("The engine died during start-up with LMCache on; retrying once without LMCache")
+            self._set_state(EngineState.BACKOFF, "engine died during start-up with LMCache on; "
+                                                 "retrying at once without LMCache")
+
+    async def _spawn(self) -> asyncio.subprocess.Process | None:
+        try:
+            removed = await asyncio.to_thread(processes.remove_orphans, self.launch.instance_id,
+                                              self.launch.socket_path, self.orphan_grace)
+        except processes.OrphanError as exc:
+            self._fail(str(exc))
+            return None
+        if removed:
+            log.warning("Removed %d process(es) of an earlier engine of ours before starting", len(removed))
+        try:
+            for directory in self.launch.dirs:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.launch.socket_path.unlink(missing_ok=True)
+            proc = await asyncio.create_subprocess_exec(
+                *self.launch.argv, env=dict(self.launch.env), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                limit=OUTPUT_LINE_LIMIT)
+        except OSError as exc:
+            self._fail(f"cannot start the engine ({self.launch.argv[0]}): {exc.strerror or exc}")
+            return None
+        self._proc, self.pid = proc, proc.pid
+        self.started_at, self.healthy_at = time.time(), None
+        self.starts += 1
+        self.restarts = self.starts - 1
+        log.info("Engine started (pid %d) for %s on %s", proc.pid, self.launch.model, self.launch.socket_path,
+                 extra={"fields": {"XIM_ENGINE_PID": proc.pid}})
+        return proc
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> bool:
+        """Follow one engine until it exits, wedges, times out or we stop; True if it got healthy."""
+        pump = asyncio.create_task(self._pump(proc))
+        exited = asyncio.create_task(proc.wait())
+        stopping = asyncio.create_task(self._stopping.wait())
+        began = time.monotonic()
+        last_report = began
+        failures = 0
+        reached_healthy = False
+        self._set_state(EngineState.LOADING, f"loading {self.launch.model}: 0 s")
+        connector = aiohttp.UnixConnector(path=str(self.launch.socket_path), force_close=True)
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                while True:
+                    loading = self.state == EngineState.LOADING
+                    interval = self.loading_poll_interval if loading else self.health_interval
+                    await asyncio.wait({exited, stopping}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+                    if stopping.done():
+                        return reached_healthy
+                    if exited.done():
+                        # Let the pump take the last lines, which say why.
+                        await asyncio.wait({pump}, timeout=1.0)
+                        when = "during start-up" if loading else "while serving"
+                        self._fail(f"engine {exit_description(proc.returncode)} {when}: "
+                                   f"{failure_reason(self.output.last_lines(40))}", with_output=True)
+                        return reached_healthy
+                    ok, why = await self._health(session)
+                    now = time.monotonic()
+                    if loading:
+                        if ok:
+                            reached_healthy = True
+                            self.healthy_at = time.time()
+                            log.info("Engine healthy after %.1f s", now - began,
+                                     extra={"fields": {"XIM_ENGINE_STARTUP_S": f"{now - began:.1f}"}})
+                            self._set_state(EngineState.HEALTHY, "engine ready")
+                        elif now - began > self.startup_timeout:
+                            self._fail(f"engine not healthy {self.startup_timeout:g} s after its start "
+                                       "(engine.startup_timeout_s)", with_output=True)
+                            return reached_healthy
+                        elif now - last_report >= self.loading_report_interval:
+                            last_report = now
+                            self._report(EngineState.LOADING, f"loading {self.launch.model}: {now - began:.0f} s")
+                    elif ok:
+                        if failures:
+                            log.info("Engine health recovered after %d failed check(s)", failures)
+                        failures = 0
+                        if self.state != EngineState.HEALTHY:
+                            self._set_state(EngineState.HEALTHY, "engine ready")
+                    else:
+                        failures += 1
+                        self._set_state(EngineState.UNHEALTHY,
+                                        f"health check failed ({failures}/{self.unhealthy_threshold}): {why}")
+                        if failures >= self.unhealthy_threshold:
+                            self._fail(f"engine wedged: {failures} health checks in a row failed "
+                                       f"(last: {why}); restarting it")
+                            return reached_healthy
+        finally:
+            for task in (exited, stopping):
+                task.cancel()
+            if proc.returncode is None:
+                await self._stop_process(self.stop_grace)
+            await self._finish_pump(pump)
+
+    async def _health(self, session: aiohttp.ClientSession) -> tuple[bool, str]:
+        try:
+            async with session.get("http://engine/health",
+                                   timeout=aiohttp.ClientTimeout(total=self.health_timeout)) as response:
+                if response.status == 200:
+                    return True, ""
+                return False, f"HTTP {response.status}"
+        except asyncio.TimeoutError:
+            return False, f"no answer within {self.health_timeout:g} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        reader = proc.stdout
+        while True:
+            try:
+                raw = await reader.readline()
+            except ValueError:   # longer than OUTPUT_LINE_LIMIT; the reader dropped it
+                self.output.offer(f"[engine output line longer than {OUTPUT_LINE_LIMIT} bytes cut]")
+                continue
+            if not raw:
+                return
+            self.output.offer(clean_line(raw))
+
+    async def _finish_pump(self, pump: asyncio.Task) -> None:
+        # Workers that escaped the group could keep the pipe open: don't wait for them.
+        try:
+            await asyncio.wait_for(pump, timeout=2.0)
+        except asyncio.TimeoutError:
+            pump.cancel()
+
+    async def _stop_process(self, grace: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        pgid = proc.pid   # start_new_session made the engine its group's leader
+        survivors = await processes.terminate_group(pgid, grace)
+        if proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=processes.KILL_WAIT_S)
+            except asyncio.TimeoutError:
+                survivors.append(proc.pid)
+        if survivors:
+            log.error("Engine processes %s survive SIGKILL; the next start will look for them again", survivors)
+        self.pid = None
+        self.started_at = None
+
+    async def _pause_before_restart(self) -> None:
+        if self._failures == 0:
+            return   # the LMCache fallback restarts at once
+        delay = backoff_delay(self._failures, self.backoff_base, self.backoff_cap)
+        self._set_state(EngineState.BACKOFF, f"restarting in {delay:.0f} s: {self.last_error}")
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+
+    # ------------------------------------------------------------ reporting
+
+    def _fail(self, message: str, with_output: bool = False) -> None:
+        self.last_error = message
+        if with_output:
+            tail = "\n".join(self.output.last_lines()) or "(none)"
+            log.error("%s\nLast engine output:\n%s", message, tail)
+        else:
+            log.error("%s", message)
+        self._set_state(EngineState.FAILED, message)
+
+    def _set_state(self, state: EngineState, detail: str) -> None:
+        if state == self.state and state != EngineState.FAILED:
+            return
+        self.state = state
+        log.info("Engine %s: %s", state, detail, extra={"fields": {"XIM_ENGINE_STATE": str(state)}})
+        self._report(state, detail)
+
+    def _report(self, state: EngineState, detail: str) -> None:
+        if self.on_state is None:
+            return
+        try:
+            self.on_state(str(state), detail)
+        except Exception:
+            log.exception("on_state callback failed")
