@@ -1,0 +1,117 @@
+"""The real engine for tests: its environment, the tiny model, and launches to supervise.
+
+Both the engine environment and the tiny model are built on first use and cached
+under $XIMD_CACHE_DIR (default /var/cache/ximd-dev), so `pytest tests/engine` works
+on a fresh machine (about 4 minutes the first time) and is fast afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from ximd import config as ximd_config
+from ximd.autoconfig import Plan
+from ximd.engine.launch import INSTANCE_ENV, EnginePaths, build_launch
+from ximd.models import ModelChoice, ModelCache, resolve
+
+REPO = Path(__file__).resolve().parents[2]
+SETUP_ENGINE = REPO / "tools" / "setup-engine.sh"
+MAKE_TINY_MODEL = REPO / "tools" / "make_tiny_model.py"
+ENGINE_BUILD_TIMEOUT_S = 1800
+TINY_MODEL_TIMEOUT_S = 300
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XIMD_CACHE_DIR", "/var/cache/ximd-dev"))
+
+
+def engine_python(flavour: str = "cpu") -> str:
+    """The engine environment's interpreter (tools/setup-engine.sh builds it when missing)."""
+    done = subprocess.run(["bash", str(SETUP_ENGINE), flavour], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=ENGINE_BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"tools/setup-engine.sh {flavour} failed:\n{done.stderr[-4000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def tiny_model(python: str) -> Path:
+    """The tiny random Llama, cached by the hash of the script that makes it."""
+    key = hashlib.sha256(MAKE_TINY_MODEL.read_bytes()).hexdigest()[:12]
+    dest = cache_dir() / f"tiny-llama-{key}"
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "config.json").exists():
+            subprocess.run([python, str(MAKE_TINY_MODEL), str(dest)], check=True, timeout=TINY_MODEL_TIMEOUT_S,
+                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                "HOME": str(dest.parent)}, stdout=subprocess.DEVNULL)
+    return dest
+
+
+@contextmanager
+def short_tempdir(prefix: str = "ximd-"):
+    """A directory with a short path: unix socket paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def tiny_cpu_plan(**changes) -> Plan:
+    """What the planner decides for the tiny model on a small CPU host."""
+    values = dict(accelerator="cpu", visible_devices=(), tensor_parallel_size=1, gpu_memory_utilization=None,
+                  max_model_len=512, max_concurrent=4, max_num_seqs=4, cpu_kvcache_space_gb=1, cpu_threads=None,
+                  engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"}, reasons={})
+    values.update(changes)
+    return Plan(**values)
+
+
+def load_config(root: Path, **env: str) -> ximd_config.Config:
+    """ximd's real configuration for directories under `root` (no /etc file, no host env)."""
+    config_file = root / "agent.toml"
+    config_file.touch()
+    base = {"XEROTIER_AGENT_STATE_DIR": str(root / "state"),
+            "XEROTIER_AGENT_CACHE_DIR": str(root / "cache"),
+            "XEROTIER_AGENT_RUNTIME_DIR": str(root / "run")}
+    return ximd_config.load(config_file, env={**base, **env})
+
+
+def tiny_launch(root: Path, python: str, model_dir: Path, *, kv=None, plan: Plan | None = None, **env: str):
+    """The launch ximd builds for the tiny model: config → model → build_launch."""
+    cfg = load_config(root, XEROTIER_AGENT_ENGINE_PYTHON=python, VLLM_MODEL=str(model_dir), **env)
+    paths = EnginePaths.from_config(cfg)
+    model = resolve(ModelChoice(str(model_dir), "config"), ModelCache.from_config(cfg), engine_python=python,
+                    environ={})
+    return build_launch(cfg, plan or tiny_cpu_plan(), model, paths, kv=kv, inherit={}), cfg
+
+
+def processes_of(instance: str) -> list[psutil.Process]:
+    """Live processes that carry the engine instance marker."""
+    found = []
+    for proc in psutil.process_iter(["environ", "status"], ad_value=None):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and (proc.info["environ"] or {}).get(INSTANCE_ENV) == instance:
+            found.append(proc)
+    return found
+
+
+def kill_all(instance: str) -> None:
+    """Last-resort cleanup for fixtures: SIGKILL every process of the instance."""
+    procs = processes_of(instance)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
