@@ -1,0 +1,93 @@
+#!/bin/sh
+# Build the xerotier-agent .deb with dpkg-buildpackage (debhelper + pybuild) on the
+# distribution's own python3, and check it with lintian.
+#
+# Usage: tools/build-deb.sh [--version VERSION] [--no-lint] [OUTDIR]
+#   OUTDIR     where xerotier-agent_<version>_all.deb lands (default: dist/)
+#   --version  package version; default: [project] version in pyproject.toml
+#              (the system test builds a higher one to exercise upgrades)
+#   --no-lint  skip lintian (the build itself is unchanged)
+# Prints the path of the .deb on stdout; logs go to stderr.
+#
+# debian/ lives in packaging/debian/ (the repository root is the Python project), so
+# the build runs in a scratch copy of the source tree with debian/ in place and a
+# changelog generated from the version: pyproject.toml stays the one place to bump.
+# Needs: dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
+#        python3-setuptools lintian git
+set -eu
+
+die() { echo "build-deb: $*" >&2; exit 1; }
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+version=""
+lint=yes
+outdir=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --version) [ $# -ge 2 ] || die "--version needs a value"; version=$2; shift 2 ;;
+        --no-lint) lint=no; shift ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) [ -z "$outdir" ] || die "only one OUTDIR"; outdir=$1; shift ;;
+    esac
+done
+outdir=${outdir:-$root/dist}
+
+for tool in dpkg-buildpackage dh git /usr/bin/python3; do
+    command -v "$tool" >/dev/null || die "missing '$tool' (apt-get install dpkg-dev debhelper git python3)"
+done
+[ "$lint" = no ] || command -v lintian >/dev/null || die "missing lintian (apt-get install lintian, or pass --no-lint)"
+
+if [ -z "$version" ]; then
+    version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
+        "$root/pyproject.toml") || die "cannot read [project] version from $root/pyproject.toml"
+fi
+# Debian versions may not contain '-' in a native package, nor start with a non-digit.
+printf '%s' "$version" | grep -Eq '^[0-9][A-Za-z0-9.+~]*$' \
+    || die "version '$version' is not a valid native Debian version"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/build-deb.XXXXXX")
+trap 'rm -rf "$work"' EXIT INT TERM
+src="$work/xerotier-agent-$version"
+mkdir "$src"
+
+# The source is what git tracks plus new files not ignored: never a venv, a build
+# directory or a previous dist/ from the working tree.
+git -C "$root" ls-files -z --cached --others --exclude-standard \
+    | (cd "$root" && xargs -0 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) \
+    | (cd "$root" && tar --null -T - -cf -) | tar -C "$src" -xf -
+
+cp -a "$root/packaging/debian" "$src/debian"
+# The sysusers and tmpfiles snippets are shared with the RPM; debhelper wants them here.
+cp "$root/systemd/xerotier-agent.sysusers" "$src/debian/xerotier-agent.sysusers"
+cp "$root/systemd/xerotier-agent.tmpfiles" "$src/debian/xerotier-agent.tmpfiles"
+
+maintainer=$(sed -n 's/^Maintainer: //p' "$src/debian/control")
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+# Reproducible: the date of the last commit, not the time of the build.
+epoch=$(git -C "$root" log -1 --format=%ct 2>/dev/null || date +%s)
+cat >"$src/debian/changelog" <<EOF
+xerotier-agent ($version) unstable; urgency=medium
+
+  * Release $version, built from commit $commit.
+
+ -- $maintainer  $(LC_ALL=C date -u -R -d "@$epoch")
+EOF
+
+echo "build-deb: dpkg-buildpackage xerotier-agent $version" >&2
+# Debian's python3 and tools only, whatever venv the caller has activated.
+(cd "$src" && env -u VIRTUAL_ENV -u PYTHONPATH -u PYTHONHOME \
+    PATH=/usr/sbin:/usr/bin:/sbin:/bin SOURCE_DATE_EPOCH="$epoch" \
+    dpkg-buildpackage -us -uc -b >"$work/build.log" 2>&1) \
+    || { tail -n 40 "$work/build.log" >&2; die "dpkg-buildpackage failed (log above)"; }
+
+deb="$work/xerotier-agent_${version}_all.deb"
+[ -f "$deb" ] || die "dpkg-buildpackage did not produce $(basename "$deb")"
+if [ "$lint" = yes ]; then
+    echo "build-deb: lintian" >&2
+    # Errors fail the build; warnings and info are printed for the reader.
+    lintian --fail-on error --info "$deb" >&2 || die "lintian reports errors for $(basename "$deb")"
+fi
+mkdir -p "$outdir"
+cp "$deb" "$outdir/"
+echo "$(cd "$outdir" && pwd)/$(basename "$deb")"
