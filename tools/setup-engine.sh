@@ -60,6 +60,7 @@ fi
 [[ -e $dest ]] && { say "removing incomplete $dest"; rm -rf "$dest"; }
 
 tmp=$(mktemp -d "$dest.tmp.XXXXXX")
+chmod 755 "$tmp"   # mktemp makes it 0700; the engine runs as the xerotier user
 trap 'rm -rf "$tmp"' EXIT
 started=$SECONDS
 

@@ -7,12 +7,18 @@ on a fresh machine (about 4 minutes the first time) and is fast afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
+import http.client
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,3 +121,116 @@ def kill_all(instance: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=10)
+
+
+# ---------------------------------------------------------------- talking to an engine
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over the engine's unix socket (what ximd's serve bridge does with aiohttp)."""
+
+    def __init__(self, socket_path: Path, timeout: float = 60.0):
+        super().__init__("engine", timeout=timeout)
+        self.socket_path = str(socket_path)
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def http_get(socket_path: Path, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    conn = UnixHTTPConnection(socket_path, timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def post_json(socket_path: Path, path: str, body: dict, timeout: float = 60.0) -> dict:
+    conn = UnixHTTPConnection(socket_path, timeout)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        assert response.status == 200, (response.status, data[:500])
+        return json.loads(data)
+    finally:
+        conn.close()
+
+
+def post_stream(socket_path: Path, path: str, body: dict, timeout: float = 60.0) -> list[str]:
+    """The `data:` payloads of a server-sent-event stream, "[DONE]" included."""
+    conn = UnixHTTPConnection(socket_path, timeout)
+    events = []
+    try:
+        conn.request("POST", path, json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, (response.status, response.read()[:500])
+        assert response.getheader("Content-Type", "").startswith("text/event-stream")
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                events.append(line[len("data:"):].strip())
+                if events[-1] == "[DONE]":
+                    break
+        return events
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- running a supervisor from sync tests
+
+
+class SupervisorThread:
+    """Runs `supervisor.run()` on an event loop in a thread of its own.
+
+    Tests stay plain synchronous functions; every wait is bounded and the exit
+    path stops the supervisor and, as a last resort, kills whatever carries the
+    engine's instance marker.
+    """
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="supervisor-loop", daemon=True)
+        self.future = None
+
+    def __enter__(self) -> "SupervisorThread":
+        self.thread.start()
+        self.future = asyncio.run_coroutine_threadsafe(self.supervisor.run(), self.loop)
+        return self
+
+    def wait_for(self, predicate, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.future.done():
+                self.future.result()   # raises what run() raised
+                raise AssertionError(f"supervisor ended while waiting for {what}")
+            time.sleep(0.1)
+        sup = self.supervisor
+        raise AssertionError(f"no {what} within {timeout_s:g} s: state={sup.state}, starts={sup.starts}, "
+                             f"last_error={sup.last_error}")
+
+    def stop(self, grace_s: float = 15.0, timeout_s: float = 40.0) -> float:
+        """Stop the supervisor; return how long it took."""
+        began = time.monotonic()
+        asyncio.run_coroutine_threadsafe(self.supervisor.stop(grace_s), self.loop).result(timeout_s)
+        self.future.result(timeout_s)
+        return time.monotonic() - began
+
+    def __exit__(self, *exc):
+        try:
+            if self.future is not None and not self.future.done():
+                self.stop()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+            kill_all(self.supervisor.launch.instance_id)

@@ -61,6 +61,10 @@ class OutputForwarder:
         except queue.Full:
             self.dropped += 1
 
+    def forget_tail(self) -> None:
+        """A new engine lifetime: its errors must not quote the previous one's output."""
+        self.tail.clear()
+
     def last_lines(self, count: int = 12) -> list[str]:
         return [line for line in list(self.tail)[-count:] if line.strip()]
 

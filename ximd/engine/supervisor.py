@@ -208,6 +208,7 @@ class EngineSupervisor:
         except OSError as exc:
             self._fail(f"cannot start the engine ({self.launch.argv[0]}): {exc.strerror or exc}")
             return None
+        self.output.forget_tail()
         self._proc, self.pid = proc, proc.pid
         self.started_at, self.healthy_at = time.time(), None
         self.starts += 1
@@ -330,7 +331,7 @@ class EngineSupervisor:
         if self._failures == 0:
             return   # the LMCache fallback restarts at once
         delay = backoff_delay(self._failures, self.backoff_base, self.backoff_cap)
-        self._set_state(EngineState.BACKOFF, f"restarting in {delay:.0f} s: {self.last_error}")
+        self._set_state(EngineState.BACKOFF, f"restarting in {delay:.3g} s: {self.last_error}")
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout=delay)
         except asyncio.TimeoutError:
