@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -55,18 +56,21 @@ def standin(root: Path, shell_prefix: str = "") -> tuple[str, ...]:
     return ("/bin/sh", "-c", f"{shell_prefix}\nexec \"$@\"", "sh", *argv)
 
 
-def fast_supervisor(launch: EngineLaunch, states: StateLog, **changes) -> EngineSupervisor:
+@contextmanager
+def supervised(launch: EngineLaunch, **changes):
+    """A supervisor with quick timings, running; yields (supervisor, runner, states)."""
+    states = StateLog()
     values = dict(on_state=states, health_interval=0.2, health_timeout=0.5, unhealthy_threshold=3,
                   startup_timeout=20, backoff=(0.2, 1.0), loading_report_interval=0.5, stop_grace=3)
     values.update(changes)
-    return EngineSupervisor(launch, **values)
+    supervisor = EngineSupervisor(launch, **values)
+    with SupervisorThread(supervisor) as runner:
+        yield supervisor, runner, states
 
 
 def test_standin_goes_from_loading_to_healthy_and_reports_loading_periodically(root, recorder):
-    states = StateLog()
     launch = launch_of(root, standin(root, "echo 'WARNING 11-27 pretending to load'; sleep 1.5"))
-    supervisor = fast_supervisor(launch, states)
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch) as (supervisor, runner, states):
         runner.wait_for(lambda: supervisor.healthy, 20, "healthy")
         assert http_get(launch.socket_path, "/health")[0] == 200
         assert supervisor.started_at and supervisor.pid and supervisor.restarts == 0
@@ -81,11 +85,9 @@ def test_standin_goes_from_loading_to_healthy_and_reports_loading_periodically(r
 
 def test_interpreter_without_vllm_exits_at_once_and_backs_off_instead_of_looping(root, recorder):
     # What ximd runs when the engine environment is missing: its own python, no vLLM.
-    states = StateLog()
     launch = launch_of(root, ("/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"))
-    supervisor = fast_supervisor(launch, states, backoff=(0.2, 0.8))
     window_s = 4.0
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch, backoff=(0.2, 0.8)) as (supervisor, _, states):
         time.sleep(window_s)
         starts = supervisor.starts
     # Delays 0.2, 0.4, 0.8, 0.8 ... allow at most ~7 starts in 4 s; a busy loop makes hundreds.
@@ -100,20 +102,16 @@ def test_interpreter_without_vllm_exits_at_once_and_backs_off_instead_of_looping
 
 
 def test_missing_engine_interpreter_is_a_clear_error_with_backoff(root):
-    states = StateLog()
     launch = launch_of(root, (str(root / "no-such-python"), "-m", "vllm.entrypoints.openai.api_server"))
-    supervisor = fast_supervisor(launch, states)
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch) as (supervisor, runner, states):
         runner.wait_for(lambda: len(states.of("backoff")) >= 2, 10, "two backoffs")
     assert supervisor.starts == 0
     assert supervisor.last_error == f"cannot start the engine ({root}/no-such-python): No such file or directory"
 
 
 def test_startup_timeout_kills_an_engine_that_never_gets_healthy(root):
-    states = StateLog()
     launch = launch_of(root, standin(root, "sleep 60"))
-    supervisor = fast_supervisor(launch, states, startup_timeout=1.0)
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch, startup_timeout=1.0) as (supervisor, runner, states):
         first = runner.wait_for(lambda: supervisor.pid, 10, "the first start")
         runner.wait_for(lambda: supervisor.starts >= 2, 15, "the second start")
         assert not alive(first)
@@ -128,10 +126,8 @@ def alive(pid: int) -> bool:
 
 
 def test_wedged_engine_is_restarted_after_the_health_threshold(root):
-    states = StateLog()
     launch = launch_of(root, standin(root))
-    supervisor = fast_supervisor(launch, states)
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch) as (supervisor, runner, states):
         runner.wait_for(lambda: supervisor.healthy, 20, "healthy")
         wedged = supervisor.pid
         os.kill(wedged, signal.SIGSTOP)   # alive, holds its socket, answers nothing
@@ -144,11 +140,9 @@ def test_wedged_engine_is_restarted_after_the_health_threshold(root):
 
 
 def test_stop_takes_the_whole_group_even_children_that_ignore_sigterm(root, recorder):
-    states = StateLog()
     # A child of the engine that ignores SIGTERM, like a stuck worker.
     launch = launch_of(root, standin(root, "(trap '' TERM; exec sleep 300) &"))
-    supervisor = fast_supervisor(launch, states)
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch) as (supervisor, runner, states):
         runner.wait_for(lambda: supervisor.healthy, 20, "healthy")
         assert len(processes_of(launch.instance_id)) == 2   # the engine and its stubborn child
         took = runner.stop(grace_s=1.0)
@@ -177,8 +171,7 @@ def test_engine_left_by_a_killed_supervisor_is_removed_before_the_next_start(roo
         while not launch.socket_path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [p.pid for p in find_ours(launch.instance_id, launch.socket_path)] == [orphan.pid]
-        supervisor = fast_supervisor(launch, StateLog())
-        with SupervisorThread(supervisor) as runner:
+        with supervised(launch) as (supervisor, runner, _):
             runner.wait_for(lambda: supervisor.healthy, 20, "healthy")
             assert orphan.wait(timeout=5) is not None
             assert supervisor.pid != orphan.pid
@@ -216,15 +209,13 @@ def test_engine_of_ours_that_cannot_be_killed_is_refused_with_a_clear_message(ro
 
 
 def test_engine_that_dies_during_start_up_with_lmcache_is_retried_once_without_it(root, recorder):
-    states = StateLog()
     # Dies the way vLLM does when the LMCache connector cannot start, and only then.
     script = ('case "$*" in *--kv-transfer-config*) '
               'echo "RuntimeError: No supported cpu connector found."; exit 1;; esac')
     argv = (*standin(root, script), "--kv-transfer-config", '{"kv_connector":"LMCacheConnectorV1"}')
     launch = launch_of(root, argv, lmcache=True,
                        env={**launch_of(root, ()).env, "LMCACHE_CONFIG_FILE": str(root / "lmcache.yaml")})
-    supervisor = fast_supervisor(launch, states)
-    with SupervisorThread(supervisor) as runner:
+    with supervised(launch) as (supervisor, runner, states):
         runner.wait_for(lambda: supervisor.healthy, 20, "healthy without LMCache")
         assert supervisor.starts == 2 and supervisor.lmcache_dropped
         assert "--kv-transfer-config" not in supervisor.launch.argv
