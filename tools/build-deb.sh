@@ -49,13 +49,8 @@ printf '%s' "$version" | grep -Eq '^[0-9][A-Za-z0-9.+~]*$' \
 work=$(mktemp -d "${TMPDIR:-/tmp}/build-deb.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 src="$work/xerotier-agent-$version"
-mkdir "$src"
 
-# The source is what git tracks plus new files not ignored: never a venv, a build
-# directory or a previous dist/ from the working tree.
-git -C "$root" ls-files -z --cached --others --exclude-standard \
-    | (cd "$root" && xargs -0 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) \
-    | (cd "$root" && tar --null -T - -cf -) | tar -C "$src" -xf -
+"$root/tools/export-source.sh" "$src"
 
 cp -a "$root/packaging/debian" "$src/debian"
 # The sysusers and tmpfiles snippets are shared with the RPM; debhelper wants them here.

@@ -1,0 +1,77 @@
+#!/bin/sh
+# Build the xerotier-agent .rpm (Fedora 40+ / RHEL 10 target) with rpmbuild, and check
+# it with rpmlint.
+#
+# Usage: tools/build-rpm.sh [--version VERSION] [--no-lint] [OUTDIR]
+#   OUTDIR     where xerotier-agent-<version>-1.noarch.rpm lands (default: dist/)
+#   --version  package version; default: [project] version in pyproject.toml
+#   --no-lint  skip rpmlint
+# Prints the path of the .rpm on stdout; logs go to stderr.
+#
+# On Debian, rpmbuild runs with --nodeps: its rpm database knows none of the dpkg
+# packages, so every BuildRequires would look missing. The spec falls back to plain
+# commands where Fedora's macros are absent.
+# Needs: rpm rpmlint git python3-build python3-installer (Debian) or rpm-build
+#        python3-devel pyproject-rpm-macros systemd-rpm-macros (Fedora).
+set -eu
+
+die() { echo "build-rpm: $*" >&2; exit 1; }
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+spec="$root/packaging/rpm/xerotier-agent.spec"
+rpmlintrc="$root/packaging/rpm/xerotier-agent.rpmlintrc"
+version=""
+lint=yes
+outdir=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --version) [ $# -ge 2 ] || die "--version needs a value"; version=$2; shift 2 ;;
+        --no-lint) lint=no; shift ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) [ -z "$outdir" ] || die "only one OUTDIR"; outdir=$1; shift ;;
+    esac
+done
+outdir=${outdir:-$root/dist}
+
+command -v rpmbuild >/dev/null || die "missing rpmbuild (apt-get install rpm)"
+[ "$lint" = no ] || command -v rpmlint >/dev/null || die "missing rpmlint (apt-get install rpmlint, or pass --no-lint)"
+
+if [ -z "$version" ]; then
+    version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
+        "$root/pyproject.toml") || die "cannot read [project] version from $root/pyproject.toml"
+fi
+printf '%s' "$version" | grep -Eq '^[0-9][A-Za-z0-9.+~^]*$' || die "version '$version' is not a valid RPM version"
+
+top=$(mktemp -d "${TMPDIR:-/tmp}/build-rpm.XXXXXX")
+trap 'rm -rf "$top"' EXIT INT TERM
+mkdir -p "$top/SOURCES"
+"$root/tools/export-source.sh" "$top/xerotier-agent-$version"
+tar -C "$top" -czf "$top/SOURCES/xerotier-agent-$version.tar.gz" "xerotier-agent-$version"
+cp "$root/systemd/xerotier-agent.sysusers" "$top/SOURCES/"
+
+# Reproducible: the last commit's date, not the build's.
+epoch=$(git -C "$root" log -1 --format=%ct 2>/dev/null || date +%s)
+# The spec that is built is the one that is linted: the version is written into it.
+# It sits beside its sources so that rpmlint's parse finds Source1 as rpmbuild does.
+{
+    echo "%global ximd_version $version"
+    echo "%global ximd_changelog_date $(LC_ALL=C date -u -d "@$epoch" +'%a %b %d %Y')"
+    cat "$spec"
+} >"$top/SOURCES/xerotier-agent.spec"
+
+echo "build-rpm: rpmbuild xerotier-agent $version" >&2
+env -u VIRTUAL_ENV -u PYTHONPATH -u PYTHONHOME PATH=/usr/sbin:/usr/bin:/sbin:/bin SOURCE_DATE_EPOCH="$epoch" \
+    rpmbuild -bb --nodeps --define "_topdir $top" "$top/SOURCES/xerotier-agent.spec" >"$top/build.log" 2>&1 \
+    || { tail -n 40 "$top/build.log" >&2; die "rpmbuild failed (log above)"; }
+
+rpm_file=$(find "$top/RPMS" -name "xerotier-agent-$version-*.noarch.rpm" | head -n 1)
+[ -n "$rpm_file" ] || die "rpmbuild did not produce xerotier-agent-$version-*.noarch.rpm"
+if [ "$lint" = yes ]; then
+    echo "build-rpm: rpmlint" >&2
+    rpmlint -r "$rpmlintrc" "$top/SOURCES/xerotier-agent.spec" "$rpm_file" >&2 \
+        || die "rpmlint reports errors for $(basename "$rpm_file")"
+fi
+mkdir -p "$outdir"
+cp "$rpm_file" "$outdir/"
+echo "$(cd "$outdir" && pwd)/$(basename "$rpm_file")"
