@@ -1,0 +1,190 @@
+"""`xim-router`: serve, join-key create, agents, revoke."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from xim_router import keys
+from xim_router import store as store_mod
+
+DEFAULT_STATE_DIR = "/var/lib/xim-router"
+
+
+def _duration(text: str) -> float:
+    try:
+        return keys.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.strip("[]"), int(port)
+
+
+def _mesh_endpoint(text: str) -> str:
+    if not text.startswith("tcp://") or ":" not in text[6:]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xim-router",
+        description="The open router that ximd nodes join: enrollment, the CurveZMQ mesh, "
+                    "and (with serving) an OpenAI-compatible API.")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state-dir", default=os.environ.get("XIM_ROUTER_STATE_DIR", DEFAULT_STATE_DIR),
+                       help="keys and the SQLite store (default: $XIM_ROUTER_STATE_DIR or %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[state], help="run the router")
+    listen = serve.add_argument_group("listening")
+    listen.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                        help="enrollment/API address (default 127.0.0.1:8080; port 0 = any free)")
+    listen.add_argument("--mesh", type=_mesh_endpoint, default="tcp://127.0.0.1:5555",
+                        metavar="tcp://HOST:PORT", help="mesh address (default %(default)s; port 0 = any)")
+    listen.add_argument("--advertise", action="append", type=_mesh_endpoint, default=[],
+                        metavar="tcp://HOST:PORT",
+                        help="mesh endpoint to give agents (repeatable; default: the bound one)")
+    listen.add_argument("--tls-cert", help="PEM certificate (chain) for HTTPS")
+    listen.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    timing = serve.add_argument_group("lease timing")
+    timing.add_argument("--lease-interval", type=_duration, default=5.0, metavar="DURATION",
+                        help="how often agents send a lease (default 5s)")
+    timing.add_argument("--lease-timeout", type=_duration, default=15.0, metavar="DURATION",
+                        help="no lease for this long: disconnected (default 15s)")
+    timing.add_argument("--dead-after", type=_duration, default=300.0, metavar="DURATION",
+                        help="disconnected for this long: dead (default 5m)")
+    timing.add_argument("--token-ttl", type=_duration, default=86400.0, metavar="DURATION",
+                        help="lifetime of an agent's bearer token (default 24h)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+
+    join_key = sub.add_parser("join-key", help="manage join keys")
+    jk_sub = join_key.add_subparsers(dest="join_key_command", required=True)
+    create = jk_sub.add_parser("create", parents=[state], help="mint a join key; prints it on stdout")
+    create.add_argument("--ttl", type=_duration, default=86400.0, metavar="DURATION",
+                        help="valid for (default 24h)")
+    create.add_argument("--uses", type=_positive_int, default=1, help="how many agents may use it (default 1)")
+    create.add_argument("--model", help="model assigned to agents that enroll with it")
+
+    agents = sub.add_parser("agents", parents=[state], help="list enrolled agents")
+    agents.add_argument("--format", choices=["table", "json"], default="table")
+
+    revoke = sub.add_parser("revoke", parents=[state], help="revoke an agent's identity")
+    revoke.add_argument("agent_id")
+    return parser
+
+
+def open_store(state_dir: str) -> store_mod.Store:
+    return store_mod.Store(Path(state_dir))
+
+
+def cmd_join_key_create(args) -> int:
+    store = open_store(args.state_dir)
+    key = store.create_join_key(ttl_s=args.ttl, uses=args.uses, model=args.model)
+    print(key)
+    print(f"join key {keys.fingerprint(key)}: {args.uses} use(s), valid until "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(time.time() + args.ttl))}",
+          file=sys.stderr)
+    return 0
+
+
+def agent_rows(agents: list[store_mod.Agent], now: float) -> list[dict]:
+    rows = []
+    for a in agents:
+        lease = a.last_lease or {}
+        rows.append({
+            "agent_id": a.agent_id, "worker_id": a.worker_id, "hostname": a.hostname,
+            "state": a.state, "state_since": a.state_since, "enrolled_at": a.enrolled_at,
+            "last_seen_at": a.last_seen_at,
+            "last_seen_ago_s": round(now - a.last_seen_at, 1) if a.last_seen_at else None,
+            "max_concurrent": a.max_concurrent, "agent_version": a.agent_version,
+            "assigned_model": a.assigned_model,
+            "running": lease.get("running"), "waiting": lease.get("waiting"),
+            "kv_cache_usage": lease.get("kv_cache_usage"),
+            "models": [m["name"] + ":" + m["state"] for m in lease.get("models", [])],
+        })
+    return rows
+
+
+def render_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no agents enrolled"
+    columns = ["agent_id", "worker_id", "hostname", "state", "last_seen_ago_s", "running",
+               "waiting", "models"]
+    cells = [[", ".join(r[c]) if isinstance(r[c], list) else ("-" if r[c] is None else str(r[c]))
+              for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_agents(args) -> int:
+    rows = agent_rows(open_store(args.state_dir).agents(), time.time())
+    print(json.dumps(rows, indent=2) if args.format == "json" else render_table(rows))
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    store = open_store(args.state_dir)
+    if store.agent(args.agent_id) is None:
+        print(f"xim-router: no agent {args.agent_id!r} (see `xim-router agents`)", file=sys.stderr)
+        return 1
+    if not store.final_state(args.agent_id, store_mod.REVOKED):
+        print(f"xim-router: agent {args.agent_id} is already revoked or unenrolled", file=sys.stderr)
+        return 1
+    print(f"revoked agent {args.agent_id}; a running router ends its session within a second")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from xim_router import server
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(server.serve(args))
+    except server.StartupError as exc:
+        print(f"xim-router: {exc}", file=sys.stderr)
+        return 1
+
+
+COMMANDS = {
+    ("serve", None): cmd_serve,
+    ("join-key", "create"): cmd_join_key_create,
+    ("agents", None): cmd_agents,
+    ("revoke", None): cmd_revoke,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[(args.command, getattr(args, "join_key_command", None))]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except PermissionError as exc:
+        print(f"xim-router: {exc.filename}: permission denied", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

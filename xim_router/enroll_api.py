@@ -1,0 +1,155 @@
+"""Enrollment over HTTP: POST /v1/enroll, /v1/enroll/refresh, /v1/unenroll (docs/protocol.md §3)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from ximd.mesh import codec
+from xim_router import keys
+from xim_router import store as store_mod
+from xim_router.api_common import ROUTER_KEY, ApiError, bearer_token, read_json
+from xim_router.mesh import Router
+
+log = logging.getLogger("xim_router.enroll")
+
+# HTTP status of each refusal the store can give (docs/protocol.md §3.4).
+STATUS_OF = {
+    "invalid_join_key": 401,
+    "join_key_expired": 403,
+    "join_key_used": 403,
+    "key_in_use": 409,
+    "invalid_token": 401,
+    "token_expired": 401,
+    "revoked": 401,
+}
+
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    join_key: str
+    curve_public_key: str
+    hostname: str
+    hardware: dict
+    max_concurrent: int
+    agent_version: str
+    protocol_versions: list[int]
+
+
+def _field(body: dict, name: str, kind: type, *, required: bool = True, default=None):
+    value = body.get(name, default)
+    if value is None and not required:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, "bad_request", f"field {name!r} must be a {kind.__name__}")
+    return value
+
+
+def parse_enroll_request(body: dict) -> EnrollRequest:
+    """Validate an enroll body; ApiError names the first wrong field (never echoes the key)."""
+    join_key = _field(body, "join_key", str)
+    if not keys.JOIN_KEY_PATTERN.match(join_key):
+        raise ApiError(400, "bad_request", "field 'join_key' is not a join key (xjk_…)")
+    public_key = _field(body, "curve_public_key", str)
+    if not keys.is_curve_public_key(public_key):
+        raise ApiError(400, "bad_request", "field 'curve_public_key' must be a Z85 CURVE public key "
+                                           "(40 characters)")
+    hostname = _field(body, "hostname", str)
+    if not 0 < len(hostname) <= 255:
+        raise ApiError(400, "bad_request", "field 'hostname' must be 1 to 255 characters")
+    max_concurrent = _field(body, "max_concurrent", int)
+    if max_concurrent < 1:
+        raise ApiError(400, "bad_request", "field 'max_concurrent' must be at least 1")
+    versions = _field(body, "protocol_versions", list, required=False, default=[1])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+        raise ApiError(400, "bad_request", "field 'protocol_versions' must be a list of integers")
+    return EnrollRequest(join_key=join_key, curve_public_key=public_key, hostname=hostname,
+                         hardware=_field(body, "hardware", dict, required=False, default={}),
+                         max_concurrent=max_concurrent,
+                         agent_version=_field(body, "agent_version", str),
+                         protocol_versions=versions)
+
+
+def advertised_endpoints(bound: str, request_host: str | None, configured: tuple[str, ...]) -> list[str]:
+    """Mesh endpoints to hand an agent: configured ones, else the bound one with a
+    wildcard host replaced by the host the agent used to reach this HTTP API."""
+    if configured:
+        return list(configured)
+    parts = urlsplit(bound)
+    host = parts.hostname or ""
+    if (host in WILDCARD_HOSTS or parts.netloc.startswith("*")) and request_host:
+        name = urlsplit("//" + request_host).hostname or request_host
+        name = f"[{name}]" if ":" in name else name
+        return [f"{parts.scheme}://{name}:{parts.port}"]
+    return [bound]
+
+
+def _refusal(exc: store_mod.StoreError) -> ApiError:
+    return ApiError(STATUS_OF.get(exc.code, 400), exc.code, exc.message)
+
+
+async def enroll(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    req = parse_enroll_request(await read_json(request))
+    common = sorted(set(req.protocol_versions) & set(codec.PROTOCOL_VERSIONS))
+    if not common:
+        raise ApiError(400, "unsupported_version",
+                       f"this router speaks protocol {list(codec.PROTOCOL_VERSIONS)}")
+    try:
+        enrolled = router.store.enroll(
+            join_key=req.join_key, public_key=req.curve_public_key, hostname=req.hostname,
+            hardware=req.hardware, max_concurrent=req.max_concurrent,
+            agent_version=req.agent_version, token_ttl_s=router.settings.token_ttl_s)
+    except store_mod.StoreError as exc:
+        log.warning("refused enrollment of %s from %s with join key %s: %s", req.hostname,
+                    request.remote, keys.fingerprint(req.join_key), exc.code)
+        raise _refusal(exc) from None
+    agent = enrolled.agent
+    log.info("enrolled %s as agent %s (%s) with join key %s", req.hostname, agent.agent_id,
+             agent.worker_id, agent.join_key_fingerprint)
+    return web.json_response({
+        "agent_id": agent.agent_id,
+        "worker_id": agent.worker_id,
+        "mesh_endpoints": advertised_endpoints(router.mesh_endpoint, request.host,
+                                               router.advertise),
+        "router_public_key": router.keypair.public,
+        "token": enrolled.token,
+        "token_expires_at": enrolled.token_expires_at,
+        "assigned_model": agent.assigned_model,
+        "protocol_version": common[-1],
+    })
+
+
+async def refresh(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    try:
+        token, expires_at = router.store.refresh_token(
+            bearer_token(request), ttl_s=router.settings.token_ttl_s,
+            grace_s=router.settings.token_grace_s)
+    except store_mod.StoreError as exc:
+        raise _refusal(exc) from None
+    return web.json_response({"token": token, "token_expires_at": expires_at})
+
+
+async def unenroll(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    try:
+        agent = router.store.check_token(bearer_token(request), grace_s=router.settings.token_grace_s)
+    except store_mod.StoreError as exc:
+        raise _refusal(exc) from None
+    router.store.final_state(agent.agent_id, store_mod.UNENROLLED)
+    router.end_agent(agent.agent_id, "revoked", "this agent unenrolled", store_mod.UNENROLLED)
+    log.info("agent %s (%s) unenrolled", agent.agent_id, agent.worker_id)
+    return web.json_response({"agent_id": agent.agent_id, "state": store_mod.UNENROLLED})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/enroll", enroll)
+    app.router.add_post("/v1/enroll/refresh", refresh)
+    app.router.add_post("/v1/unenroll", unenroll)

@@ -1,0 +1,33 @@
+"""The router's HTTP application: one aiohttp app that route modules add to.
+
+`build_app(router)` is the seam: each module in ROUTE_MODULES has
+`add_routes(app)` and reaches the mesh through ``app[ROUTER_KEY]``. The
+OpenAI-compatible API (serving) plugs in here beside the enrollment API.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from xim_router import enroll_api
+from xim_router.api_common import ROUTER_KEY, json_errors
+from xim_router.mesh import Router
+
+# Modules with add_routes(app); the serving module is appended here.
+ROUTE_MODULES = (enroll_api,)
+
+MAX_BODY_BYTES = 1 << 20
+
+
+async def healthz(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER_KEY]
+    return web.json_response({"status": "ok", "agents_connected": len(router.sessions)})
+
+
+def build_app(router: Router) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app[ROUTER_KEY] = router
+    app.router.add_get("/healthz", healthz)
+    for module in ROUTE_MODULES:
+        module.add_routes(app)
+    return app

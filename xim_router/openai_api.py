@@ -1,0 +1,278 @@
+"""The router's OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+
+What an OpenAI client sees, built on `xim_router.dataplane`:
+
+- API keys: ``Authorization: Bearer <key>`` against the keys given with
+  ``--api-key`` / ``--api-key-file``; a wrong or missing key is a 401 with
+  OpenAI's ``invalid_api_key`` body. No keys configured → no check (the
+  router listens on loopback by default).
+- Streams are Server-Sent Events exactly as OpenAI writes them:
+  ``data: {json}\\n\\n`` per chunk, ``data: [DONE]\\n\\n`` at the end; the
+  engine's chunk bytes are passed through untouched. The usage chunk is
+  only shown to clients that asked for it (``stream_options.include_usage``).
+- Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``
+  with the protocol's code: 404 unknown model, 429 every agent full (with
+  Retry-After), 503 no agent ready, 504 timeout, 502/503 agent errors. An
+  error after the stream started arrives as an ``error`` event, which the
+  official client raises.
+- A client that disconnects cancels the request on its agent, which frees
+  the engine slot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from ximd.mesh import codec
+from xim_router import dataplane
+from xim_router.api_common import ROUTER_KEY
+from xim_router.dataplane import ClientGone, RequestFailed
+
+log = logging.getLogger("xim_router.openai")
+
+SETTINGS_KEY = "xim_router.openai"
+ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+DISCONNECT_POLL_S = 0.25
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    api_keys: frozenset[str] = frozenset()
+    dataplane: dataplane.Settings = field(default_factory=dataplane.Settings)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving flags of ``xim-router serve``."""
+    group = parser.add_argument_group("OpenAI API")
+    group.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="accept this API key (repeatable; prefer --api-key-file: argv is "
+                            "visible to other users)")
+    group.add_argument("--api-key-file", metavar="PATH",
+                       help="accept the API keys in PATH, one per line ('#' comments)")
+    group.add_argument("--request-timeout", type=float, default=dataplane.Settings.request_timeout_s,
+                       metavar="SECONDS", help="deadline of one request (default %(default)g)")
+
+
+def read_key_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API key file {path}: {exc.strerror or exc}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise ValueError(f"the API key file {path} holds no key")
+    return keys
+
+
+def settings_from(args: argparse.Namespace) -> ApiSettings:
+    """ApiSettings from parsed flags; ValueError with a message for the operator."""
+    keys = [k.strip() for k in getattr(args, "api_key", []) or [] if k.strip()]
+    if getattr(args, "api_key_file", None):
+        keys += read_key_file(args.api_key_file)
+    timeout = getattr(args, "request_timeout", dataplane.Settings.request_timeout_s)
+    if not timeout > 0:
+        raise ValueError("--request-timeout must be > 0")
+    return ApiSettings(api_keys=frozenset(keys), dataplane=dataplane.Settings(request_timeout_s=timeout))
+
+
+def configure(app: web.Application, settings: ApiSettings) -> None:
+    """Give the routes their settings (before the app starts)."""
+    app[SETTINGS_KEY] = settings
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/completions", completions)
+
+
+# ---------------------------------------------------------------- OpenAI bodies
+
+
+def openai_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status == 401:
+        return "invalid_request_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_body(code: str, message: str, status: int, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": openai_type(status), "param": param,
+                                 "code": code}}).encode()
+
+
+def error_response(failure: RequestFailed, *, request_id: str | None = None,
+                   param: str | None = None) -> web.Response:
+    status = failure.http_status
+    if status < 400 or status > 599:
+        status = 500        # e.g. 499 "cancelled" is not an answer a client can get
+    headers = {"Retry-After": "1"} if failure.retryable and status in (429, 503) else {}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.Response(status=status, body=error_body(failure.code, failure.message, status, param),
+                        content_type="application/json", headers=headers)
+
+
+def error_event(failure: RequestFailed) -> bytes:
+    return b"data: " + error_body(failure.code, failure.message, failure.http_status) + b"\n\n"
+
+
+def settings_of(request: web.Request) -> ApiSettings:
+    return request.app.get(SETTINGS_KEY) or ApiSettings()
+
+
+def authorized(request: web.Request, keys: frozenset[str]) -> bool:
+    if not keys:
+        return True
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip().encode()
+    # Compare with every key in constant time, so timing tells nothing.
+    return scheme.lower() == "bearer" and bool(token) and \
+        sum(hmac.compare_digest(token, key.encode()) for key in keys) > 0
+
+
+def unauthorized() -> web.Response:
+    return web.Response(status=401, content_type="application/json", body=error_body(
+        "invalid_api_key", "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+        401))
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the router needs from a client's body."""
+
+    model: str
+    stream: bool
+    wants_usage: bool
+    body: bytes                      # what goes to the agent
+
+
+def parse_call(raw: bytes) -> Call:
+    """Read model/stream from the body; RequestFailed(400) says what is wrong."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestFailed("bad_request", "the request body is not valid JSON", 400) from None
+    if not isinstance(obj, dict):
+        raise RequestFailed("bad_request", "the request body must be a JSON object", 400)
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestFailed("bad_request", "'model' is required and must be a string", 400)
+    stream = obj.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestFailed("bad_request", "'stream' must be true or false", 400)
+    wants_usage = False
+    if stream:
+        options = obj.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise RequestFailed("bad_request", "'stream_options' must be an object", 400)
+        wants_usage = bool((options or {}).get("include_usage"))
+        if not wants_usage:
+            # Usage is always asked of the engine (ximd's token metrics and
+            # done.usage need it); it is shown only to clients that asked.
+            obj["stream_options"] = {**(options or {}), "include_usage": True}
+            raw = json.dumps(obj, separators=(",", ":")).encode()
+    return Call(model=model, stream=stream, wants_usage=wants_usage, body=raw)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def list_models(request: web.Request) -> web.Response:
+    if not authorized(request, settings_of(request).api_keys):
+        return unauthorized()
+    names = dataplane.served_models(request.app[ROUTER_KEY])
+    return web.json_response({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "xim"} for name in names]})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    settings = settings_of(request)
+    if not authorized(request, settings.api_keys):
+        return unauthorized()
+    try:
+        call = parse_call(await request.read())
+    except RequestFailed as exc:
+        return error_response(exc)
+    presence = dataplane.Presence()
+    watcher = asyncio.ensure_future(watch_disconnect(request, presence))
+    try:
+        exchange, first = await dataplane.start(
+            request.app[ROUTER_KEY], settings.dataplane, model=call.model,
+            endpoint=ENDPOINTS[request.path], body=call.body, stream=call.stream, presence=presence)
+    except RequestFailed as exc:
+        watcher.cancel()
+        return error_response(exc, param="model" if exc.code == "model_not_found" else None)
+    except ClientGone:
+        watcher.cancel()
+        return web.Response(status=499)
+    try:
+        if isinstance(first, codec.Done) and not call.stream:
+            return web.Response(body=first.body or b"{}", content_type="application/json",
+                                headers={"X-Request-Id": exchange.id})
+        if not call.stream:
+            # A non-streamed answer comes whole in done; anything else is a broken agent.
+            exchange.cancel("unexpected chunk")
+            return error_response(RequestFailed("internal", "the agent streamed a non-streamed "
+                                                            "request", 502), request_id=exchange.id)
+        return await relay_stream(request, exchange, first, call.wants_usage)
+    except ClientGone:
+        return web.Response(status=499)
+    finally:
+        watcher.cancel()
+        exchange.cancel("client disconnected")     # a no-op when it finished
+
+
+async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first: codec.Message,
+                       wants_usage: bool) -> web.StreamResponse:
+    response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": exchange.id})
+    await response.prepare(request)
+    msg = first
+    try:
+        try:
+            while isinstance(msg, codec.Chunk):
+                await response.write(b"".join(b"data: " + p + b"\n\n" for p in msg.data))
+                exchange.written()
+                msg = await exchange.next()
+            if wants_usage and msg.body:
+                await response.write(b"data: " + msg.body + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+        except RequestFailed as exc:
+            # Headers are gone already: the error travels as an event, which
+            # OpenAI's clients raise as an APIError.
+            log.info("request %s failed mid-stream: %s", exchange.id, exc)
+            await response.write(error_event(exc))
+        await response.write_eof()
+    except (ConnectionError, ClientGone):
+        exchange.cancel("client disconnected")
+    return response
+
+
+async def watch_disconnect(request: web.Request, presence: dataplane.Presence) -> None:
+    """Notice a client that goes away while its request waits on the agent.
+
+    aiohttp 3.8 also cancels the handler then, newer versions do not; a
+    stream notices on its next write, but a request still waiting for its
+    first token or a whole answer would not — this covers both.
+    """
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            presence.mark_gone()
+            return

@@ -1,0 +1,262 @@
+"""The router's persistent state: join keys, agents, tokens (SQLite in the state dir).
+
+Secrets are stored as SHA-256 digests only. Every write is one short
+transaction, so the `xim-router` admin commands (join-key create, revoke) can
+run beside a live `xim-router serve`: the server re-reads revocations from
+here (docs/protocol.md §7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from xim_router import keys
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS join_keys (
+    digest TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    uses_left INTEGER NOT NULL,
+    model TEXT
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL UNIQUE,
+    hostname TEXT NOT NULL,
+    hardware TEXT NOT NULL,
+    max_concurrent INTEGER NOT NULL,
+    agent_version TEXT NOT NULL,
+    assigned_model TEXT,
+    join_key_fingerprint TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    state_since REAL NOT NULL,
+    last_seen_at REAL,
+    last_lease TEXT
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    digest TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL REFERENCES agents(agent_id),
+    issued_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+# Agent states (docs/protocol.md §7). revoked and unenrolled are final: the
+# CURVE key is refused at the handshake from then on.
+PENDING, ACTIVE, DISCONNECTED, DEAD, REVOKED, UNENROLLED = (
+    "pending", "active", "disconnected", "dead", "revoked", "unenrolled")
+FINAL_STATES = (REVOKED, UNENROLLED)
+
+
+class StoreError(Exception):
+    """A definitive refusal, with the code the HTTP API returns (docs/protocol.md §3.4)."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+@dataclass(frozen=True)
+class JoinKey:
+    fingerprint: str
+    created_at: float
+    expires_at: float
+    uses_left: int
+    model: str | None
+
+
+@dataclass(frozen=True)
+class Agent:
+    agent_id: str
+    worker_id: str
+    public_key: str
+    hostname: str
+    hardware: dict
+    max_concurrent: int
+    agent_version: str
+    assigned_model: str | None
+    join_key_fingerprint: str
+    enrolled_at: float
+    state: str
+    state_since: float
+    last_seen_at: float | None
+    last_lease: dict | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Agent":
+        data = dict(row)
+        data["hardware"] = json.loads(data["hardware"])
+        data["last_lease"] = json.loads(data["last_lease"]) if data["last_lease"] else None
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    agent: Agent
+    token: str
+    token_expires_at: float
+
+
+class Store:
+    def __init__(self, state_dir: Path):
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = state_dir / "router.db"
+        if not path.exists():   # create it private before SQLite writes anything in it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")   # WAL: durable across crashes, cheaper per lease
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction, taken before reading so two writers never interleave."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ join keys
+
+    def create_join_key(self, *, ttl_s: float, uses: int, model: str | None,
+                        now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        key = keys.new_join_key()
+        with self._write() as db:
+            db.execute("INSERT INTO join_keys VALUES (?, ?, ?, ?, ?, ?)",
+                       (keys.digest(key), keys.fingerprint(key), now, now + ttl_s, uses, model))
+        return key
+
+    def join_keys(self) -> list[JoinKey]:
+        rows = self.db.execute("SELECT fingerprint, created_at, expires_at, uses_left, model "
+                               "FROM join_keys ORDER BY created_at").fetchall()
+        return [JoinKey(**dict(r)) for r in rows]
+
+    # ------------------------------------------------------------ enrollment
+
+    def enroll(self, *, join_key: str, public_key: str, hostname: str, hardware: dict,
+               max_concurrent: int, agent_version: str, token_ttl_s: float,
+               now: float | None = None) -> Enrolled:
+        """Spend one use of ``join_key`` and register a new agent, atomically."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = db.execute("SELECT * FROM join_keys WHERE digest = ?",
+                             (keys.digest(join_key),)).fetchone()
+            if row is None:
+                raise StoreError("invalid_join_key", "this join key is not known to the router")
+            if row["expires_at"] <= now:
+                raise StoreError("join_key_expired", "this join key has expired; create a new one")
+            if row["uses_left"] <= 0:
+                raise StoreError("join_key_used", "this join key has already been used")
+            if db.execute("SELECT 1 FROM agents WHERE public_key = ?", (public_key,)).fetchone():
+                raise StoreError("key_in_use", "this CURVE public key belongs to an enrolled agent")
+            db.execute("UPDATE join_keys SET uses_left = uses_left - 1 WHERE digest = ?",
+                       (row["digest"],))
+            agent_id = str(uuid.uuid4())
+            worker_id = "worker-" + agent_id.replace("-", "")[:12]
+            db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (agent_id, worker_id, public_key, hostname, json.dumps(hardware),
+                        max_concurrent, agent_version, row["model"], row["fingerprint"], now,
+                        PENDING, now, None, None))
+            token, expires_at = self._issue_token(db, agent_id, token_ttl_s, now)
+        return Enrolled(self.agent(agent_id), token, expires_at)
+
+    @staticmethod
+    def _issue_token(db, agent_id: str, ttl_s: float, now: float) -> tuple[str, float]:
+        token = keys.new_token()
+        db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)",
+                   (keys.digest(token), agent_id, now, now + ttl_s))
+        return token, now + ttl_s
+
+    def check_token(self, token: str, *, grace_s: float = 0.0, now: float | None = None) -> Agent:
+        """The agent ``token`` belongs to, if it is valid (expired less than grace_s ago)."""
+        now = time.time() if now is None else now
+        row = self.db.execute("SELECT agent_id, expires_at FROM tokens WHERE digest = ?",
+                              (keys.digest(token),)).fetchone()
+        if row is None:
+            raise StoreError("invalid_token", "this token is not known to the router")
+        agent = self.agent(row["agent_id"])
+        if agent is None or agent.state in FINAL_STATES:
+            raise StoreError("revoked", "this agent's identity was revoked or unenrolled; "
+                                        "enroll again with a new join key")
+        if row["expires_at"] + grace_s <= now:
+            raise StoreError("token_expired", "this token has expired")
+        return agent
+
+    def refresh_token(self, token: str, *, ttl_s: float, grace_s: float,
+                      now: float | None = None) -> tuple[str, float]:
+        """A new token for the owner of ``token`` (which may have expired within grace_s)."""
+        now = time.time() if now is None else now
+        agent = self.check_token(token, grace_s=grace_s, now=now)
+        with self._write() as db:
+            # Old tokens stay valid until their own expiry: an agent that
+            # crashes before saving the new one can still use the old one.
+            db.execute("DELETE FROM tokens WHERE agent_id = ? AND expires_at + ? <= ?",
+                       (agent.agent_id, grace_s, now))
+            return self._issue_token(db, agent.agent_id, ttl_s, now)
+
+    # ------------------------------------------------------------ agents
+
+    def agent(self, agent_id: str) -> Agent | None:
+        row = self.db.execute("SELECT * FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+        return Agent.from_row(row) if row else None
+
+    def agent_by_public_key(self, public_key: str) -> Agent | None:
+        row = self.db.execute("SELECT * FROM agents WHERE public_key = ?",
+                              (public_key,)).fetchone()
+        return Agent.from_row(row) if row else None
+
+    def agents(self) -> list[Agent]:
+        rows = self.db.execute("SELECT * FROM agents ORDER BY enrolled_at").fetchall()
+        return [Agent.from_row(r) for r in rows]
+
+    def set_state(self, agent_id: str, state: str, now: float | None = None) -> None:
+        """Move a live agent to ``state``; a final state is never left this way."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            db.execute("UPDATE agents SET state = ?, state_since = ? "
+                       "WHERE agent_id = ? AND state != ? AND state NOT IN (?, ?)",
+                       (state, now, agent_id, state, *FINAL_STATES))
+
+    def record_lease(self, agent_id: str, lease: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as db:
+            db.execute("UPDATE agents SET last_seen_at = ?, last_lease = ? WHERE agent_id = ?",
+                       (now, json.dumps(lease), agent_id))
+
+    def final_state(self, agent_id: str, state: str, now: float | None = None) -> bool:
+        """Revoke or unenroll; False when no such live agent."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            cur = db.execute("UPDATE agents SET state = ?, state_since = ? "
+                             "WHERE agent_id = ? AND state NOT IN (?, ?)",
+                             (state, now, agent_id, *FINAL_STATES))
+        # Tokens are kept so that a later refresh or hello is answered
+        # "revoked" rather than "unknown token": the agent then knows why.
+        return cur.rowcount == 1
+
+    def ended_agents(self) -> set[str]:
+        """Agent ids in a final state (the server polls this to end live sessions)."""
+        rows = self.db.execute("SELECT agent_id FROM agents WHERE state IN (?, ?)",
+                               FINAL_STATES).fetchall()
+        return {r["agent_id"] for r in rows}

@@ -1,0 +1,97 @@
+"""ZAP (ZeroMQ RFC 27): who may complete a CURVE handshake with the router.
+
+libzmq asks this handler about every connection before any message from it
+is delivered. Only the CURVE public key of an enrolled agent that is neither
+revoked nor unenrolled passes; the reply's User-Id is the agent id, which the
+router reads back from every frame to bind a connection to its identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from ximd.mesh.transport import RateLimitedLog
+from xim_router import store as store_mod
+
+log = logging.getLogger("xim_router.zap")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_VERSION = b"1.0"
+
+
+@dataclass(frozen=True)
+class ZapDecision:
+    allowed: bool
+    user_id: str      # the agent id when allowed
+    reason: str
+
+
+def decide(mechanism: bytes, credentials: list[bytes],
+           lookup: Callable[[str], store_mod.Agent | None]) -> ZapDecision:
+    """Pure decision for one ZAP request."""
+    if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+        return ZapDecision(False, "", f"mechanism {mechanism.decode(errors='replace')} is not accepted")
+    public_key = zmq.z85_encode(credentials[0]).decode()
+    agent = lookup(public_key)
+    if agent is None:
+        return ZapDecision(False, "", f"unknown CURVE key {public_key}")
+    if agent.state in store_mod.FINAL_STATES:
+        return ZapDecision(False, "", f"agent {agent.agent_id} is {agent.state}")
+    return ZapDecision(True, agent.agent_id, "enrolled agent")
+
+
+class ZapHandler:
+    """Answers ZAP requests for one zmq.Context; bind before the CURVE socket binds."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, lookup: Callable[[str], store_mod.Agent | None]):
+        self.lookup = lookup
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ZAP_ENDPOINT)
+        self.allowed = 0
+        self.denied = 0
+        self._limited = RateLimitedLog(log, interval_s=10.0)
+
+    async def run(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                reply = self.answer(frames)
+            except Exception:      # a bad request must not stop authentication for everyone
+                log.exception("ZAP request could not be answered")
+                continue
+            if reply is not None:
+                await self.sock.send_multipart(reply)
+
+    def answer(self, frames: list[bytes]) -> list[bytes] | None:
+        # [peer, empty, version, request_id, domain, address, identity, mechanism, *credentials]
+        if len(frames) < 8 or frames[2] != ZAP_VERSION:
+            log.warning("ignoring a malformed ZAP request (%d frames)", len(frames))
+            return None
+        peer, _, version, request_id, _domain, address, _identity, mechanism = frames[:8]
+        decision = decide(mechanism, frames[8:], self.lookup)
+        if decision.allowed:
+            self.allowed += 1
+            log.debug("ZAP: %s from %s allowed", decision.user_id, address.decode(errors="replace"))
+            status, text = b"200", b"OK"
+        else:
+            self.denied += 1
+            self._limited(logging.WARNING, address.decode(errors="replace"),
+                          "refused a mesh connection from %s: %s",
+                          address.decode(errors="replace"), decision.reason)
+            status, text = b"400", decision.reason.encode()[:200]
+        return [peer, b"", version, request_id, status, text, decision.user_id.encode(), b""]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start(ctx: zmq.asyncio.Context, lookup) -> tuple[ZapHandler, asyncio.Task]:
+    handler = ZapHandler(ctx, lookup)
+    return handler, asyncio.ensure_future(handler.run())

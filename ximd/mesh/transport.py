@@ -1,0 +1,125 @@
+"""ZeroMQ socket settings both ends of the link share, and the checks around them.
+
+The agent (ximd.mesh.link) and the router (xim_router.mesh) apply the same
+options so that the limits in docs/protocol.md §4.1 hold in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from ximd.mesh.codec import MAX_FRAME_BYTES
+
+# Socket buffers the design asks for (4 MiB). The kernel silently caps a
+# SO_SNDBUF/SO_RCVBUF request at net.core.wmem_max/rmem_max.
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+# Messages queued per peer before ZeroMQ pushes back. Credits keep real
+# queues far shorter; this only bounds memory when a peer stops reading.
+HIGH_WATER_MARK = 10_000
+
+# ZMTP heartbeats notice a peer that vanished without closing TCP (power
+# loss, cable) long before the application lease would.
+HEARTBEAT_IVL_MS = 2_000
+HEARTBEAT_TIMEOUT_MS = 6_000
+
+
+def apply_common_options(sock: zmq.Socket, *, buffer_bytes: int = SOCKET_BUFFER_BYTES) -> None:
+    """Options both the agent's DEALER and the router's ROUTER carry (set before connect/bind)."""
+    sock.setsockopt(zmq.SNDBUF, buffer_bytes)
+    sock.setsockopt(zmq.RCVBUF, buffer_bytes)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.LINGER, 0)
+
+
+@dataclass(frozen=True)
+class BufferCheck:
+    requested: int
+    send: int          # what the kernel grants a TCP socket here
+    receive: int
+
+    @property
+    def capped(self) -> bool:
+        return self.send < self.requested or self.receive < self.requested
+
+    def describe(self) -> str:
+        text = (f"socket buffers: asked {self.requested} bytes, the kernel grants "
+                f"send {self.send}, receive {self.receive}")
+        if self.capped:
+            text += (" (capped by net.core.wmem_max / net.core.rmem_max; raise both to "
+                     f"{self.requested}, e.g. with the package's sysctl drop-in "
+                     "/usr/lib/sysctl.d/60-xerotier-agent.conf)")
+        return text
+
+
+def granted_buffer(requested: int, reported: int) -> int:
+    """What a SO_*BUF request really got: Linux reports twice the usable size."""
+    return min(requested, reported // 2)
+
+
+def check_socket_buffers(requested: int = SOCKET_BUFFER_BYTES) -> BufferCheck:
+    """Ask the kernel for ``requested``-byte TCP buffers and read back what it granted.
+
+    ZeroMQ does not expose its TCP sockets, and getsockopt(ZMQ_SNDBUF) only
+    echoes the option, so a probe socket in the same network namespace shows
+    what ZeroMQ's own setsockopt() gets. Changes no sysctl.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, requested)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, requested)
+        send = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        receive = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return BufferCheck(requested, granted_buffer(requested, send), granted_buffer(requested, receive))
+
+
+def log_socket_buffers(log: logging.Logger, requested: int = SOCKET_BUFFER_BYTES) -> BufferCheck:
+    check = check_socket_buffers(requested)
+    (log.warning if check.capped else log.info)(check.describe())
+    return check
+
+
+# Monitor events worth a log line, by name (pyzmq 24 has every one of these).
+MONITOR_EVENTS = {
+    getattr(zmq, name): name[6:].lower()
+    for name in ("EVENT_CONNECTED", "EVENT_ACCEPTED", "EVENT_DISCONNECTED", "EVENT_CLOSED",
+                 "EVENT_HANDSHAKE_SUCCEEDED", "EVENT_HANDSHAKE_FAILED_NO_DETAIL",
+                 "EVENT_HANDSHAKE_FAILED_PROTOCOL", "EVENT_HANDSHAKE_FAILED_AUTH",
+                 "EVENT_CONNECT_RETRIED", "EVENT_MONITOR_STOPPED")
+}
+
+
+class RateLimitedLog:
+    """Log the first of a kind of event, then at most one line per ``interval_s``.
+
+    A peer that sends garbage in a loop must not flood the journal; the line
+    that does get through says how many were suppressed since the last one.
+    """
+
+    def __init__(self, log: logging.Logger, interval_s: float = 10.0, clock=time.monotonic):
+        self.log = log
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args) -> bool:
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        suppressed = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        if suppressed:
+            msg += f" ({suppressed} more like it suppressed)"
+        self.log.log(level, msg, *args)
+        return True
