@@ -18,30 +18,13 @@ set -eu
 
 die() { echo "build-deb: $*" >&2; exit 1; }
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-version=""
-lint=yes
-outdir=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --version) [ $# -ge 2 ] || die "--version needs a value"; version=$2; shift 2 ;;
-        --no-lint) lint=no; shift ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) [ -z "$outdir" ] || die "only one OUTDIR"; outdir=$1; shift ;;
-    esac
-done
-outdir=${outdir:-$root/dist}
+. "$(dirname "$0")/package-args.sh"
 
 for tool in dpkg-buildpackage dh git /usr/bin/python3; do
     command -v "$tool" >/dev/null || die "missing '$tool' (apt-get install dpkg-dev debhelper git python3)"
 done
 [ "$lint" = no ] || command -v lintian >/dev/null || die "missing lintian (apt-get install lintian, or pass --no-lint)"
 
-if [ -z "$version" ]; then
-    version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
-        "$root/pyproject.toml") || die "cannot read [project] version from $root/pyproject.toml"
-fi
 # Debian versions may not contain '-' in a native package, nor start with a non-digit.
 printf '%s' "$version" | grep -Eq '^[0-9][A-Za-z0-9.+~]*$' \
     || die "version '$version' is not a valid native Debian version"
@@ -81,7 +64,7 @@ deb="$work/xerotier-agent_${version}_all.deb"
 if [ "$lint" = yes ]; then
     echo "build-deb: lintian" >&2
     # Errors fail the build; warnings and info are printed for the reader.
-    lintian --fail-on error --info "$deb" >&2 || die "lintian reports errors for $(basename "$deb")"
+    lintian --fail-on error "$deb" >&2 || die "lintian reports errors for $(basename "$deb")"
 fi
 mkdir -p "$outdir"
 cp "$deb" "$outdir/"

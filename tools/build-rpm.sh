@@ -17,30 +17,13 @@ set -eu
 
 die() { echo "build-rpm: $*" >&2; exit 1; }
 
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/package-args.sh"
 spec="$root/packaging/rpm/xerotier-agent.spec"
 rpmlintrc="$root/packaging/rpm/xerotier-agent.rpmlintrc"
-version=""
-lint=yes
-outdir=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --version) [ $# -ge 2 ] || die "--version needs a value"; version=$2; shift 2 ;;
-        --no-lint) lint=no; shift ;;
-        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) [ -z "$outdir" ] || die "only one OUTDIR"; outdir=$1; shift ;;
-    esac
-done
-outdir=${outdir:-$root/dist}
 
 command -v rpmbuild >/dev/null || die "missing rpmbuild (apt-get install rpm)"
 [ "$lint" = no ] || command -v rpmlint >/dev/null || die "missing rpmlint (apt-get install rpmlint, or pass --no-lint)"
 
-if [ -z "$version" ]; then
-    version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
-        "$root/pyproject.toml") || die "cannot read [project] version from $root/pyproject.toml"
-fi
 printf '%s' "$version" | grep -Eq '^[0-9][A-Za-z0-9.+~^]*$' || die "version '$version' is not a valid RPM version"
 
 top=$(mktemp -d "${TMPDIR:-/tmp}/build-rpm.XXXXXX")
