@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import json
 import signal
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -227,8 +228,6 @@ class StandinEngine:
         start = time.monotonic()
         interval = 1.0 / pacing.tokens_per_s
         try:
-            if writer.endpoint == "chat":
-                await response.write(b"data: " + writer.role() + b"\n\n")
             for i in range(max_tokens):
                 # An absolute schedule: a late wake-up does not push every later token back.
                 delay = start + pacing.ttft_ms / 1000 + i * interval - time.monotonic()
@@ -238,8 +237,11 @@ class StandinEngine:
                     request.transport.close()
                     return response
                 finish = "length" if i == max_tokens - 1 else None
-                await response.write(b"data: " + writer.token(" " + WORDS[i % len(WORDS)], finish) +
-                                     b"\n\n")
+                event = b"data: " + writer.token(" " + WORDS[i % len(WORDS)], finish) + b"\n\n"
+                if i == 0 and writer.endpoint == "chat":
+                    # vLLM sends the role chunk with the first token, not before it.
+                    event = b"data: " + writer.role() + b"\n\n" + event
+                await response.write(event)
                 self.generation_tokens_total += 1
             if include_usage:
                 await response.write(b"data: " + writer.usage(usage_of(prompt_tokens, max_tokens)) +
@@ -311,7 +313,45 @@ async def serve(engine: StandinEngine, *, uds: Path | None, host: str | None, po
         await runner.cleanup()
 
 
+def vllm_compatible(argv: list[str]) -> list[str]:
+    """Our flags from a vLLM command line (``--vllm-args`` mode).
+
+    ximd starts its engine as ``<python> -m vllm.entrypoints.openai.api_server
+    --model M --served-model-name N --uds S ...``; bench/standin-python hands
+    that argv here, so the real daemon can supervise the stand-in. vLLM's
+    other flags are ignored; ``--standin-*`` flags (through
+    ``engine.extra_args``) set the pacing.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--uds")
+    parser.add_argument("--served-model-name", nargs="+")
+    parser.add_argument("--model")
+    parser.add_argument("--port")
+    parser.add_argument("--max-num-seqs")
+    for name in ("ttft-ms", "tokens-per-s", "max-tokens"):
+        parser.add_argument(f"--standin-{name}")
+    known, _ = parser.parse_known_args(argv)
+    out = []
+    if known.uds:
+        out += ["--uds", known.uds]
+    elif known.port:
+        out += ["--port", known.port]
+    model = (known.served_model_name or [None])[0] or known.model
+    if model:
+        out += ["--model", model]
+    if known.max_num_seqs:
+        out += ["--max-num-seqs", known.max_num_seqs]
+    for name in ("ttft_ms", "tokens_per_s", "max_tokens"):
+        value = getattr(known, f"standin_{name}")
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), value]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--vllm-args"]:
+        argv = vllm_compatible(argv[1:])
     parser = argparse.ArgumentParser(prog="standin_engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--uds", type=Path, help="serve on this unix socket (like vllm --uds)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -331,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens-per-s must be > 0")
     pacing = Pacing(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, max_tokens=args.max_tokens)
     engine = StandinEngine(pacing, model=args.model, max_num_seqs=args.max_num_seqs)
+    print(f"stand-in engine: model {args.model}, {args.ttft_ms:g} ms to first token, "
+          f"{args.tokens_per_s:g} tokens/s, on {args.uds or f'{args.host}:{args.port}'}", flush=True)
     asyncio.run(serve(engine, uds=args.uds, host=args.host, port=args.port,
                       ready_file=args.ready_file))
     return 0

@@ -27,6 +27,8 @@ def test_sse_data(event, data):
     (b'{"choices":[{"finish_reason":null}]}', False),
     (b'{"choices":[{"finish_reason":"length"}]}', True),
     (b'{"choices":[{"finish_reason": null}]}', False),
+    (b'{"choices":[{"finish_reason": "stop"}]}', True),
+    (b'{"choices":[{"finish_reason":null,"stop_reason":"x"}]}', False),
     (b'{"choices":[{"finish_reason":null},{"finish_reason":"stop"}]}', True),
     (b'{"choices":[]}', False),
 ])
