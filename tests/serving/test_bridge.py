@@ -16,20 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.standin_engine import StandinProcess, engine_gauge, wait_for_gauge
+from tests.support.standin_engine import engine_gauge, wait_for_gauge
 from ximd.mesh import codec
 from ximd.serve import Bridge
 
 CHAT = "chat.completions"
-
-
-@pytest.fixture
-def engine(tmp_path):
-    proc = StandinProcess(tmp_path / "engine.sock", ttft_ms=5, tokens_per_s=400).start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def run(coro, timeout: float = 30):

@@ -16,19 +16,10 @@ import openai
 import pytest
 
 from tests.serving.stack import MODEL, ServingStack
-from tests.support.standin_engine import StandinProcess, engine_gauge, wait_for_gauge
+from tests.support.standin_engine import engine_gauge, wait_for_gauge
 
 KEY = "sk-test-key"
 MESSAGES = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture
-def engine(tmp_path):
-    proc = StandinProcess(tmp_path / "engine.sock", ttft_ms=5, tokens_per_s=400).start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
