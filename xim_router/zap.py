@@ -15,6 +15,7 @@ from typing import Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
 from ximd.mesh.transport import RateLimitedLog
 from xim_router import store as store_mod
@@ -37,7 +38,7 @@ def decide(mechanism: bytes, credentials: list[bytes],
     """Pure decision for one ZAP request."""
     if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
         return ZapDecision(False, "", f"mechanism {mechanism.decode(errors='replace')} is not accepted")
-    public_key = zmq.z85_encode(credentials[0]).decode()
+    public_key = z85.encode(credentials[0]).decode()
     agent = lookup(public_key)
     if agent is None:
         return ZapDecision(False, "", f"unknown CURVE key {public_key}")
@@ -75,7 +76,11 @@ class ZapHandler:
             log.warning("ignoring a malformed ZAP request (%d frames)", len(frames))
             return None
         peer, _, version, request_id, _domain, address, _identity, mechanism = frames[:8]
-        decision = decide(mechanism, frames[8:], self.lookup)
+        try:
+            decision = decide(mechanism, frames[8:], self.lookup)
+        except Exception:      # e.g. the store is unreadable: refuse, and say so once
+            log.exception("ZAP: could not check a CURVE key; refusing the connection")
+            return [peer, b"", version, request_id, b"500", b"internal error", b"", b""]
         if decision.allowed:
             self.allowed += 1
             log.debug("ZAP: %s from %s allowed", decision.user_id, address.decode(errors="replace"))

@@ -1,0 +1,36 @@
+"""Fixtures for the mesh tests: a real xim-router subprocess and agent configs pointing at it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.mesh.helpers import load_config, write_agent_config
+from tests.support.router import RouterProcess
+from ximd import config as configmod
+
+
+@pytest.fixture
+def router(tmp_path):
+    proc = RouterProcess(tmp_path)
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def agent_cfg(tmp_path, router):
+    """A factory: agent_cfg(**router_keys) -> Config pointing at the router fixture."""
+    def make(name: str = "agent", **kw) -> configmod.Config:
+        kw.setdefault("url", router.http_url)
+        path = write_agent_config(tmp_path / f"{name}.toml", state_dir=tmp_path / f"{name}-state", **kw)
+        return load_config(path)
+    return make
+
+
+@pytest.fixture
+def mesh_log(caplog):
+    caplog.set_level(logging.DEBUG, logger="ximd")
+    return caplog

@@ -1,0 +1,568 @@
+"""Join key → identity: enrollment with a router, and the identity kept on disk.
+
+docs/protocol.md §3 is the HTTP API this speaks. The identity lives in
+``<state_dir>/enrollment/identity.json`` (directory 0700, file 0600, written
+atomically, owned by the state directory's owner even when root runs
+`ximd enroll`). The join key is read from the config, a file, stdin or a
+systemd credential — never from argv — and only its source and fingerprint
+are ever logged.
+
+Token refresh: the mesh link calls the function from ``token_refresher(cfg)``
+before the token lapses and whenever the router answers ``token_expired``
+(docs/protocol.md §3.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+import zmq
+
+from ximd import __version__
+from ximd.mesh.codec import PROTOCOL_VERSIONS
+
+log = logging.getLogger("ximd.enrollment")
+
+IDENTITY_DIR = "enrollment"
+IDENTITY_FILE = "identity.json"
+IDENTITY_FORMAT = 1
+CREDENTIAL_NAME = "join-key"
+JOIN_KEY_PATTERN = re.compile(r"^xjk_[A-Za-z0-9_-]{16,200}$")
+HTTP_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONCURRENT = 8           # what enrollment registers when the config says auto
+
+# Exit codes of `ximd enroll` / `ximd unenroll` (sysexits.h where one fits).
+EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
+
+NO_KEY_HINT = ("no join key: pass one with --join-key-file PATH (or - for standard input), or set "
+               "router.join_key / router.join_key_file in /etc/xerotier/agent.toml, "
+               "XEROTIER_AGENT_JOIN_KEY, or the systemd credential 'join-key'")
+
+
+# ---------------------------------------------------------------- errors
+
+
+class EnrollmentError(Exception):
+    """Base of everything this module raises on purpose; str() is fit for the user."""
+
+
+class IdentityError(EnrollmentError):
+    """The identity file exists but cannot be used."""
+
+
+class JoinKeyError(EnrollmentError):
+    """A join key source is set but unreadable, empty or not a join key."""
+
+
+class RouterConfigError(EnrollmentError):
+    """router.* settings do not allow talking to the router (no URL, http without insecure…)."""
+
+
+class EnrollmentRejected(EnrollmentError):
+    """The router said no, definitively: bad, used or expired key; revoked identity."""
+
+    def __init__(self, code: str, message: str, status: int | None = None):
+        self.code, self.message, self.status = code, message, status
+        super().__init__(f"the router refused ({code}): {message}")
+
+
+class RouterUnreachable(EnrollmentError):
+    """No usable answer from the router this time: try again later."""
+
+
+# ---------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class Identity:
+    agent_id: str
+    worker_id: str
+    router_url: str
+    mesh_endpoints: tuple[str, ...]
+    router_public_key: str
+    agent_public_key: str
+    agent_secret_key: str = field(repr=False)
+    token: str = field(repr=False)
+    token_expires_at: float = 0.0
+    enrolled_at: float = 0.0
+    assigned_model: str | None = None
+    join_key_fingerprint: str = ""
+
+    def with_token(self, token: str, expires_at: float) -> "Identity":
+        return dataclasses.replace(self, token=token, token_expires_at=expires_at)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["mesh_endpoints"] = list(self.mesh_endpoints)
+        return {"format": IDENTITY_FORMAT, **data}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Identity":
+        """Build from the file's JSON; ValueError says what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("format") != IDENTITY_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {IDENTITY_FORMAT}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                raise ValueError(f"field {f.name!r} is missing")
+            kwargs[f.name] = data[f.name]
+        for name in ("agent_id", "worker_id", "router_url", "router_public_key",
+                     "agent_public_key", "agent_secret_key", "token"):
+            if not isinstance(kwargs[name], str) or not kwargs[name]:
+                raise ValueError(f"field {name!r} must be a non-empty string")
+        endpoints = kwargs["mesh_endpoints"]
+        if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
+            raise ValueError("field 'mesh_endpoints' must be a non-empty list of strings")
+        kwargs["mesh_endpoints"] = tuple(endpoints)
+        for name in ("token_expires_at", "enrolled_at"):
+            if not isinstance(kwargs[name], (int, float)) or isinstance(kwargs[name], bool):
+                raise ValueError(f"field {name!r} must be a number")
+        return cls(**kwargs)
+
+
+def identity_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / IDENTITY_DIR / IDENTITY_FILE
+
+
+def load_identity(state_dir: str | os.PathLike) -> Identity | None:
+    """The saved identity, None when there is none; IdentityError when it is unusable."""
+    path = identity_path(state_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        identity = Identity.from_json(json.loads(text))
+    except ValueError as exc:
+        raise IdentityError(f"{path} is not a valid identity ({exc}); move it away and enroll "
+                            "again with a new join key (`ximd enroll`)") from None
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("%s is readable by others (mode %03o); it holds the node's secret key: "
+                    "chmod 600 it", path, mode)
+    return identity
+
+
+def _owner_of(path: Path) -> tuple[int, int] | None:
+    """Whose files we write, when root writes them: the state directory's owner."""
+    if os.geteuid() != 0:
+        return None
+    st = path.stat()
+    return st.st_uid, st.st_gid
+
+
+def save_identity(state_dir: str | os.PathLike, identity: Identity) -> Path:
+    """Write the identity atomically (tmp + fsync + rename); 0600 in a 0700 directory."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    owner = _owner_of(state_dir)
+    directory = state_dir / IDENTITY_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    if owner:
+        os.chown(directory, *owner)
+    path = directory / IDENTITY_FILE
+    tmp = directory / f".{IDENTITY_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            if owner:
+                os.fchown(out.fileno(), *owner)
+            json.dump(identity.to_json(), out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)          # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def remove_identity(state_dir: str | os.PathLike) -> Path | None:
+    """Delete the identity (after unenroll or revocation); the path it had, or None."""
+    path = identity_path(state_dir)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return path
+
+
+# ---------------------------------------------------------------- the join key
+
+
+def fingerprint(join_key: str) -> str:
+    """A short, non-reversible name for a join key, for logs and the identity."""
+    return "sha256:" + hashlib.sha256(join_key.encode()).hexdigest()[:12]
+
+
+def _read_source(path: str, stdin: IO[str] | None) -> str:
+    if path == "-":
+        return (stdin or sys.stdin).read()
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise JoinKeyError(f"cannot read the join key file {path}: {exc.strerror}") from None
+
+
+def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | None = None,
+                  environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(key, source) from the first source that is set, or None when none is.
+
+    Order: ``join_key_file`` (the --join-key-file flag; "-" = stdin), then
+    router.join_key (config file, drop-ins or XEROTIER_AGENT_JOIN_KEY, folded
+    by ximd.config), router.join_key_file, $CREDENTIALS_DIRECTORY/join-key.
+    """
+    environ = os.environ if environ is None else environ
+    origins = getattr(cfg, "origins", {})
+    if join_key_file:
+        source = "standard input" if join_key_file == "-" else f"--join-key-file {join_key_file}"
+        text = _read_source(join_key_file, stdin)
+    elif cfg.router.join_key:
+        source = f"router.join_key ({origins.get('router.join_key', 'config')})"
+        text = cfg.router.join_key
+    elif cfg.router.join_key_file:
+        source = f"router.join_key_file {cfg.router.join_key_file}"
+        text = _read_source(cfg.router.join_key_file, stdin)
+    elif environ.get("CREDENTIALS_DIRECTORY") and \
+            (Path(environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME).exists():
+        path = Path(environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+        source = f"systemd credential {CREDENTIAL_NAME}"
+        text = _read_source(str(path), stdin)
+    else:
+        return None
+    key = text.strip()
+    if not key:
+        raise JoinKeyError(f"the join key from {source} is empty")
+    if not JOIN_KEY_PATTERN.match(key):
+        raise JoinKeyError(f"the join key from {source} is not a join key (expected xjk_ followed "
+                           "by letters, digits, - or _)")
+    return key, source
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def router_ssl(url: str, ca_file: str, insecure: bool):
+    """The `ssl` argument for aiohttp: a context, False (unverified), or None (plain http)."""
+    scheme = urlsplit(url).scheme
+    if scheme == "http":
+        if not insecure:
+            raise RouterConfigError(f"router.url {url} is plain http: use https, or set "
+                                    "router.insecure = true to allow it (testing only)")
+        return None
+    if scheme != "https":
+        raise RouterConfigError(f"router.url {url!r} must start with https:// (or http:// with "
+                                "router.insecure)")
+    if ca_file:
+        try:
+            return ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise RouterConfigError(f"router.ca_file {ca_file}: cannot load it as a CA "
+                                    f"bundle ({getattr(exc, 'strerror', None) or exc})") from None
+    if insecure:
+        return False
+    return ssl.create_default_context()
+
+
+async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
+                timeout_s: float = HTTP_TIMEOUT_S) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+            async with http.post(url, json=body, headers=headers, ssl=ssl_arg) as resp:
+                raw = await resp.read()
+                status = resp.status
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise RouterUnreachable(f"the certificate of {url} is not trusted "
+                                f"({exc.certificate_error}); set router.ca_file to the CA that "
+                                "signed it") from None
+    except aiohttp.ClientSSLError as exc:
+        raise RouterUnreachable(f"TLS with {url} failed: {exc}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise RouterUnreachable(f"cannot reach the router at {url}: "
+                                f"{exc or type(exc).__name__}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if status == 200 and isinstance(data, dict):
+        return data
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code", "unknown") if isinstance(error, dict) else "unknown"
+    message = error.get("message", "") if isinstance(error, dict) else raw[:200].decode(errors="replace")
+    if 400 <= status < 500 and status not in (408, 429):
+        raise EnrollmentRejected(code, message, status)
+    raise RouterUnreachable(f"the router at {url} answered {status} ({code}): {message}")
+
+
+def _endpoint(base: str, path: str) -> str:
+    return base.rstrip("/") + path
+
+
+def hardware_summary() -> dict:
+    """What enrollment tells the router about this host (best effort, JSON-safe)."""
+    try:
+        from ximd import hardware
+        return json.loads(json.dumps(dataclasses.asdict(hardware.detect()), default=str))
+    except Exception as exc:           # detection problems must not block enrollment
+        log.debug("no hardware summary for enrollment: %s", exc)
+        return {}
+
+
+def _max_concurrent(cfg) -> int:
+    value = cfg.agent.max_concurrent
+    return value if isinstance(value, int) and not isinstance(value, bool) else DEFAULT_MAX_CONCURRENT
+
+
+def _str_field(data: dict, name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise RouterUnreachable(f"the router's answer lacks {name!r}; is this an XIM router?")
+    return value
+
+
+async def enroll(cfg, join_key: str, *, hostname: str | None = None,
+                 hardware: dict | None = None) -> Identity:
+    """Enroll with a fresh CURVE keypair (the secret half never leaves this host)."""
+    url = cfg.router.url
+    if not url:
+        raise RouterConfigError("router.url is not set: put the router's URL in "
+                                "/etc/xerotier/agent.toml ([router] url = \"https://…\") or "
+                                "XEROTIER_AGENT_ROUTER_URL")
+    ssl_arg = router_ssl(url, cfg.router.ca_file, cfg.router.insecure)
+    public, secret = zmq.curve_keypair()
+    data = await _post(_endpoint(url, "/v1/enroll"), ssl_arg=ssl_arg, body={
+        "join_key": join_key,
+        "curve_public_key": public.decode(),
+        "hostname": hostname or socket.gethostname(),
+        "hardware": hardware_summary() if hardware is None else hardware,
+        "max_concurrent": _max_concurrent(cfg),
+        "agent_version": __version__,
+        "protocol_versions": list(PROTOCOL_VERSIONS),
+    })
+    endpoints = data.get("mesh_endpoints")
+    if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
+        raise RouterUnreachable("the router's answer lacks 'mesh_endpoints'")
+    expires = data.get("token_expires_at")
+    if not isinstance(expires, (int, float)):
+        raise RouterUnreachable("the router's answer lacks 'token_expires_at'")
+    assigned = data.get("assigned_model")
+    return Identity(
+        agent_id=_str_field(data, "agent_id"), worker_id=_str_field(data, "worker_id"),
+        router_url=url, mesh_endpoints=tuple(endpoints),
+        router_public_key=_str_field(data, "router_public_key"),
+        agent_public_key=public.decode(), agent_secret_key=secret.decode(),
+        token=_str_field(data, "token"), token_expires_at=float(expires),
+        enrolled_at=time.time(), assigned_model=assigned if isinstance(assigned, str) else None,
+        join_key_fingerprint=fingerprint(join_key))
+
+
+async def refresh(cfg, identity: Identity) -> Identity:
+    """The identity with a new token (the current one may have lapsed within the router's grace)."""
+    ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
+    data = await _post(_endpoint(identity.router_url, "/v1/enroll/refresh"), body={},
+                       ssl_arg=ssl_arg, token=identity.token)
+    expires = data.get("token_expires_at")
+    if not isinstance(expires, (int, float)):
+        raise RouterUnreachable("the router's refresh answer lacks 'token_expires_at'")
+    return identity.with_token(_str_field(data, "token"), float(expires))
+
+
+async def unenroll(cfg, identity: Identity) -> None:
+    ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
+    await _post(_endpoint(identity.router_url, "/v1/unenroll"), body={}, ssl_arg=ssl_arg,
+                token=identity.token)
+
+
+def token_refresher(cfg) -> Callable[[Identity], Awaitable[Identity]]:
+    """What the mesh link calls to renew its token: refresh over HTTP, then save."""
+    async def refresh_and_save(identity: Identity) -> Identity:
+        renewed = await refresh(cfg, identity)
+        save_identity(cfg.agent.state_dir, renewed)
+        log.info("token renewed; valid until %s", _when(renewed.token_expires_at))
+        return renewed
+    return refresh_and_save
+
+
+# ---------------------------------------------------------------- policy
+
+
+def key_policy(identity: Identity, key_fingerprint: str, source: str) -> tuple[int, str]:
+    """(log level, message) for a join key found while already enrolled."""
+    if key_fingerprint == identity.join_key_fingerprint:
+        return logging.INFO, (f"the join key from {source} is the one this node enrolled with; "
+                              "it is not needed any more and can be removed")
+    return logging.WARNING, (f"the join key from {source} ({key_fingerprint}) differs from the one "
+                             f"this node enrolled with ({identity.join_key_fingerprint}); the node "
+                             f"keeps its identity (agent {identity.agent_id}). To enroll again with "
+                             "the new key run `ximd enroll --force`")
+
+
+@dataclass(frozen=True)
+class EnrollmentStatus:
+    """What the daemon has after ensure_identity(): an identity, or why not."""
+
+    identity: Identity | None
+    reason: str = ""
+    retry: bool = False         # True: the router was unreachable, try again later
+
+
+async def ensure_identity(cfg, *, stdin: IO[str] | None = None) -> EnrollmentStatus:
+    """For `ximd run` (start and reload): load the identity, or enroll with the join key."""
+    try:
+        identity = load_identity(cfg.agent.state_dir)
+        found = read_join_key(cfg, stdin=stdin)
+    except EnrollmentError as exc:
+        log.error("%s", exc)
+        return EnrollmentStatus(None, f"not enrolled: {exc}")
+    if identity is not None:
+        if found:
+            level, message = key_policy(identity, fingerprint(found[0]), found[1])
+            log.log(level, "%s", message)
+        return EnrollmentStatus(identity)
+    if found is None:
+        return EnrollmentStatus(None, "not enrolled: no join key")
+    key, source = found
+    log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
+             fingerprint(key))
+    try:
+        identity = await enroll(cfg, key)
+        path = save_identity(cfg.agent.state_dir, identity)
+    except RouterUnreachable as exc:
+        log.warning("enrollment postponed: %s", exc)
+        return EnrollmentStatus(None, f"enrollment pending: {exc}", retry=True)
+    except EnrollmentError as exc:
+        log.error("enrollment failed: %s", exc)
+        return EnrollmentStatus(None, f"not enrolled: {exc}")
+    log.info("enrolled as agent %s (worker %s); identity in %s", identity.agent_id,
+             identity.worker_id, path)
+    return EnrollmentStatus(identity)
+
+
+# ---------------------------------------------------------------- CLI entry points
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _fail(text: str) -> None:
+    print(f"ximd: {text}", file=sys.stderr, flush=True)
+
+
+async def main_enroll(cfg, *, join_key_file: str | None = None, force: bool = False,
+                      stdin: IO[str] | None = None) -> int:
+    """`ximd enroll [--join-key-file PATH|-] [--force]`; returns the exit code."""
+    state_dir = cfg.agent.state_dir
+    try:
+        current = load_identity(state_dir)
+    except IdentityError as exc:
+        if not force:
+            _fail(f"{exc} (or run `ximd enroll --force` to replace it)")
+            return EXIT_CONFIG
+        current = None
+    try:
+        found = read_join_key(cfg, join_key_file=join_key_file, stdin=stdin)
+    except JoinKeyError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    if current is not None and not force:
+        if found is None or fingerprint(found[0]) == current.join_key_fingerprint:
+            _say(f"already enrolled as agent {current.agent_id} (worker {current.worker_id}) with "
+                 f"{current.router_url} since {_when(current.enrolled_at)}")
+            return EXIT_OK
+        _fail(key_policy(current, fingerprint(found[0]), found[1])[1])
+        return EXIT_REFUSED
+    if found is None:
+        _fail(NO_KEY_HINT)
+        return EXIT_CONFIG
+    key, source = found
+    log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
+             fingerprint(key))
+    try:
+        identity = await enroll(cfg, key)
+    except RouterConfigError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    except EnrollmentRejected as exc:
+        _fail(f"enrollment refused by {cfg.router.url}: {exc.message} ({exc.code}); "
+              "ask for a new join key (`xim-router join-key create`)")
+        return EXIT_REFUSED
+    except RouterUnreachable as exc:
+        _fail(f"{exc}; nothing was changed, try again later")
+        return EXIT_UNAVAILABLE
+    path = save_identity(state_dir, identity)
+    _say(f"enrolled as agent {identity.agent_id} (worker {identity.worker_id}) with "
+         f"{identity.router_url}; identity saved in {path}")
+    if current is not None:
+        await _leave_quietly(cfg, current)
+    return EXIT_OK
+
+
+async def _leave_quietly(cfg, old: Identity) -> None:
+    """After --force: tell the router the old identity is gone (best effort)."""
+    try:
+        await unenroll(cfg, old)
+        _say(f"the previous identity (agent {old.agent_id}) was unenrolled")
+    except EnrollmentError as exc:
+        _say(f"the previous identity (agent {old.agent_id}) could not be unenrolled ({exc}); "
+             "revoke it on the router with `xim-router revoke`")
+
+
+async def main_unenroll(cfg) -> int:
+    """`ximd unenroll`: tell the router, then remove the identity."""
+    state_dir = cfg.agent.state_dir
+    try:
+        identity = load_identity(state_dir)
+    except IdentityError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    if identity is None:
+        _say("not enrolled; nothing to do")
+        return EXIT_OK
+    try:
+        await unenroll(cfg, identity)
+    except RouterConfigError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    except EnrollmentRejected as exc:
+        # Already revoked or unknown there: nothing left to undo on the router.
+        _say(f"the router no longer knows this identity ({exc.code}); removing it here")
+    except RouterUnreachable as exc:
+        _fail(f"{exc}; the identity was kept: run `ximd unenroll` again, or delete "
+              f"{identity_path(state_dir)} to forget it here only")
+        return EXIT_UNAVAILABLE
+    removed = remove_identity(state_dir)
+    _say(f"unenrolled agent {identity.agent_id}; removed {removed}")
+    return EXIT_OK

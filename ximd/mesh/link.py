@@ -1,0 +1,468 @@
+"""The agent's end of the mesh: a CURVE DEALER that keeps a session with the router.
+
+One socket per session (docs/protocol.md §8): connect, hello, welcome, leases
+every few seconds, and on any loss a fresh socket after a backoff with
+jitter. A fresh socket per session means nothing queued for a router that
+went away is replayed to the next one before its hello.
+
+The agent owns a MeshLink and gives it callbacks: what hello and each lease
+carry, where the router's requests go, and who hears about state changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from ximd import __version__
+from ximd.enrollment import EnrollmentRejected, EnrollmentError, Identity
+from ximd.mesh import codec, transport
+from ximd.mesh.transport import RateLimitedLog
+
+log = logging.getLogger("ximd.mesh")
+
+CONNECTING, CONNECTED, DISCONNECTED, REJECTED = "connecting", "connected", "disconnected", "rejected"
+CAPABILITIES = ["credit", "cancel", "drain", "coalesce"]
+
+# Rejections that no retry can fix: the node waits for a new identity.
+FINAL_REJECTIONS = {"revoked", "unsupported_version"}
+# Rejections a token refresh may fix.
+TOKEN_REJECTIONS = {"token_expired", "unauthorized"}
+
+_WATCHED_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_DISCONNECTED)
+
+
+class LinkDown(Exception):
+    """send() while there is no session with the router."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: each delay is uniform in [d/2, d], d doubling to ``maximum``.
+
+    The jitter spreads a fleet's reconnects after a router restart.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** self.attempt))
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    detail: str
+    final: bool = False             # stop trying: rejected for good
+    was_connected: bool = False     # the session got a welcome (resets the backoff)
+    retry_now: bool = False         # e.g. a token was just refreshed
+
+
+def _models(value) -> list[codec.Model]:
+    return [m if isinstance(m, codec.Model) else codec.Model(**m) for m in value]
+
+
+class MeshLink:
+    def __init__(self, identity: Identity, *, hello_info: Callable[[], dict],
+                 lease_info: Callable[[], dict],
+                 on_message: Callable[[codec.Message], Awaitable[None]],
+                 on_state: Callable[[str, str], None], lease_interval: float = 5.0,
+                 token_refresher: Callable[[Identity], Awaitable[Identity]] | None = None,
+                 token_refresh_margin_s: float = 600.0, handshake_timeout_s: float = 10.0,
+                 backoff: Backoff | None = None):
+        self.identity = identity
+        self.hello_info = hello_info
+        self.lease_info = lease_info
+        self.on_message = on_message
+        self.on_state = on_state
+        self.lease_interval = lease_interval
+        self.token_refresher = token_refresher
+        self.token_refresh_margin_s = token_refresh_margin_s
+        self.handshake_timeout_s = handshake_timeout_s
+        self.backoff = backoff or Backoff()
+        self.state = DISCONNECTED
+        self.state_detail = "not started"
+        self.welcome: codec.Welcome | None = None
+        self.endpoint = ""
+        self.last_lease_ack_at: float | None = None     # wall clock
+        self.connected_since: float | None = None
+        self.malformed_dropped = 0
+        self._seq = 0
+        self._version = codec.PROTOCOL_VERSION
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._closing = False
+        self._waker_tx: zmq.Socket | None = None
+        self._refreshing: asyncio.Task | None = None
+        self._drain_acked: asyncio.Future | None = None
+        self._limited = RateLimitedLog(log, interval_s=10.0)
+
+    # ------------------------------------------------------------ public
+
+    async def run(self) -> None:
+        """Keep a session with the router until close() or a final rejection."""
+        self._ctx = zmq.asyncio.Context()
+        waker_rx = self._ctx.socket(zmq.PAIR)
+        waker_rx.bind(f"inproc://ximd-link-waker-{id(self)}")
+        self._waker_tx = self._ctx.socket(zmq.PAIR)
+        self._waker_tx.connect(f"inproc://ximd-link-waker-{id(self)}")
+        transport.log_socket_buffers(log)
+        try:
+            attempt = 0
+            while not self._closing:
+                endpoint = self.identity.mesh_endpoints[attempt % len(self.identity.mesh_endpoints)]
+                attempt += 1
+                end = await self._session(endpoint, waker_rx)
+                if end.final:
+                    self._set_state(REJECTED, end.detail)
+                    return
+                if self._closing:
+                    break
+                if end.was_connected or end.retry_now:
+                    self.backoff.reset()
+                delay = 0.05 if end.retry_now else self.backoff.next()
+                self._set_state(DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
+                await self._sleep(delay, waker_rx)
+            self._set_state(DISCONNECTED, "link closed")
+        finally:
+            if self._refreshing:
+                self._refreshing.cancel()
+            waker_rx.close(linger=0)
+            self._waker_tx.close(linger=0)
+            self._ctx.term()
+
+    async def send(self, msg: codec.Message) -> None:
+        """Send to the router; LinkDown when there is no session."""
+        sock = self._sock
+        if self.state != CONNECTED or sock is None:
+            raise LinkDown(f"no session with the router ({self.state})")
+        frame = codec.encode(msg, version=self._version)
+        try:
+            await sock.send(frame)
+        except zmq.ZMQError as exc:
+            raise LinkDown(f"the link went down while sending: {exc}") from None
+
+    async def drain(self, reason: str, timeout_s: float = 5.0) -> bool:
+        """Ask the router to send no more requests; True once it acknowledged."""
+        self._drain_acked = asyncio.get_running_loop().create_future()
+        try:
+            await self.send(codec.Drain(reason=reason))
+            await asyncio.wait_for(asyncio.shield(self._drain_acked), timeout_s)
+            return True
+        except (LinkDown, asyncio.TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        """Say bye (best effort) and stop run()."""
+        self._closing = True
+        if self.state == CONNECTED and self._sock is not None:
+            try:
+                zmq.Socket.shadow(self._sock.underlying).send(
+                    codec.encode(codec.Bye(reason="agent stopping"), version=self._version),
+                    flags=zmq.DONTWAIT)
+            except zmq.ZMQError:
+                pass
+        self._wake()
+
+    # ------------------------------------------------------------ state
+
+    def _set_state(self, state: str, detail: str) -> None:
+        changed = state != self.state
+        self.state, self.state_detail = state, detail
+        if state == CONNECTED:
+            self.connected_since = time.time()
+        if changed:
+            level = {CONNECTED: logging.INFO, REJECTED: logging.ERROR,
+                     CONNECTING: logging.INFO}.get(state, logging.WARNING)
+            log.log(level, "mesh link %s: %s", state, detail,
+                    extra={"fields": {"XIM_LINK_STATE": state}})
+        try:
+            self.on_state(state, detail)
+        except Exception:
+            log.exception("on_state callback failed")
+
+    def _wake(self) -> None:
+        if self._waker_tx is not None:
+            try:
+                self._waker_tx.send(b"", flags=zmq.DONTWAIT)
+            except zmq.ZMQError:
+                pass
+
+    async def _sleep(self, seconds: float, waker: zmq.asyncio.Socket) -> None:
+        """Sleep, but return at once when close() wakes us."""
+        if await waker.poll(timeout=int(seconds * 1000)):
+            await waker.recv()
+
+    # ------------------------------------------------------------ one session
+
+    def _socket(self, endpoint: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        sock = self._ctx.socket(zmq.DEALER)
+        transport.apply_common_options(sock)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity.worker_id.encode())
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.identity.router_public_key.encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.identity.agent_public_key.encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.identity.agent_secret_key.encode())
+        # While the TCP connection cannot be made, libzmq retries on its own
+        # with a doubling interval plus random jitter, up to the maximum.
+        sock.setsockopt(zmq.RECONNECT_IVL, 500)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.backoff.maximum * 1000))
+        monitor = sock.get_monitor_socket(events=_WATCHED_EVENTS)
+        sock.connect(endpoint)
+        return sock, monitor
+
+    def _hello(self) -> codec.Hello:
+        info = dict(self.hello_info())
+        return codec.Hello(
+            token=self.identity.token, versions=list(codec.PROTOCOL_VERSIONS),
+            agent_version=info.get("agent_version", __version__),
+            hostname=info.get("hostname") or socket.gethostname(),
+            capabilities=list(info.get("capabilities", CAPABILITIES)),
+            hardware=dict(info.get("hardware", {})), models=_models(info.get("models", [])),
+            max_concurrent=int(info["max_concurrent"]))
+
+    def _lease(self) -> codec.Lease:
+        info = dict(self.lease_info())
+        self._seq += 1
+        return codec.Lease(
+            seq=self._seq, running=int(info.get("running", 0)), waiting=int(info.get("waiting", 0)),
+            kv_cache_usage=float(info.get("kv_cache_usage", 0.0)),
+            engine_state=str(info.get("engine_state", "unknown")),
+            models=_models(info.get("models", [])), in_flight=list(info.get("in_flight", [])),
+            max_concurrent=int(info["max_concurrent"]), draining=bool(info.get("draining", False)))
+
+    async def _session(self, endpoint: str, waker: zmq.asyncio.Socket) -> SessionEnd:
+        self.endpoint = endpoint
+        self._version = codec.PROTOCOL_VERSION
+        end = await self._refresh_if_due()
+        if end is not None:
+            return end
+        sock, monitor = self._socket(endpoint)
+        rx = zmq.Socket.shadow(sock.underlying)      # sync view: drain ready frames without futures
+        mon_rx = zmq.Socket.shadow(monitor.underlying)
+        self._set_state(CONNECTING, f"connecting to {endpoint}")
+        try:
+            try:
+                rx.send(codec.encode(self._hello()), flags=zmq.DONTWAIT)   # queued until connected
+            except (KeyError, TypeError, ValueError, codec.ProtocolError) as exc:
+                return SessionEnd(f"cannot build hello: {exc}")
+            poller = zmq.asyncio.Poller()
+            for s in (sock, monitor, waker):
+                poller.register(s, zmq.POLLIN)
+            return await self._session_loop(sock, rx, mon_rx, poller, sock_monitor=monitor,
+                                             waker=waker)
+        finally:
+            self._sock = None
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            self.welcome = None
+
+    async def _session_loop(self, sock, rx, mon_rx, poller, *, sock_monitor, waker) -> SessionEnd:
+        welcome_deadline = None          # set once the CURVE handshake succeeded
+        lease_timeout = None
+        next_lease = last_rx = 0.0
+        interval = self.lease_interval
+        while not self._closing:
+            now = time.monotonic()
+            deadlines = [d for d in (welcome_deadline, next_lease if self.state == CONNECTED else None,
+                                     last_rx + lease_timeout if lease_timeout else None) if d]
+            timeout_ms = max(0, int((min(deadlines) - now) * 1000)) if deadlines else None
+            ready = dict(await poller.poll(timeout_ms))
+            now = time.monotonic()
+            if waker in ready:
+                await waker.recv()
+                continue
+            if sock_monitor in ready:
+                end = await self._on_monitor(mon_rx, welcome_deadline is not None)
+                if isinstance(end, SessionEnd):
+                    return end
+                if end == "handshake":
+                    welcome_deadline = now + self.handshake_timeout_s
+            if sock in ready:
+                while True:
+                    try:
+                        frames = rx.recv_multipart(flags=zmq.DONTWAIT)
+                    except zmq.Again:
+                        break
+                    last_rx = now
+                    msg = self._decode(frames)
+                    if msg is None:
+                        continue
+                    if isinstance(msg, codec.Welcome) and self.state != CONNECTED:
+                        self._on_welcome(sock, msg)
+                        welcome_deadline = None
+                        interval = min(self.lease_interval, msg.lease_interval_s)
+                        lease_timeout = msg.lease_timeout_s
+                        next_lease = now
+                        continue
+                    end = await self._on_router_message(msg)
+                    if end is not None:
+                        return end
+            if welcome_deadline and now > welcome_deadline:
+                return SessionEnd(f"no welcome from {self.endpoint} within "
+                                  f"{self.handshake_timeout_s:.0f} s")
+            if lease_timeout and now - last_rx > lease_timeout:
+                return SessionEnd(f"no answer from the router for {now - last_rx:.0f} s",
+                                  was_connected=True)
+            if self.state == CONNECTED and now >= next_lease:
+                next_lease = now + interval
+                await self._send_lease(sock)
+        return SessionEnd("link closed", was_connected=self.state == CONNECTED)
+
+    def _on_welcome(self, sock, welcome: codec.Welcome) -> None:
+        self.welcome = welcome
+        self._version = welcome.version
+        self._sock = sock
+        self._set_state(CONNECTED, f"session {welcome.session} with {self.endpoint} "
+                                   f"(router {welcome.router_version}, protocol v{welcome.version})")
+
+    async def _send_lease(self, sock) -> None:
+        try:
+            lease = self._lease()
+        except Exception:
+            log.exception("lease_info callback failed; lease skipped")
+            return
+        try:
+            await sock.send(codec.encode(lease, version=self._version))
+        except (zmq.ZMQError, codec.ProtocolError) as exc:
+            log.warning("lease not sent: %s", exc)
+        if self.identity.token_expires_at - time.time() < self.token_refresh_margin_s \
+                and self.token_refresher and not self._refreshing:
+            self._refreshing = asyncio.ensure_future(self._refresh_in_background())
+
+    def _decode(self, frames: list[bytes]) -> codec.Message | None:
+        if len(frames) != 1:
+            detail = f"{len(frames)} frame parts, expected 1"
+        else:
+            try:
+                return codec.decode(frames[0], sender=codec.ROUTER)
+            except codec.ProtocolError as exc:
+                detail = str(exc)
+        self.malformed_dropped += 1
+        self._limited(logging.WARNING, "malformed", "dropped a malformed frame from the router: %s",
+                      detail)
+        return None
+
+    async def _on_monitor(self, mon_rx, transport_up: bool):
+        """Read every pending monitor event: a SessionEnd, "handshake" when the CURVE
+        handshake completed, or None."""
+        result = None
+        while True:
+            try:
+                event = parse_monitor_message(mon_rx.recv_multipart(flags=zmq.DONTWAIT))
+            except zmq.Again:
+                return result
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                result, transport_up = "handshake", True
+            elif kind == zmq.EVENT_DISCONNECTED and (transport_up or self.state == CONNECTED):
+                return SessionEnd(f"connection to {self.endpoint} lost",
+                                  was_connected=self.state == CONNECTED)
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return await self._auth_failed()
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                return SessionEnd(f"CURVE handshake with {self.endpoint} failed: the router's "
+                                  "public key may not match the one from enrollment")
+
+    async def _auth_failed(self) -> SessionEnd:
+        """The router refused our CURVE key: ask the enrollment API whether we still exist."""
+        detail = f"the router at {self.endpoint} refused this node's CURVE key"
+        if self.token_refresher is None:
+            return SessionEnd(detail)
+        try:
+            self.identity = await self.token_refresher(self.identity)
+        except EnrollmentRejected as exc:
+            return SessionEnd(f"{detail}: {exc.message} ({exc.code})", final=True)
+        except EnrollmentError as exc:
+            return SessionEnd(f"{detail}; could not ask why: {exc}")
+        return SessionEnd(detail)
+
+    async def _on_router_message(self, msg: codec.Message) -> SessionEnd | None:
+        if isinstance(msg, codec.Reject):
+            return await self._on_reject(msg)
+        if isinstance(msg, codec.Bye):
+            return SessionEnd(f"router said bye: {msg.reason}", was_connected=True)
+        if self.state != CONNECTED:
+            log.debug("ignored %s before welcome", msg.TYPE)
+            return None
+        if isinstance(msg, codec.LeaseAck):
+            self.last_lease_ack_at = time.time()
+            if not msg.stale:
+                return None
+        elif isinstance(msg, codec.DrainAck):
+            if self._drain_acked is not None and not self._drain_acked.done():
+                self._drain_acked.set_result(msg)
+        elif isinstance(msg, codec.Error) and msg.id is None:
+            self._limited(logging.WARNING, f"router-error:{msg.code}",
+                          "the router reports %s: %s", msg.code, msg.message)
+            return None
+        try:
+            await self.on_message(msg)
+        except Exception:
+            log.exception("handling %s from the router failed", msg.TYPE)
+        return None
+
+    async def _on_reject(self, reject: codec.Reject) -> SessionEnd | None:
+        detail = f"router rejected the session: {reject.message} ({reject.code})"
+        if reject.code in FINAL_REJECTIONS:
+            return SessionEnd(detail, final=True)
+        if reject.code == "no_session":
+            if self.state != CONNECTED:
+                return None        # a stale frame answered before our hello: harmless
+            return SessionEnd("the router lost this session", was_connected=True, retry_now=True)
+        if reject.code in TOKEN_REJECTIONS:
+            if self.token_refresher is None:
+                return SessionEnd(detail, final=reject.code == "unauthorized")
+            try:
+                self.identity = await self.token_refresher(self.identity)
+            except EnrollmentRejected as exc:
+                return SessionEnd(f"{detail}; refresh refused: {exc.message} ({exc.code})", final=True)
+            except EnrollmentError as exc:
+                return SessionEnd(f"{detail}; refresh failed: {exc}")
+            return SessionEnd(f"{detail}; token refreshed", retry_now=True)
+        return SessionEnd(detail)
+
+    # ------------------------------------------------------------ token
+
+    async def _refresh_if_due(self) -> SessionEnd | None:
+        if self.token_refresher is None or \
+                self.identity.token_expires_at - time.time() >= self.token_refresh_margin_s:
+            return None
+        try:
+            self.identity = await self.token_refresher(self.identity)
+        except EnrollmentRejected as exc:
+            return SessionEnd(f"token refresh refused: {exc.message} ({exc.code})", final=True)
+        except EnrollmentError as exc:
+            log.warning("token refresh failed, trying with the current token: %s", exc)
+        return None
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            self.identity = await self.token_refresher(self.identity)
+        except EnrollmentRejected as exc:
+            log.error("token refresh refused: %s (%s); the router will end this session",
+                      exc.message, exc.code)
+        except EnrollmentError as exc:
+            log.warning("token refresh failed, will retry: %s", exc)
+        except Exception:
+            log.exception("token refresh failed")
+        finally:
+            self._refreshing = None
