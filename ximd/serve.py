@@ -19,7 +19,8 @@ over the engine's unix socket and streams the answer back
 - **Limits.** More than ``max_concurrent`` requests → an immediate retryable
   ``at_capacity`` error. ``cancel`` closes the engine response (the engine
   aborts the request) and frees the slot. ``drain(grace)`` refuses new work,
-  lets in-flight requests finish within the grace and cancels the rest.
+  lets in-flight requests finish within the grace and cancels the rest
+  (the agent tells the router first, with the link's ``drain``).
 - **Errors.** Engine statuses and connection failures become the protocol's
   error codes (`engine_error`), so the router can answer with a proper HTTP
   status.
@@ -354,13 +355,13 @@ class Bridge:
         return sum(self._cancel(request_id, reason) for request_id in list(self._requests))
 
     async def drain(self, grace_s: float) -> int:
-        """Refuse new work, tell the router, let in-flight requests finish within ``grace_s``.
+        """Refuse new work, let in-flight requests finish within ``grace_s``, cancel the rest.
 
-        Returns how many requests were still running at the end of the grace
-        and were cancelled (each gets a ``draining`` error).
+        Telling the router to send no more is the link's job (MeshLink.drain);
+        call it first. Returns how many requests were still running at the end
+        of the grace and were cancelled (each gets a ``draining`` error).
         """
         self.draining = True
-        await self._send_quietly(codec.Drain(reason="ximd is stopping"))
         tasks = [r.task for r in self._requests.values() if r.task is not None]
         if tasks:
             log.info("draining: waiting up to %.0f s for %d request(s)", grace_s, len(tasks))

@@ -2,11 +2,11 @@
 
 The router half is the real thing: `xim_router.mesh.Router` with its CURVE
 ROUTER socket and ZAP, the enrollment store, `build_app` plus the OpenAI
-routes, served by aiohttp on a loopback port. The agent half is a real
-DEALER with CURVE keys enrolled in that store, speaking the real codec
-(hello → welcome → lease) and handing serving messages to the real
-`ximd.serve.Bridge`, which talks to the stand-in engine process over its
-unix socket. It all runs on an event loop in a background thread, so the
+routes, served by aiohttp on a loopback port. The agent half is the real
+`ximd.mesh.link.MeshLink` with CURVE keys enrolled in that store, handing
+serving messages to the real `ximd.serve.Bridge`, which talks to the
+stand-in engine process over its unix socket. Only the daemon around them
+(ximd.agent) is left out; tests/serving/test_daemon.py covers that. It all runs on an event loop in a background thread, so the
 tests can drive it with the official `openai` client, sync or async.
 """
 
@@ -18,10 +18,11 @@ import threading
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 from aiohttp import web
 
-from ximd.mesh import codec, transport
+from ximd.enrollment import Identity
+from ximd.mesh import codec
+from ximd.mesh.link import MeshLink
 from ximd.serve import Bridge
 from xim_router import http as router_http
 from xim_router import keys as router_keys
@@ -32,65 +33,50 @@ from xim_router.mesh import Router, RouterSettings
 MODEL = "tiny"
 
 
-class MiniAgent:
-    """The agent's side of the link, reduced to what serving needs."""
+class Node:
+    """The agent's serving half: the real MeshLink (CURVE DEALER) feeding the real Bridge."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, router: Router, store: store_mod.Store,
-                 bridge_factory, *, max_concurrent: int):
+    def __init__(self, router: Router, store: store_mod.Store, engine_socket: Path, *,
+                 max_concurrent: int):
         public, secret = zmq.curve_keypair()
         enrolled = store.enroll(join_key=store.create_join_key(ttl_s=600, uses=1, model=None),
                                 public_key=public.decode(), hostname="test-node", hardware={},
                                 max_concurrent=max_concurrent, agent_version="test",
                                 token_ttl_s=3600)
-        self.worker_id = enrolled.agent.worker_id
-        self.token = enrolled.token
+        self.identity = Identity(
+            agent_id=enrolled.agent.agent_id, worker_id=enrolled.agent.worker_id,
+            router_url="http://unused", mesh_endpoints=(router.mesh_endpoint,),
+            router_public_key=router.keypair.public, agent_public_key=public.decode(),
+            agent_secret_key=secret.decode(), token=enrolled.token,
+            token_expires_at=enrolled.token_expires_at)
         self.max_concurrent = max_concurrent
-        sock = ctx.socket(zmq.DEALER)
-        transport.apply_common_options(sock)
-        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
-        sock.setsockopt(zmq.CURVE_SERVERKEY, router.keypair.public.encode())
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        sock.connect(router.mesh_endpoint)
-        self.sock = sock
-        self.bridge: Bridge = bridge_factory(self.send)
-        self.seq = 0
+        self.link = MeshLink(self.identity, hello_info=self.info, lease_info=self.info,
+                             on_message=self.on_message, on_state=self.on_state, lease_interval=1.0)
+        self.bridge = Bridge(engine_socket, max_concurrent=max_concurrent, send=self.link.send)
         self._task: asyncio.Task | None = None
 
-    async def send(self, msg: codec.Message) -> None:
-        await self.sock.send(codec.encode(msg))
+    def info(self) -> dict:
+        return {"hostname": "test-node", "models": [codec.Model(name=MODEL, state="ready")],
+                "max_concurrent": self.max_concurrent, "running": self.bridge.running,
+                "in_flight": self.bridge.in_flight_ids(), "draining": self.bridge.draining,
+                "engine_state": "healthy"}
 
-    def models(self) -> list[codec.Model]:
-        return [codec.Model(name=MODEL, state="ready")]
+    async def on_message(self, msg: codec.Message) -> None:
+        await self.bridge.handle(msg)
 
-    async def lease(self) -> None:
-        self.seq += 1
-        await self.send(codec.Lease(seq=self.seq, running=self.bridge.running, waiting=0,
-                                    kv_cache_usage=0.0, engine_state="healthy", models=self.models(),
-                                    in_flight=self.bridge.in_flight_ids(),
-                                    max_concurrent=self.max_concurrent, draining=self.bridge.draining))
+    def on_state(self, state: str, detail: str) -> None:
+        if state != "connected":
+            self.bridge.abort_all("link")       # the router has failed these requests already
 
     async def start(self) -> None:
         await self.bridge.start()
-        await self.send(codec.Hello(token=self.token, versions=list(codec.PROTOCOL_VERSIONS),
-                                    agent_version="test", hostname="test-node", capabilities=[],
-                                    hardware={}, models=self.models(),
-                                    max_concurrent=self.max_concurrent))
-        welcome = codec.decode(await asyncio.wait_for(self.sock.recv(), 10), sender=codec.ROUTER)
-        assert isinstance(welcome, codec.Welcome), welcome
-        await self.lease()
-        self._task = asyncio.ensure_future(self._receive())
-
-    async def _receive(self) -> None:
-        while True:
-            msg = codec.decode(await self.sock.recv(), sender=codec.ROUTER)
-            await self.bridge.handle(msg)
+        self._task = asyncio.ensure_future(self.link.run())
 
     async def close(self) -> None:
+        await self.link.close()
         if self._task is not None:
-            self._task.cancel()
+            await asyncio.wait([self._task], timeout=5)
         await self.bridge.close()
-        self.sock.close(linger=0)
 
 
 def free_port() -> int:
@@ -113,7 +99,7 @@ class ServingStack:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.agents: list[MiniAgent] = []
+        self.agents: list[Node] = []
 
     def call(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -135,16 +121,13 @@ class ServingStack:
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.ctx = zmq.asyncio.Context()
         await self._add_agent(self.max_concurrent)
 
-    async def _add_agent(self, max_concurrent: int) -> MiniAgent:
-        def bridge(send):
-            return Bridge(self.engine_socket, max_concurrent=max_concurrent, send=send)
-        agent = MiniAgent(self.ctx, self.router, self.store, bridge, max_concurrent=max_concurrent)
+    async def _add_agent(self, max_concurrent: int) -> Node:
+        agent = Node(self.router, self.store, self.engine_socket, max_concurrent=max_concurrent)
         await agent.start()
-        for _ in range(200):            # the lease has been handled once the router lists the model
-            session = self.router.sessions.get(agent.worker_id)
+        for _ in range(500):            # the lease has been handled once the router lists the model
+            session = self.router.sessions.get(agent.identity.worker_id)
             if session is not None and session.lease is not None:
                 break
             await asyncio.sleep(0.01)
@@ -164,5 +147,4 @@ class ServingStack:
         await self.router.stop()
         for agent in self.agents:
             await agent.close()
-        self.ctx.term()
         self.store.close()
