@@ -139,6 +139,20 @@ def test_wedged_engine_is_restarted_after_the_health_threshold(root):
     assert any(d.startswith("engine wedged: 3 health checks in a row failed") for _, d in states.of("failed"))
 
 
+def test_killed_engine_is_noticed_at_once_though_its_child_keeps_the_output_pipe(root):
+    # Like vLLM's EngineCore outliving a SIGKILLed API server: the pipe stays open.
+    launch = launch_of(root, standin(root, "(exec sleep 300) &"))
+    with supervised(launch, health_interval=5.0) as (supervisor, runner, states):
+        runner.wait_for(lambda: supervisor.healthy, 20, "healthy")
+        killed = supervisor.pid
+        child = [p for p in processes_of(launch.instance_id) if p.pid != killed]
+        os.kill(killed, signal.SIGKILL)
+        runner.wait_for(lambda: states.of("failed"), 3, "the exit noticed well before a health check")
+        assert supervisor.last_error.startswith("engine killed by SIGKILL while serving: ")
+        runner.wait_for(lambda: supervisor.restarts == 1 and supervisor.healthy, 20, "a healthy restart")
+        assert len(child) == 1 and not alive(child[0].pid)   # the old group went with it
+
+
 def test_stop_takes_the_whole_group_even_children_that_ignore_sigterm(root, recorder):
     # A child of the engine that ignores SIGTERM, like a stuck worker.
     launch = launch_of(root, standin(root, "(trap '' TERM; exec sleep 300) &"))

@@ -39,6 +39,7 @@ from ximd.engine.output import OutputForwarder, clean_line
 log = logging.getLogger("ximd.engine.supervisor")
 
 OUTPUT_LINE_LIMIT = 1024 * 1024   # a longer line is cut, never a reason to stop reading
+EXIT_POLL_S = 0.1
 
 
 class EngineState(str, enum.Enum):
@@ -220,7 +221,7 @@ class EngineSupervisor:
     async def _watch(self, proc: asyncio.subprocess.Process) -> bool:
         """Follow one engine until it exits, wedges, times out or we stop; True if it got healthy."""
         pump = asyncio.create_task(self._pump(proc))
-        exited = asyncio.create_task(proc.wait())
+        exited = asyncio.create_task(self._exit_of(proc))
         stopping = asyncio.create_task(self._stopping.wait())
         began = time.monotonic()
         last_report = began
@@ -279,6 +280,18 @@ class EngineSupervisor:
             if proc.returncode is None:
                 await self._stop_process(self.stop_grace)
             await self._finish_pump(pump)
+
+    @staticmethod
+    async def _exit_of(proc: asyncio.subprocess.Process) -> int:
+        """The engine's exit status as soon as it exits.
+
+        Not proc.wait(): asyncio wakes that only once the output pipe is closed too,
+        and the engine's children (EngineCore) keep it open after the engine dies.
+        The return code itself is set the moment the child watcher reaps it.
+        """
+        while proc.returncode is None:
+            await asyncio.sleep(EXIT_POLL_S)
+        return proc.returncode
 
     async def _health(self, session: aiohttp.ClientSession) -> tuple[bool, str]:
         try:
