@@ -10,8 +10,9 @@ The cache has a size cap: least-recently-used models that are not in use are
 evicted, never the active one. "Used" is recorded in a marker file's mtime because
 atime is unreliable (relatime, noatime).
 
-Downloads run in the engine environment (`huggingface_hub.snapshot_download`, which
-checks every file it fetches against the hub's sha256), never in ximd itself.
+Downloads run in the engine environment (`huggingface_hub.snapshot_download`, then
+`verify_repo_checksums` against the hub), never in ximd itself; a failed or corrupt
+download leaves nothing in the cache.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # a mirror, proxies); nothing else of ximd's environment reaches it.
 HUB_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE",
                  "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+# Runs in the engine environment: fetch, then check every file against the hub's
+# checksums (sha256 for LFS files, git-sha1 for the rest).
 _DOWNLOAD = """
 import sys
-from huggingface_hub import snapshot_download
-print(snapshot_download(repo_id=sys.argv[1]))
+from huggingface_hub import HfApi, snapshot_download
+path = snapshot_download(repo_id=sys.argv[1])
+check = HfApi().verify_repo_checksums(sys.argv[1], cache_dir=sys.argv[2])
+bad = [m["path"] for m in check.mismatches] + list(check.missing_paths)
+if bad:
+    sys.exit("files that do not match the hub's checksums: " + ", ".join(bad[:10]))
+print(path)
 """
 
 
@@ -196,14 +204,16 @@ class ModelCache:
         self.root.mkdir(parents=True, exist_ok=True)
         log.info("Downloading model %s into %s", hf_id, self.root)
         try:
-            done = subprocess.run([engine_python, "-c", _DOWNLOAD, hf_id], env=env, text=True,
+            done = subprocess.run([engine_python, "-c", _DOWNLOAD, hf_id, str(self.hub)], env=env, text=True,
                                   capture_output=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise ModelError(f"model {hf_id} is not in the model cache {self.root}, and the engine "
                              f"interpreter {engine_python} that would download it does not exist") from None
         except subprocess.TimeoutExpired:
+            shutil.rmtree(self.entry_path(hf_id), ignore_errors=True)
             raise ModelError(f"downloading model {hf_id} took more than {timeout_s:g} s") from None
         if done.returncode != 0:
+            shutil.rmtree(self.entry_path(hf_id), ignore_errors=True)   # nothing half-made stays
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             why = lines[-1] if lines else f"exit status {done.returncode}"
             raise ModelError(f"model {hf_id} is not in the model cache {self.root}, and downloading it "
