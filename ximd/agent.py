@@ -5,8 +5,10 @@ and the mesh together.
     SIGHUP: reload what can change live   SIGTERM: STOPPING=1, drain, exit 0
 
 Unit-state rules (DESIGN §2): invalid configuration is the only fatal start
-error (exit 78). With nothing to do yet (no identity, no join key) the daemon
-still sends READY=1 and waits with a STATUS line that says what to do.
+error (exit 78). With nothing to do yet (no identity, no join key, a revoked
+identity) the daemon still sends READY=1 and waits with a STATUS line that
+says what to do. The router link is not part of READY: a router that is down
+only changes STATUS, and the link keeps reconnecting.
 """
 
 from __future__ import annotations
@@ -29,13 +31,25 @@ log = logging.getLogger("ximd")
 NOT_ENROLLED_HINT = ("not enrolled: put a join key in /etc/xerotier/agent.toml "
                      "(router.join_key), then `systemctl reload ximd`")
 TICK_SECONDS = 1.0
+ENROLL_RETRY_S = (5.0, 300.0)
+# Each EXTEND_TIMEOUT_USEC while the model loads buys this much; sent every
+# few seconds, so a 10-minute load never meets the unit's start timeout while
+# a load that stops making progress still does.
+LOAD_EXTENSION_S = 60.0
 
 # Settings a SIGHUP applies at once; everything else needs a restart.
 LIVE_SETTINGS = {"agent.log_level", "router.join_key", "router.join_key_file"}
 
+# Phases in which the daemon is waiting on a person or the network, not stuck.
+WAITING_PHASES = {"starting", "not-enrolled", "enrolling", "preparing", "engine-unavailable"}
+
 
 def changed_settings(old: Config, new: Config) -> list[str]:
     return [name for name, value, _ in new.items() if old.get(name) != value]
+
+
+def phase_fields(phase: str) -> dict:
+    return {"fields": {"XIM_PHASE": phase}}
 
 
 class Agent:
@@ -47,8 +61,12 @@ class Agent:
         self.status_line = "starting"
         self.started_at = time.time()
         self.stop_reason: str | None = None
+        self.ready_sent = False
+        self.exit_code = 0
+        self.node = None          # ximd.node.Node once enrolled
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._lifecycle: asyncio.Task | None = None
         self.control = ControlServer(socket_path(cfg.runtime_dir), self.status)
 
     # -------------------------------------------------------------- state
@@ -60,16 +78,27 @@ class Agent:
             self.status_line = line
             self.notifier.status(line)
 
+    def ready(self) -> None:
+        """READY=1 once: the node is up (serving, or nothing to start)."""
+        if not self.ready_sent:
+            self.ready_sent = True
+            self.notifier.ready(self.status_line)
+
     def healthy(self) -> bool:
         """Whether the watchdog may be fed: every component is making progress.
 
         Only the main loop calls it, so a wedged event loop also starves the
         watchdog and systemd restarts us.
         """
-        return self.phase in ("not-enrolled", "ready", "starting")
+        if self._lifecycle is not None and self._lifecycle.done() and not self._lifecycle.cancelled() \
+                and self._lifecycle.exception() is not None:
+            return False
+        if self.phase in WAITING_PHASES:
+            return True
+        return self.node is not None and self.node.healthy()
 
     def status(self) -> dict:
-        return {
+        reply = {
             "version": __version__,
             "pid": os.getpid(),
             "phase": self.phase,
@@ -78,6 +107,9 @@ class Agent:
             "config_files": list(self.cfg.sources),
             "state_dir": str(self.cfg.state_dir),
         }
+        if self.node is not None:
+            reply.update(self.node.status())
+        return reply
 
     # -------------------------------------------------------------- signals
 
@@ -101,37 +133,93 @@ class Agent:
     async def run(self) -> int:
         self._install_signal_handlers()
         log.info("ximd %s starting (config: %s)", __version__,
-                 ", ".join(self.cfg.sources) or "built-in defaults",
-                 extra={"fields": {"XIM_PHASE": "start"}})
+                 ", ".join(self.cfg.sources) or "built-in defaults", extra=phase_fields("start"))
         for warning in self.cfg.warnings:
             log.warning("%s", warning)
         self.verify_tuning()
         await self.control.start()
+        self._lifecycle = asyncio.create_task(self.bring_up())
         try:
-            await self.bring_up()
             await self.main_loop()
         finally:
             await self.shut_down()
-        return 0
+        return self.exit_code
 
     def verify_tuning(self) -> None:
         readings = tuning.check_socket_buffers(self.cfg.tuning.socket_buffer_bytes)
         problem = tuning.explain(readings)
         if problem:
-            log.warning("%s", problem, extra={"fields": {"XIM_PHASE": "tuning"}})
+            log.warning("%s", problem, extra=phase_fields("tuning"))
         else:
-            log.info("kernel socket buffers OK (%s)", tuning.describe(readings),
-                     extra={"fields": {"XIM_PHASE": "tuning"}})
+            log.info("kernel socket buffers OK (%s)", tuning.describe(readings), extra=phase_fields("tuning"))
 
     async def bring_up(self) -> None:
-        self.enter_not_enrolled()
+        """Identity (enrolling when needed), then the node; retried while the router is away."""
+        from ximd import enrollment
+        delay = ENROLL_RETRY_S[0]
+        while True:
+            outcome = await enrollment.ensure_identity(self.cfg)
+            if outcome.identity is not None:
+                break
+            if not outcome.retry:
+                self.enter_not_enrolled(outcome.reason)
+                return
+            self.set_status("enrolling", f"{outcome.reason}; retrying in {delay:.0f} s")
+            self.ready()   # waiting on the network is not a failed start
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ENROLL_RETRY_S[1])
+        await self.start_node(outcome.identity)
 
-    def enter_not_enrolled(self) -> None:
+    def enter_not_enrolled(self, reason: str = "") -> None:
         # Logged once at error level: the operator has something to do, but
         # this is a waiting state, not a failure, and must not loop.
-        log.error("%s", NOT_ENROLLED_HINT, extra={"fields": {"XIM_PHASE": "enrollment"}})
-        self.set_status("not-enrolled", NOT_ENROLLED_HINT)
-        self.notifier.ready()
+        line = NOT_ENROLLED_HINT
+        if reason and "no join key" not in reason:
+            line = f"{reason.rstrip('.')}; {NOT_ENROLLED_HINT.removeprefix('not enrolled: ')}"
+        log.error("%s", line, extra=phase_fields("enrollment"))
+        self.set_status("not-enrolled", line)
+        self.ready()
+
+    async def start_node(self, identity) -> None:
+        from ximd.node import Node
+        self.node = Node(self.cfg, identity, self)
+        await self.node.start()
+
+    # -------------------------------------------------------------- called by the node
+
+    def engine_loading(self, model: str, elapsed: str) -> None:
+        self.set_status("loading", f"loading {model}: {elapsed}")
+        if not self.ready_sent:
+            self.notifier.extend_timeout(LOAD_EXTENSION_S)
+
+    def node_serving(self, line: str) -> None:
+        self.set_status("serving", line)
+        self.ready()
+
+    def node_degraded(self, phase: str, line: str) -> None:
+        self.set_status(phase, line)
+
+    def config_invalid(self, problem: str) -> None:
+        """A setting the hardware makes impossible: as fatal as a bad file (exit 78)."""
+        log.error("invalid configuration: %s", problem, extra=phase_fields("config"))
+        self.notifier.status(f"invalid configuration: {problem}")
+        self.exit_code = EX_CONFIG
+        self.request_stop("invalid configuration")
+
+    async def identity_revoked(self, reason: str) -> None:
+        """The router refused this identity for good: stop serving, keep the file as evidence."""
+        from ximd.enrollment import identity_path
+        node, self.node = self.node, None
+        if node is not None:
+            await node.stop(drain_s=0)
+        path = identity_path(self.cfg.state_dir)
+        if path.exists():
+            kept = path.with_name(path.name + ".revoked")
+            path.replace(kept)
+            log.warning("moved the refused identity to %s; a new join key enrolls afresh", kept)
+        self.enter_not_enrolled(reason)
+
+    # -------------------------------------------------------------- main loop
 
     async def main_loop(self) -> None:
         interval = min(TICK_SECONDS, self.notifier.watchdog_interval() or TICK_SECONDS)
@@ -159,18 +247,28 @@ class Agent:
             set_level(new.agent.log_level)
             log.info("log level is now %s", new.agent.log_level)
         needs_restart = [name for name in changed if name not in LIVE_SETTINGS]
-        if needs_restart:
+        if needs_restart and self.node is not None:
             log.warning("changed settings need `systemctl restart ximd` to take effect: %s",
                         ", ".join(needs_restart))
         self.cfg = new
         log.info("configuration reloaded (%d change(s))", len(changed))
+        if self.node is None and self.phase in ("not-enrolled", "enrolling"):
+            # A join key may have arrived: try again with what is there now.
+            if self._lifecycle is not None and not self._lifecycle.done():
+                self._lifecycle.cancel()
+            self._lifecycle = asyncio.create_task(self.bring_up())
         self.notifier.ready()
 
     async def shut_down(self) -> None:
-        self.notifier.stopping("stopping")
+        self.notifier.stopping("stopping: draining in-flight requests")
         self.phase = "stopping"
+        if self._lifecycle is not None and not self._lifecycle.done():
+            self._lifecycle.cancel()
+            await asyncio.gather(self._lifecycle, return_exceptions=True)
+        if self.node is not None:
+            await self.node.stop(drain_s=self.cfg.agent.drain_grace_s)
         await self.control.close()
-        log.info("stopped", extra={"fields": {"XIM_PHASE": "stop"}})
+        log.info("stopped", extra=phase_fields("stop"))
 
 
 def run_daemon(load_config: Callable[[], Config]) -> int:
@@ -180,7 +278,7 @@ def run_daemon(load_config: Callable[[], Config]) -> int:
     except ConfigError as exc:
         setup_logging("info")
         for problem in exc.problems:
-            log.error("invalid configuration: %s", problem, extra={"fields": {"XIM_PHASE": "config"}})
+            log.error("invalid configuration: %s", problem, extra=phase_fields("config"))
         log.error("not starting: fix the configuration, check it with `ximd config validate`, "
                   "then `systemctl restart ximd`")
         notifier.status(f"invalid configuration: {exc.problems[0]}")

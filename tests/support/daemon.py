@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,8 @@ class Daemon:
                  watchdog_usec: int | None = 2_000_000):
         self.dir = tmp_path
         self.state_dir = tmp_path / "state"
-        self.runtime_dir = tmp_path / "run"
+        # Unix socket paths are limited to 107 bytes and pytest's tmp paths are long.
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="ximd-run-", dir="/tmp"))
         self.config_path = tmp_path / "agent.toml"
         self.config_path.write_text(config)
         self.log_path = tmp_path / "ximd.log"
@@ -71,3 +74,4 @@ class Daemon:
         if self.proc:
             self._log.close()
         self.notify.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 class NotifyReceiver:
     def __init__(self, directory: Path):
         self.path = directory / "notify.sock"
+        self.path.unlink(missing_ok=True)   # a predecessor's, in a restart test
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.path))
         self.messages: list[tuple[float, dict[str, str]]] = []
@@ -49,3 +50,4 @@ class NotifyReceiver:
 
     def close(self) -> None:
         self.sock.close()
+        self.path.unlink(missing_ok=True)

@@ -28,14 +28,14 @@ def test_fed_while_healthy_and_starved_when_not(tmp_path):
     receiver = NotifyReceiver(tmp_path)
     try:
         agent = make_agent(tmp_path, receiver)
-        agent.phase = "ready"
+        agent.phase = "not-enrolled"
         asyncio.run(run_for(agent, 1.0))
         receiver.poll(0.2)
         healthy_pings = len(receiver.times_of("WATCHDOG"))
 
         receiver.messages.clear()
         agent = make_agent(tmp_path, receiver)
-        agent.phase = "ready"
+        agent.phase = "not-enrolled"
         agent.healthy = lambda: False  # e.g. an engine wedged past its threshold
         asyncio.run(run_for(agent, 1.0))
         receiver.poll(0.2)

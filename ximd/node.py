@@ -1,0 +1,272 @@
+"""An enrolled node at work: the engine, the request bridge, the mesh link and metrics.
+
+The agent creates one `Node` per identity. It prepares and supervises the
+engine, says READY through the agent once the engine first answers /health,
+then connects the link; requests from the link go to the bridge. `stop()`
+drains: it tells the router to send no more, lets in-flight streams finish
+within the grace, then stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+
+import aiohttp
+
+from ximd import __version__
+from ximd.autoconfig import PlanError
+from ximd.engine import EngineState, EngineSupervisor, LaunchError
+from ximd.mesh import codec
+from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
+from ximd.models import ModelError
+from ximd.preparation import Prepared, prepare_engine
+from ximd.serve import Bridge
+
+log = logging.getLogger("ximd")
+
+# How long the engine may stay "unhealthy" with the supervisor doing nothing
+# about it before we stop feeding the watchdog: the supervisor acts after
+# unhealthy_threshold failed checks, so this only trips when it is stuck.
+STUCK_UNHEALTHY_S = 120.0
+ENGINE_LOAD_POLL_S = 2.0
+
+
+def engine_load(metrics_text: str) -> dict[str, float]:
+    """The load figures leases carry, summed over models, from vLLM's /metrics text."""
+    wanted = {"vllm:num_requests_waiting": "waiting", "vllm:kv_cache_usage_perc": "kv_cache_usage"}
+    load: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            load[wanted[name]] = load.get(wanted[name], 0.0) + value
+    return load
+
+
+def serving_line(model: str, link_state: str) -> str:
+    router = {"connected": "router connected", "rejected": "router rejected this node"}.get(
+        link_state, f"router {link_state}, retrying")
+    return f"serving {model}; {router}"
+
+
+class Node:
+    def __init__(self, cfg, identity, agent):
+        self.cfg = cfg
+        self.identity = identity
+        self.agent = agent
+        self.prepared: Prepared | None = None
+        self.supervisor: EngineSupervisor | None = None
+        self.bridge: Bridge | None = None
+        self.link = None
+        self.metrics = NodeMetrics()
+        self.metrics_server: MetricsServer | None = None
+        self.link_state = "not connected"
+        self._tasks: list[asyncio.Task] = []
+        self._engine_state_since = time.monotonic()
+        self.engine_load: dict[str, float] = {}
+
+    # -------------------------------------------------------------- start
+
+    async def start(self) -> None:
+        self.agent.set_status("preparing", "preparing the engine (hardware, model, plan)")
+        try:
+            self.prepared = await asyncio.to_thread(prepare_engine, self.cfg, self.identity.assigned_model)
+        except PlanError as exc:
+            self.agent.config_invalid(f"{exc.key}: {exc.message}")
+            return
+        except (ModelError, LaunchError) as exc:
+            log.error("engine cannot start: %s", exc, extra={"fields": {"XIM_PHASE": "engine"}})
+            self.agent.node_degraded("engine-unavailable",
+                                     f"engine cannot start: {exc}; fix it, then `systemctl restart ximd`")
+            self.agent.ready()
+            return
+        launch, plan = self.prepared.launch, self.prepared.plan
+        self.metrics.set_kv_tier("lmcache", self.prepared.kv.enabled)
+        self.supervisor = EngineSupervisor(launch, on_state=self.on_engine_state,
+                                           startup_timeout=self.cfg.engine.startup_timeout_s)
+        self.bridge = Bridge(launch.socket_path, max_concurrent=plan.max_concurrent, send=self.send,
+                             models=lambda: [launch.served_model_name],
+                             engine_ready=lambda: self.supervisor.healthy, metrics=self.metrics)
+        await self.bridge.start()
+        if self.cfg.metrics.enabled:
+            await self.start_metrics(launch.socket_path)
+        self._spawn(self.supervisor.run(), "engine supervisor")
+        self._spawn(self.poll_engine_load(launch.socket_path), "engine load poller")
+
+    async def start_metrics(self, engine_socket) -> None:
+        self.metrics_server = MetricsServer(self.cfg.metrics.listen, self.metrics, engine_socket)
+        try:
+            await self.metrics_server.start()
+        except OSError as exc:
+            # Metrics are a convenience: a taken port must not keep the node from serving.
+            log.warning("metrics endpoint %s not started: %s (set metrics.listen or metrics.enabled)",
+                        self.cfg.metrics.listen, exc)
+            self.metrics_server = None
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+        return task
+
+    @staticmethod
+    def _task_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s crashed", task.get_name(), exc_info=task.exception())
+
+    # -------------------------------------------------------------- engine
+
+    def on_engine_state(self, state: str, detail: str) -> None:
+        self._engine_state_since = time.monotonic()
+        self.metrics.set_engine(state, self.supervisor.restarts if self.supervisor else 0)
+        model = self.prepared.launch.served_model_name
+        if state == EngineState.LOADING:
+            self.agent.engine_loading(model, detail.rsplit(": ", 1)[-1])
+        elif state == EngineState.HEALTHY:
+            self.agent.node_serving(serving_line(model, self.link_state))
+            if self.link is None:
+                self.start_link()
+        elif state in (EngineState.BACKOFF, EngineState.FAILED, EngineState.UNHEALTHY):
+            self.agent.node_degraded("engine-" + state, f"engine {state}: {detail}")
+
+    async def poll_engine_load(self, engine_socket) -> None:
+        """Keep the waiting count and KV-cache usage fresh for the leases."""
+        connector = aiohttp.UnixConnector(path=str(engine_socket))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            while True:
+                if self.supervisor.healthy:
+                    text = await scrape_engine(session)
+                    if text is not None:
+                        self.engine_load = engine_load(text)
+                await asyncio.sleep(ENGINE_LOAD_POLL_S)
+
+    def healthy(self) -> bool:
+        if any(t.done() and not t.cancelled() and t.exception() for t in self._tasks):
+            return False
+        if self.supervisor is None:
+            return True   # nothing to supervise (engine could not be prepared)
+        if self.supervisor.state == EngineState.UNHEALTHY:
+            return time.monotonic() - self._engine_state_since < STUCK_UNHEALTHY_S
+        return True
+
+    # -------------------------------------------------------------- link
+
+    def start_link(self) -> None:
+        from ximd.enrollment import token_refresher
+        from ximd.mesh.link import MeshLink
+        self.link = MeshLink(self.identity, hello_info=self.hello_info, lease_info=self.lease_info,
+                             on_message=self.on_message, on_state=self.on_link_state,
+                             token_refresher=token_refresher(self.cfg))
+        self._spawn(self.link.run(), "mesh link")
+
+    async def send(self, msg: codec.Message) -> None:
+        await self.link.send(msg)
+
+    def models_info(self) -> list[dict]:
+        state = {EngineState.HEALTHY: "ready", EngineState.LOADING: "loading",
+                 EngineState.STARTING: "loading", EngineState.STOPPED: "stopped"}.get(
+            self.supervisor.state, "failed")
+        return [{"name": self.prepared.launch.served_model_name, "state": state,
+                 "max_model_len": self.prepared.plan.max_model_len}]
+
+    def hello_info(self) -> dict:
+        hw = self.prepared.hardware
+        return {
+            "agent_version": __version__,
+            "models": self.models_info(),
+            "max_concurrent": self.prepared.plan.max_concurrent,
+            "hardware": {"accelerator": self.prepared.plan.accelerator, "gpus": len(hw.gpus),
+                         "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()},
+        }
+
+    def lease_info(self) -> dict:
+        return {
+            "running": self.bridge.running,
+            "waiting": int(self.engine_load.get("waiting", 0)),
+            "kv_cache_usage": self.engine_load.get("kv_cache_usage", 0.0),
+            "in_flight": self.bridge.in_flight_ids(),
+            "engine_state": str(self.supervisor.state),
+            "models": self.models_info(),
+            "max_concurrent": self.bridge.max_concurrent,
+            "draining": self.bridge.draining,
+        }
+
+    async def on_message(self, msg: codec.Message) -> None:
+        if self.bridge is not None:
+            await self.bridge.handle(msg)
+
+    def on_link_state(self, state: str, detail: str) -> None:
+        # The link logs its own transitions; here they only steer STATUS and serving.
+        self.link_state = state
+        self.metrics.set_link_state(state)
+        if state == "rejected":
+            asyncio.get_running_loop().create_task(self.agent.identity_revoked(detail))
+            return
+        if self.supervisor is not None and self.supervisor.healthy:
+            self.agent.node_serving(serving_line(self.prepared.launch.served_model_name, state))
+        if state != "connected" and self.bridge is not None:
+            # Streams whose router is gone cannot be delivered; free their slots.
+            self.bridge.abort_all("link")
+
+    # -------------------------------------------------------------- status
+
+    def status(self) -> dict:
+        out = {"enrollment": {
+            "agent_id": self.identity.agent_id,
+            "worker_id": self.identity.worker_id,
+            "router": self.identity.router_url,
+            "mesh": ", ".join(self.identity.mesh_endpoints),
+            "enrolled_at": _when(self.identity.enrolled_at),
+            "token_expires_at": _when(self.identity.token_expires_at),
+        }}
+        if self.supervisor is not None:
+            out["engine"] = {"state": str(self.supervisor.state), "model": self.prepared.launch.model,
+                             "pid": self.supervisor.pid, "restarts": self.supervisor.restarts,
+                             "last_error": self.supervisor.last_error}
+            out["plan"] = {"accelerator": self.prepared.plan.accelerator,
+                           "max_concurrent": self.prepared.plan.max_concurrent,
+                           "tensor_parallel_size": self.prepared.plan.tensor_parallel_size,
+                           "lmcache": self.prepared.kv.enabled}
+        link = {"state": self.link_state}
+        if self.link is not None and getattr(self.link, "last_lease_ack_at", None):
+            link["last_lease_ack_s_ago"] = round(time.time() - self.link.last_lease_ack_at, 1)
+        out["link"] = link
+        if self.bridge is not None:
+            out["requests"] = {"in_flight": self.bridge.running,
+                               "max_concurrent": self.bridge.max_concurrent}
+        return out
+
+    # -------------------------------------------------------------- stop
+
+    async def stop(self, drain_s: float) -> None:
+        if self.bridge is not None and self.link is not None and self.link_state == "connected":
+            try:
+                await self.link.send(codec.Drain())
+            except Exception as exc:   # the router may be gone; draining goes on regardless
+                log.warning("could not tell the router to stop sending: %s", exc)
+        if self.bridge is not None:
+            left = await self.bridge.drain(drain_s)
+            if left:
+                log.warning("cancelled %d request(s) still running after the %.0f s drain grace",
+                            left, drain_s)
+        if self.link is not None:
+            await self.link.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.bridge is not None:
+            await self.bridge.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch)) if epoch else "-"
