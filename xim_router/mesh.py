@@ -119,7 +119,18 @@ class Router:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode())
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         monitor = sock.get_monitor_socket()
-        sock.bind(self.mesh_bind)
+        try:
+            sock.bind(self.mesh_bind)
+        except zmq.ZMQError:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            zap_task.cancel()
+            self._zap.close()
+            self._zap = None
+            self._ctx.term()
+            self._ctx = None
+            raise
         self.mesh_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock, self._tx = sock, zmq.Socket.shadow(sock.underlying)
         transport.log_socket_buffers(log)

@@ -59,7 +59,6 @@ async def serve(args) -> int:
     try:
         await router.start()
     except zmq.ZMQError as exc:
-        await router.stop()
         raise StartupError(f"cannot listen on {args.mesh}: {exc}") from None
     runner = web.AppRunner(build_app(router), access_log=None)
     await runner.setup()
