@@ -41,6 +41,7 @@ mkdir -p "$CACHE_DIR"
 exec 9>"$CACHE_DIR/.rootfs.lock"
 flock 9
 if [ -s "$tarball" ]; then
+    touch "$tarball"  # in use: keeps it out of the pruning below
     log "cached: $tarball"
     echo "$tarball"
     exit 0
@@ -91,5 +92,7 @@ rm -rf "$work/root/var/lib/apt/lists/"* "$work/root/var/cache/apt/"*.bin
 
 tar -C "$work/root" --numeric-owner -cf - . | zstd -q -T0 -o "$tarball.tmp"
 mv "$tarball.tmp" "$tarball"
+# Each recipe or package-list change makes a new ~70 MB tarball: drop those unused for a week.
+find "$CACHE_DIR" -maxdepth 1 -name "rootfs-$SUITE-*.tar.zst" ! -newer "$tarball" -mtime +7 -delete
 log "built $tarball in $(( $(date +%s) - start )) s ($(du -h "$tarball" | cut -f1))"
 echo "$tarball"

