@@ -15,6 +15,9 @@ with LMCache on is retried once at once without it.
 
 `on_state(state, detail)` is called on every change of state and every
 `loading_report_interval` while loading; it must not block.
+
+`stop_grace` is 10 s so that SIGTERM + grace + SIGKILL ends inside the 15 s a
+stopping unit is given for its engine (vLLM itself stops in 3-4 s).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class EngineSupervisor:
                  unhealthy_threshold: int = 3, startup_timeout: float = 900.0,
                  backoff: tuple[float, float] = (1.0, 60.0), stable_after: float = 60.0,
                  loading_report_interval: float = 5.0, loading_poll_interval: float = 0.25,
-                 stop_grace: float = 15.0, orphan_grace: float = 10.0,
+                 stop_grace: float = 10.0, orphan_grace: float = 10.0,
                  forwarder: OutputForwarder | None = None):
         self.launch = launch
         self.on_state = on_state
