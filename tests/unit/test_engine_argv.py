@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from ximd.autoconfig import Plan
-from ximd.engine import (EngineLaunch, EnginePaths, LaunchError, backoff_delay, build_launch, describe,
-                         engine_launch, instance_id, resolve_model)
+from ximd.engine import EngineLaunch, EnginePaths, LaunchError, backoff_delay, build_launch, describe, instance_id
 from ximd.engine.launch import ENGINE_MODULE, INSTANCE_ENV, choose_python
 from ximd.engine.output import OutputForwarder, clean_line, engine_log_level
 from ximd.engine.processes import is_ours, parse_compute_apps
@@ -188,39 +186,6 @@ def test_describe_masks_the_api_key(cfg, tmp_path):
     line = describe(build_launch(cfg, tiny_cpu_plan(), model(), paths_for(cfg)))
     assert "sk-123" not in line and "sk-456" not in line and "--api-key ****" in line
     assert '"VLLM_CPU_KVCACHE_SPACE": "1"' in line
-
-
-# ---------------------------------------------------------------- config to launch, in the agent's order
-
-
-def test_configured_local_model_to_launch_with_the_interpreter_fallback(tmp_path, caplog):
-    model_dir = tmp_path / "tiny"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    cfg = config(tmp_path, VLLM_MODEL=str(model_dir), XEROTIER_AGENT_ENGINE_PYTHON=str(tmp_path / "no-engine"),
-                 XEROTIER_AGENT_STATE_DIR=str(tmp_path / "state"))
-    caplog.set_level(logging.INFO, "ximd")
-    paths, resolved = resolve_model(cfg, assigned_model="org/assigned", environ={})
-    assert resolved.ref == str(model_dir) and resolved.origin == "config"
-    assert paths.python == sys.executable and "not found" in caplog.text
-    launch = engine_launch(cfg, tiny_cpu_plan(), resolved, paths, environ={"HF_TOKEN": "t"})
-    assert flag(list(launch.argv), "--model") == str(model_dir)
-    assert "--kv-transfer-config" not in launch.argv and "no CPU connector" in caplog.text
-    assert launch.env["HF_TOKEN"] == "t"
-
-
-def test_router_assignment_is_served_from_the_model_cache(tmp_path):
-    cache = tmp_path / "models"
-    snapshot = cache / "hub" / "models--org--assigned" / "snapshots" / "rev1"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    # A GPU plan turns LMCache on (auto), which writes its file: state under tmp_path.
-    cfg = config(tmp_path, XEROTIER_AGENT_MODEL_CACHE_PATH=str(cache), XEROTIER_AGENT_STATE_DIR=str(tmp_path / "state"))
-    paths, resolved = resolve_model(cfg, assigned_model="org/assigned", environ={})
-    assert (resolved.origin, resolved.model_arg) == ("router", str(snapshot))
-    launch = engine_launch(cfg, gpu_plan(), resolved, paths, environ={})
-    assert launch.served_model_name == "org/assigned" and launch.env["HF_HOME"] == str(cache)
-    assert not launch.lmcache   # ximd's own interpreter (the fallback) has no lmcache
 
 
 # ---------------------------------------------------------------- supervisor's pure parts

@@ -4,15 +4,12 @@
 - `supervisor`: `EngineSupervisor` starts, health-checks, restarts and stops it.
 - `processes`: its process group, and earlier engines of ours still alive.
 - `output`: its stdout/stderr forwarded to logging without blocking.
-- `prepare`: config → model → (plan) → LMCache → launch, in the agent's order.
 """
 
 from ximd.engine.launch import (EngineLaunch, EnginePaths, LaunchError, build_launch, describe,
                                 instance_id)
-from ximd.engine.prepare import engine_launch, resolve_model
 from ximd.engine.processes import OrphanError
 from ximd.engine.supervisor import EngineState, EngineSupervisor, backoff_delay
 
 __all__ = ["EngineLaunch", "EnginePaths", "EngineState", "EngineSupervisor", "LaunchError",
-           "OrphanError", "backoff_delay", "build_launch", "describe", "engine_launch", "instance_id",
-           "resolve_model"]
+           "OrphanError", "backoff_delay", "build_launch", "describe", "instance_id"]

@@ -145,7 +145,6 @@ class EngineSupervisor:
         self._stopping.clear()
         self._done.clear()
         self.output.start()
-        log.info("Engine command: %s", describe(self.launch))
         try:
             while not self._stopping.is_set():
                 await self._one_lifetime()
@@ -188,7 +187,8 @@ class EngineSupervisor:
             self.lmcache_dropped = True
             self.launch = self.launch.without_lmcache()
             self._failures = 0   # the retry is immediate: this failure was LMCache's
-            log.warning("The engine died during start-up with LMCache on; retrying once without LMCache")
+            log.warning("The engine died during start-up with LMCache on; retrying once without LMCache: %s",
+                        describe(self.launch))
             self._set_state(EngineState.BACKOFF, "engine died during start-up with LMCache on; "
                                                  "retrying at once without LMCache")
 
