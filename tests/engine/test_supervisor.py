@@ -8,6 +8,7 @@ misbehaves on purpose. The real vLLM engine is in the tests marked `engine`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -81,6 +82,16 @@ def test_standin_goes_from_loading_to_healthy_and_reports_loading_periodically(r
     assert states.events[-1][1] == "stopped" and supervisor.state == "stopped"
     engine_lines = [r for r in recorder.records if r.name == "ximd.engine"]
     assert any(r.levelno == logging.WARNING and "pretending to load" in r.getMessage() for r in engine_lines)
+
+
+def test_stop_before_run_starts_means_run_returns_without_starting(root):
+    async def scenario():
+        supervisor = EngineSupervisor(launch_of(root, standin(root)))
+        await supervisor.stop()
+        await asyncio.wait_for(supervisor.run(), timeout=5)
+        return supervisor
+    supervisor = asyncio.run(scenario())
+    assert supervisor.starts == 0 and supervisor.state == "stopped"
 
 
 def test_interpreter_without_vllm_exits_at_once_and_backs_off_instead_of_looping(root, recorder):

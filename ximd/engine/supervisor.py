@@ -138,11 +138,14 @@ class EngineSupervisor:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Supervise until stop(); never leaves an engine process behind."""
+        """Supervise until stop(); never leaves an engine process behind.
+
+        One run per supervisor: a stop() that comes before run() starts makes it
+        return at once (the agent may be told to stop while it is still preparing).
+        """
         if self._running:
             raise RuntimeError("EngineSupervisor.run() is already running")
         self._running = True
-        self._stopping.clear()
         self._done.clear()
         self.output.start()
         try:
