@@ -30,7 +30,10 @@ from xim_router.keys import CurveKeypair
 log = logging.getLogger("xim_router.mesh")
 
 ZAP_DOMAIN = b"xim"
-SEND_TIMEOUT_S = 2.0            # how long send() waits on a peer queue at its high-water mark
+SEND_TIMEOUT_S = 2.0
+# Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
+_DONTWAIT = int(zmq.DONTWAIT)
+_RCVMORE = int(zmq.RCVMORE)            # how long send() waits on a peer queue at its high-water mark
 
 
 class AgentUnavailable(Exception):
@@ -97,8 +100,9 @@ class Router:
         self.stats = RouterStats()
         self._requests: dict[str, tuple[str, asyncio.Queue]] = {}   # id -> (worker id, queue)
         self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._tx: zmq.Socket | None = None          # sync shadow: DONTWAIT sends, no futures
+        self._sock: zmq.Socket | None = None        # plain socket, watched by _watch
+        self._monitor: zmq.Socket | None = None
+        self._watch: transport.ReadyWatch | None = None
         self._tasks: list[asyncio.Task] = []
         self._zap: zap.ZapHandler | None = None
         self._workers: dict[str, str] = {}          # agent id -> worker id
@@ -111,19 +115,23 @@ class Router:
         # The ZAP handler must exist before the CURVE socket binds: without
         # one, libzmq lets every CURVE client in.
         self._zap, zap_task = zap.start(self._ctx, self.store.agent_by_public_key)
-        sock = self._ctx.socket(zmq.ROUTER)
+        # A plain socket in the same context as the ZAP handler: the receive
+        # loop watches its FD itself (transport.ReadyWatch), which costs less
+        # per frame than zmq.asyncio's futures.
+        sock = zmq.Socket(self._ctx, zmq.ROUTER)
         transport.apply_common_options(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)     # unknown peer: an error, not a silent drop
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)      # a reconnecting agent takes over its id
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode())
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
-        monitor = sock.get_monitor_socket()
+        monitor_owner = sock.get_monitor_socket()
+        monitor = zmq.Socket.shadow(monitor_owner.underlying)
         try:
             sock.bind(self.mesh_bind)
         except zmq.ZMQError:
             sock.disable_monitor()
-            monitor.close(linger=0)
+            monitor_owner.close(linger=0)
             sock.close(linger=0)
             zap_task.cancel()
             self._zap.close()
@@ -132,32 +140,32 @@ class Router:
             self._ctx = None
             raise
         self.mesh_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sock, self._tx = sock, zmq.Socket.shadow(sock.underlying)
+        self._sock, self._monitor, self._monitor_owner = sock, monitor, monitor_owner
+        self._watch = transport.ReadyWatch(asyncio.get_running_loop(), sock, monitor)
         transport.log_socket_buffers(log)
         # Sessions did not survive a restart: agents that were active must say hello again.
         for agent in self.store.agents():
             if agent.state == store_mod.ACTIVE:
                 self.store.set_state(agent.agent_id, store_mod.DISCONNECTED)
         self._tasks = [zap_task, asyncio.ensure_future(self._receive_loop()),
-                       asyncio.ensure_future(self._sweep_loop()),
-                       asyncio.ensure_future(self._monitor_loop(monitor))]
+                       asyncio.ensure_future(self._sweep_loop())]
         log.info("mesh listening on %s (CURVE public key %s)", self.mesh_endpoint,
                  self.keypair.public)
         return self.mesh_endpoint
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):
-            self._send_now(session.worker_id, codec.Bye(reason="router stopping"), session.version)
+            self._reply(session.worker_id, codec.Bye(reason="router stopping"), session.version)
             self._end_session(session, "router stopping", store_mod.DISCONNECTED)
-        if self._sock is not None:
-            # Stop the monitor while its reader still runs: libzmq delivers
-            # MONITOR_STOPPED synchronously, and blocks if nobody is there.
-            self._sock.disable_monitor()
-            await asyncio.wait([self._tasks[-1]], timeout=1.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sock is not None:
+            self._watch.close()
+            # The monitor socket must still be open here: libzmq delivers
+            # MONITOR_STOPPED synchronously and would block on a closed peer.
+            self._sock.disable_monitor()
+            self._monitor_owner.close(linger=0)
             self._sock.close(linger=0)
         if self._zap is not None:
             self._zap.close()
@@ -201,13 +209,15 @@ class Router:
         """True when queued; False when the peer's queue is full (try again)."""
         frame = codec.encode(msg, version=version)
         try:
-            self._tx.send_multipart([worker_id.encode(), frame], flags=zmq.DONTWAIT)
+            self._sock.send_multipart([worker_id.encode(), frame], flags=_DONTWAIT)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:       # ROUTER_MANDATORY: the peer is gone
                 raise AgentUnavailable(f"{worker_id} is not connected") from None
             raise
+        finally:
+            self._watch.poke()        # a send may consume the FD edge the receive loop waits on
         self.stats.frames_out += 1
         return True
 
@@ -222,21 +232,49 @@ class Router:
     # ------------------------------------------------------------ receiving
 
     async def _receive_loop(self) -> None:
+        sock, monitor, watch = self._sock, self._monitor, self._watch
         while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            self.stats.frames_in += 1
-            try:
-                self._on_frames(frames)
-            except Exception:   # one agent's bad frame must never stop the mesh
-                log.exception("error handling a frame; dropped")
+            watch.clear()            # before looking: a later edge wakes the wait below
+            if transport.readable(monitor):
+                self._on_monitor_events(monitor)
+            handled = 0
+            # Take what is ready, but yield now and then so a busy mesh
+            # cannot starve the HTTP side.
+            while handled < 256 and transport.readable(sock):
+                parts = self._recv_parts(sock)
+                handled += 1
+                self.stats.frames_in += 1
+                try:
+                    self._on_frames(*parts)
+                except Exception:   # one agent's bad frame must never stop the mesh
+                    log.exception("error handling a frame; dropped")
+            if handled == 256:
+                await asyncio.sleep(0)
+                continue
+            await watch.wait(None)
 
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        worker_id = frames[0].bytes.decode(errors="replace")
-        agent_id = frames[-1].get("User-Id")       # set by our ZAP handler
-        if len(frames) != 2:
-            self._malformed(worker_id, f"{len(frames) - 1} frame parts, expected 1")
+    @staticmethod
+    def _recv_parts(rx: zmq.Socket) -> tuple[bytes, zmq.Frame, int]:
+        """(routing id, first payload part, number of payload parts) of one message.
+
+        A ROUTER message from a DEALER is [routing id, payload]; reading the
+        parts one by one is cheaper than recv_multipart for that fixed shape.
+        """
+        routing_id = rx.recv(_DONTWAIT)
+        payload = rx.recv(copy=False)
+        parts = 1
+        while rx.getsockopt(_RCVMORE):           # extra parts: read and count them
+            rx.recv(copy=False)
+            parts += 1
+        return routing_id, payload, parts
+
+    def _on_frames(self, routing_id: bytes, payload: zmq.Frame, parts: int) -> None:
+        worker_id = routing_id.decode(errors="replace")
+        agent_id = payload.get("User-Id")          # set by our ZAP handler
+        if parts != 1:
+            self._malformed(worker_id, f"{parts} frame parts, expected 1")
             return
-        expected = self._worker_of(agent_id)
+        expected = self._workers.get(agent_id) or self._worker_of(agent_id)
         if expected != worker_id:
             # An enrolled key speaking under another worker's routing id.
             self.stats.spoofed += 1
@@ -245,7 +283,7 @@ class Router:
                           agent_id, worker_id, expected)
             return
         try:
-            msg = codec.decode(frames[1].bytes, sender=codec.AGENT)
+            msg = codec.decode(payload.bytes, sender=codec.AGENT)
         except codec.ProtocolError as exc:
             self._malformed(worker_id, str(exc), exc.code)
             return
@@ -397,26 +435,22 @@ class Router:
                             now - agent.state_since)
                 self.store.set_state(agent.agent_id, store_mod.DEAD, now)
 
-    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                name = transport.MONITOR_EVENTS.get(event["event"])
-                if name is None:
-                    continue
-                where = event["endpoint"].decode(errors="replace") if event.get("endpoint") else ""
-                if name.startswith("handshake_failed"):
-                    self.stats.handshake_failed += 1
-                    self._limited(logging.WARNING, "handshake", "mesh handshake failed (%s) on %s",
-                                  name, where)
-                elif name == "disconnected":
-                    self.stats.disconnects += 1
-                    log.info("a mesh connection closed (the peer left, or broke the transport "
-                             "rules, e.g. a frame over %d bytes)", codec.MAX_FRAME_BYTES)
-                elif name == "monitor_stopped":
-                    return
-        finally:
-            monitor.close(linger=0)
+    def _on_monitor_events(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(_DONTWAIT))
+            except zmq.Again:
+                return
+            name = transport.MONITOR_EVENTS.get(event["event"])
+            where = event["endpoint"].decode(errors="replace") if event.get("endpoint") else ""
+            if name is not None and name.startswith("handshake_failed"):
+                self.stats.handshake_failed += 1
+                self._limited(logging.WARNING, "handshake", "mesh handshake failed (%s) on %s",
+                              name, where)
+            elif name == "disconnected":
+                self.stats.disconnects += 1
+                log.info("a mesh connection closed (the peer left, or broke the transport "
+                         "rules, e.g. a frame over %d bytes)", codec.MAX_FRAME_BYTES)
 
 
 def _summary(lease: codec.Lease) -> dict:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ximd import __version__
@@ -41,6 +40,11 @@ TOKEN_REJECTIONS = {"token_expired", "unauthorized"}
 _WATCHED_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                    | zmq.EVENT_DISCONNECTED)
+
+
+# Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
+_DONTWAIT = int(zmq.DONTWAIT)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 class LinkDown(Exception):
@@ -107,10 +111,11 @@ class MeshLink:
         self.malformed_dropped = 0
         self._seq = 0
         self._version = codec.PROTOCOL_VERSION
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None            # set while a session is connected
+        self._watch: transport.ReadyWatch | None = None
         self._closing = False
-        self._waker_tx: zmq.Socket | None = None
+        self._stop = asyncio.Event()
         self._refreshing: asyncio.Task | None = None
         self._drain_acked: asyncio.Future | None = None
         self._limited = RateLimitedLog(log, interval_s=10.0)
@@ -119,18 +124,17 @@ class MeshLink:
 
     async def run(self) -> None:
         """Keep a session with the router until close() or a final rejection."""
-        self._ctx = zmq.asyncio.Context()
-        waker_rx = self._ctx.socket(zmq.PAIR)
-        waker_rx.bind(f"inproc://ximd-link-waker-{id(self)}")
-        self._waker_tx = self._ctx.socket(zmq.PAIR)
-        self._waker_tx.connect(f"inproc://ximd-link-waker-{id(self)}")
+        # Plain (not zmq.asyncio) sockets: one reader per socket is registered
+        # with the event loop for the whole session (transport.ReadyWatch),
+        # which costs far less per message than zmq.asyncio's pollers.
+        self._ctx = zmq.Context()
         transport.log_socket_buffers(log)
         try:
             attempt = 0
             while not self._closing:
                 endpoint = self.identity.mesh_endpoints[attempt % len(self.identity.mesh_endpoints)]
                 attempt += 1
-                end = await self._session(endpoint, waker_rx)
+                end = await self._session(endpoint)
                 if end.final:
                     self._set_state(REJECTED, end.detail)
                     return
@@ -140,25 +144,36 @@ class MeshLink:
                     self.backoff.reset()
                 delay = 0.05 if end.retry_now else self.backoff.next()
                 self._set_state(DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
-                await self._sleep(delay, waker_rx)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)   # close() ends the wait
+                except asyncio.TimeoutError:
+                    pass
             self._set_state(DISCONNECTED, "link closed")
         finally:
             if self._refreshing:
                 self._refreshing.cancel()
-            waker_rx.close(linger=0)
-            self._waker_tx.close(linger=0)
             self._ctx.term()
 
     async def send(self, msg: codec.Message) -> None:
         """Send to the router; LinkDown when there is no session."""
-        sock = self._sock
+        sock, watch = self._sock, self._watch
         if self.state != CONNECTED or sock is None:
             raise LinkDown(f"no session with the router ({self.state})")
         frame = codec.encode(msg, version=self._version)
         try:
-            await sock.send(frame)
+            while True:
+                try:
+                    sock.send(frame, _DONTWAIT)
+                    break
+                except zmq.Again:               # queue full (router not reading): wait for room
+                    await asyncio.sleep(0.001)
+                    if self._sock is not sock:
+                        raise LinkDown("the link went down while waiting to send") from None
         except zmq.ZMQError as exc:
             raise LinkDown(f"the link went down while sending: {exc}") from None
+        finally:
+            if watch is not None:
+                watch.poke()           # the send may have consumed the socket's FD edge
 
     async def drain(self, reason: str, timeout_s: float = 5.0) -> bool:
         """Ask the router to send no more requests; True once it acknowledged."""
@@ -173,14 +188,15 @@ class MeshLink:
     async def close(self) -> None:
         """Say bye (best effort) and stop run()."""
         self._closing = True
+        self._stop.set()
         if self.state == CONNECTED and self._sock is not None:
             try:
-                zmq.Socket.shadow(self._sock.underlying).send(
-                    codec.encode(codec.Bye(reason="agent stopping"), version=self._version),
-                    flags=zmq.DONTWAIT)
+                self._sock.send(codec.encode(codec.Bye(reason="agent stopping"),
+                                             version=self._version), _DONTWAIT)
             except zmq.ZMQError:
                 pass
-        self._wake()
+        if self._watch is not None:
+            self._watch.poke()
 
     # ------------------------------------------------------------ state
 
@@ -199,21 +215,9 @@ class MeshLink:
         except Exception:
             log.exception("on_state callback failed")
 
-    def _wake(self) -> None:
-        if self._waker_tx is not None:
-            try:
-                self._waker_tx.send(b"", flags=zmq.DONTWAIT)
-            except zmq.ZMQError:
-                pass
-
-    async def _sleep(self, seconds: float, waker: zmq.asyncio.Socket) -> None:
-        """Sleep, but return at once when close() wakes us."""
-        if await waker.poll(timeout=int(seconds * 1000)):
-            await waker.recv()
-
     # ------------------------------------------------------------ one session
 
-    def _socket(self, endpoint: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+    def _socket(self, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
         sock = self._ctx.socket(zmq.DEALER)
         transport.apply_common_options(sock)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.worker_id.encode())
@@ -248,74 +252,64 @@ class MeshLink:
             models=_models(info.get("models", [])), in_flight=list(info.get("in_flight", [])),
             max_concurrent=int(info["max_concurrent"]), draining=bool(info.get("draining", False)))
 
-    async def _session(self, endpoint: str, waker: zmq.asyncio.Socket) -> SessionEnd:
+    async def _session(self, endpoint: str) -> SessionEnd:
         self.endpoint = endpoint
         self._version = codec.PROTOCOL_VERSION
         end = await self._refresh_if_due()
         if end is not None:
             return end
         sock, monitor = self._socket(endpoint)
-        rx = zmq.Socket.shadow(sock.underlying)      # sync view: drain ready frames without futures
-        mon_rx = zmq.Socket.shadow(monitor.underlying)
+        watch = transport.ReadyWatch(asyncio.get_running_loop(), sock, monitor)
+        self._watch = watch
         self._set_state(CONNECTING, f"connecting to {endpoint}")
         try:
             try:
-                rx.send(codec.encode(self._hello()), flags=zmq.DONTWAIT)   # queued until connected
+                sock.send(codec.encode(self._hello()), _DONTWAIT)    # queued until connected
             except (KeyError, TypeError, ValueError, codec.ProtocolError) as exc:
                 return SessionEnd(f"cannot build hello: {exc}")
-            poller = zmq.asyncio.Poller()
-            for s in (sock, monitor, waker):
-                poller.register(s, zmq.POLLIN)
-            return await self._session_loop(sock, rx, mon_rx, poller, sock_monitor=monitor,
-                                             waker=waker)
+            return await self._session_loop(sock, monitor, watch)
         finally:
             self._sock = None
+            self._watch = None
+            watch.close()
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
             self.welcome = None
 
-    async def _session_loop(self, sock, rx, mon_rx, poller, *, sock_monitor, waker) -> SessionEnd:
+    async def _session_loop(self, sock: zmq.Socket, monitor: zmq.Socket,
+                            watch: transport.ReadyWatch) -> SessionEnd:
         welcome_deadline = None          # set once the CURVE handshake succeeded
         lease_timeout = None
         next_lease = last_rx = 0.0
         interval = self.lease_interval
         while not self._closing:
+            watch.clear()                # before looking: a later edge wakes the wait below
             now = time.monotonic()
-            deadlines = [d for d in (welcome_deadline, next_lease if self.state == CONNECTED else None,
-                                     last_rx + lease_timeout if lease_timeout else None) if d]
-            timeout_ms = max(0, int((min(deadlines) - now) * 1000)) if deadlines else None
-            ready = dict(await poller.poll(timeout_ms))
-            now = time.monotonic()
-            if waker in ready:
-                await waker.recv()
-                continue
-            if sock_monitor in ready:
-                end = await self._on_monitor(mon_rx, welcome_deadline is not None)
+            if transport.readable(monitor):
+                end = await self._on_monitor(monitor, welcome_deadline is not None)
                 if isinstance(end, SessionEnd):
                     return end
                 if end == "handshake":
                     welcome_deadline = now + self.handshake_timeout_s
-            if sock in ready:
-                while True:
-                    try:
-                        frames = rx.recv_multipart(flags=zmq.DONTWAIT)
-                    except zmq.Again:
-                        break
-                    last_rx = now
-                    msg = self._decode(frames)
-                    if msg is None:
-                        continue
-                    if isinstance(msg, codec.Welcome) and self.state != CONNECTED:
-                        self._on_welcome(sock, msg)
-                        welcome_deadline = None
-                        interval = min(self.lease_interval, msg.lease_interval_s)
-                        lease_timeout = msg.lease_timeout_s
-                        next_lease = now
-                        continue
-                    end = await self._on_router_message(msg)
-                    if end is not None:
-                        return end
+            while transport.readable(sock):
+                frames = [sock.recv(_DONTWAIT)]
+                while sock.getsockopt(_RCVMORE):
+                    frames.append(sock.recv())
+                last_rx = now
+                msg = self._decode(frames)
+                if msg is None:
+                    continue
+                if isinstance(msg, codec.Welcome) and self.state != CONNECTED:
+                    self._on_welcome(sock, msg)
+                    welcome_deadline = None
+                    interval = min(self.lease_interval, msg.lease_interval_s)
+                    lease_timeout = msg.lease_timeout_s
+                    next_lease = now
+                    continue
+                end = await self._on_router_message(msg)
+                if end is not None:
+                    return end
             if welcome_deadline and now > welcome_deadline:
                 return SessionEnd(f"no welcome from {self.endpoint} within "
                                   f"{self.handshake_timeout_s:.0f} s")
@@ -324,25 +318,29 @@ class MeshLink:
                                   was_connected=True)
             if self.state == CONNECTED and now >= next_lease:
                 next_lease = now + interval
-                await self._send_lease(sock)
+                await self._send_lease()
+                continue                 # sending may have hidden a readable edge: look again
+            deadlines = [d for d in (welcome_deadline, next_lease if self.state == CONNECTED else None,
+                                     last_rx + lease_timeout if lease_timeout else None) if d]
+            await watch.wait(min(deadlines) - time.monotonic() if deadlines else None)
         return SessionEnd("link closed", was_connected=self.state == CONNECTED)
 
-    def _on_welcome(self, sock, welcome: codec.Welcome) -> None:
+    def _on_welcome(self, sock: zmq.Socket, welcome: codec.Welcome) -> None:
         self.welcome = welcome
         self._version = welcome.version
         self._sock = sock
         self._set_state(CONNECTED, f"session {welcome.session} with {self.endpoint} "
                                    f"(router {welcome.router_version}, protocol v{welcome.version})")
 
-    async def _send_lease(self, sock) -> None:
+    async def _send_lease(self) -> None:
         try:
             lease = self._lease()
         except Exception:
             log.exception("lease_info callback failed; lease skipped")
             return
         try:
-            await sock.send(codec.encode(lease, version=self._version))
-        except (zmq.ZMQError, codec.ProtocolError) as exc:
+            await self.send(lease)
+        except (LinkDown, codec.ProtocolError) as exc:
             log.warning("lease not sent: %s", exc)
         if self.identity.token_expires_at - time.time() < self.token_refresh_margin_s \
                 and self.token_refresher and not self._refreshing:
@@ -361,13 +359,13 @@ class MeshLink:
                       detail)
         return None
 
-    async def _on_monitor(self, mon_rx, transport_up: bool):
+    async def _on_monitor(self, monitor: zmq.Socket, transport_up: bool):
         """Read every pending monitor event: a SessionEnd, "handshake" when the CURVE
         handshake completed, or None."""
         result = None
         while True:
             try:
-                event = parse_monitor_message(mon_rx.recv_multipart(flags=zmq.DONTWAIT))
+                event = parse_monitor_message(monitor.recv_multipart(_DONTWAIT))
             except zmq.Again:
                 return result
             kind = event["event"]

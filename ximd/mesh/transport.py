@@ -6,6 +6,7 @@ options so that the limits in docs/protocol.md §4.1 hold in both directions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -123,3 +124,49 @@ class RateLimitedLog:
             msg += f" ({suppressed} more like it suppressed)"
         self.log.log(level, msg, *args)
         return True
+
+
+class ReadyWatch:
+    """Wake one coroutine when any of some ZeroMQ sockets may have work.
+
+    Cheaper than zmq.asyncio's pollers, which register and unregister every
+    socket with the event loop on each call: here each socket's ZMQ_FD is
+    registered once. ZMQ_FD is edge-triggered and any operation on a socket
+    may consume its edge, so code that sends on a watched socket calls poke()
+    afterwards, and the waiter always re-checks readable() after waking.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *sockets: zmq.Socket):
+        self._loop = loop
+        self._event = asyncio.Event()
+        self._fds = [s.getsockopt(zmq.FD) for s in sockets]
+        for fd in self._fds:
+            loop.add_reader(fd, self._event.set)
+
+    def poke(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    async def wait(self, timeout_s: float | None) -> None:
+        """Until poked, a socket FD fires, or ``timeout_s`` passes (None: no limit)."""
+        handle = self._loop.call_later(max(0.0, timeout_s), self._event.set) if timeout_s is not None else None
+        try:
+            await self._event.wait()
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    def close(self) -> None:
+        for fd in self._fds:
+            self._loop.remove_reader(fd)
+        self._fds = []
+
+
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
