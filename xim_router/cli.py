@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from xim_router import keys
+from xim_router import keys, openai_api
 from xim_router import store as store_mod
 
 DEFAULT_STATE_DIR = "/var/lib/xim-router"
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lifetime of an agent's bearer token (default 24h)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    openai_api.add_arguments(serve)
 
     join_key = sub.add_parser("join-key", help="manage join keys")
     jk_sub = join_key.add_subparsers(dest="join_key_command", required=True)

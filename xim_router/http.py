@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from xim_router import enroll_api
+from xim_router import enroll_api, openai_api
 from xim_router.api_common import ROUTER_KEY, json_errors
 from xim_router.mesh import Router
 
-# Modules with add_routes(app); the serving module is appended here.
-ROUTE_MODULES = (enroll_api,)
+# Modules with add_routes(app): enrollment, and the OpenAI-compatible API.
+ROUTE_MODULES = (enroll_api, openai_api)
 
 MAX_BODY_BYTES = 1 << 20
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 from aiohttp import web
 
-from xim_router import keys
+from xim_router import keys, openai_api
 from xim_router import store as store_mod
 from xim_router.http import build_app
 from xim_router.mesh import Router, RouterSettings
@@ -50,6 +50,10 @@ async def serve(args) -> int:
     settings = settings_from(args)
     ssl_context = tls_context(args.tls_cert, args.tls_key)
     try:
+        api_settings = openai_api.settings_from(args)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    try:
         store = store_mod.Store(state_dir)
         keypair = keys.load_or_create_keypair(state_dir)
     except OSError as exc:
@@ -60,7 +64,9 @@ async def serve(args) -> int:
         await router.start()
     except zmq.ZMQError as exc:
         raise StartupError(f"cannot listen on {args.mesh}: {exc}") from None
-    runner = web.AppRunner(build_app(router), access_log=None)
+    app = build_app(router)
+    openai_api.configure(app, api_settings)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = args.http
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
