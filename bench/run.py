@@ -37,7 +37,8 @@ from pathlib import Path
 
 import psutil
 
-from bench.loadgen import Phase, Target, run_load
+from bench.loadgen import Target, run_load
+from bench.standin_engine import write_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -149,9 +150,7 @@ class Stack:
         join_key = key.stdout.split()[0]
         if self.setup.engine == "standin":
             python = str(REPO / "bench" / "standin-python")
-            model_dir = self.dir / "model"          # the stand-in needs no weights, ximd a local path
-            model_dir.mkdir(exist_ok=True)
-            (model_dir / "config.json").write_text("{}")
+            model_dir = write_model_dir(self.dir / "model")     # no weights: ximd only plans from it
             extra = (f"--standin-ttft-ms {self.setup.ttft_ms:g} --standin-tokens-per-s "
                      f"{self.setup.tokens_per_s:g} --standin-max-tokens {self.setup.max_tokens}")
         else:

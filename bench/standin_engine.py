@@ -313,6 +313,21 @@ async def serve(engine: StandinEngine, *, uds: Path | None, host: str | None, po
         await runner.cleanup()
 
 
+# What ximd reads from a local model directory to plan the engine: the shapes
+# of tools/make_tiny_model.py's model. The stand-in needs no weights.
+MODEL_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+                "intermediate_size": 512, "num_attention_heads": 2, "num_key_value_heads": 2,
+                "num_hidden_layers": 2, "max_position_embeddings": 2048, "vocab_size": 4096,
+                "torch_dtype": "float32"}
+
+
+def write_model_dir(path: Path) -> Path:
+    """A model directory ximd accepts as ``engine.model`` for the stand-in (config.json only)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(MODEL_CONFIG, indent=1))
+    return path
+
+
 def vllm_compatible(argv: list[str]) -> list[str]:
     """Our flags from a vLLM command line (``--vllm-args`` mode).
 

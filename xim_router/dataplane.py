@@ -7,8 +7,9 @@ what it yields into OpenAI responses.
 - **Choosing.** Among the active, non-draining agents whose last report says
   the model is ready, the least loaded by the router's own in-flight count
   (fresher than any lease) over its ``max_concurrent``; full agents are
-  skipped. No agent for the model at all → 404; agents exist but none can
-  take it now → 429 when all are full, 503 otherwise.
+  skipped. No agent for the model at all → 404; agents that serve it exist
+  (draining, loading, reconnecting) but none can take it now → 429 when
+  all are full, 503 otherwise.
 - **Retrying.** A retryable refusal that comes before anything reached the
   client (at_capacity, draining, engine_unavailable, a dead link) moves the
   request to the next agent, up to `Settings.max_attempts`.
@@ -26,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 from ximd.mesh import codec
+from xim_router import store as store_mod
 from xim_router.mesh import AgentUnavailable, Router, Session
 
 log = logging.getLogger("xim_router.dataplane")
@@ -37,8 +39,8 @@ RETRY_ELSEWHERE = frozenset({"at_capacity", "draining", "engine_unavailable", "a
 @dataclass(frozen=True)
 class Settings:
     request_timeout_s: float = 600.0     # the deadline an infer carries
-    initial_credit: int = 32             # chunk frames an agent may send before the first grant
-    credit_batch: int = 16               # frames written to the client per credit message
+    initial_credit: int = 16             # chunk frames an agent may send before the first grant
+    credit_batch: int = 8                # frames written to the client per credit message
     max_attempts: int = 3                # agents tried for one request
     grace_s: float = 5.0                 # how much longer than the deadline the router waits
 
@@ -74,6 +76,19 @@ def served_models(router: Router) -> list[str]:
     return sorted(names)
 
 
+def models_of_absent_agents(router: Router) -> set[str]:
+    """Models that enrolled agents without a live session served at their last lease.
+
+    Such an agent is restarting or reconnecting: a request for its model is
+    worth a retry (503), not a "no such model" (404).
+    """
+    names = set()
+    for agent in router.store.agents():
+        if agent.state in (store_mod.PENDING, store_mod.DISCONNECTED) and agent.last_lease:
+            names.update(m.get("name") for m in agent.last_lease.get("models", ()))
+    return names
+
+
 def choose(router: Router, model: str) -> list[Session]:
     """Agents to try for ``model``, least loaded first; RequestFailed when there is none."""
     ready = router.candidates(model)
@@ -81,7 +96,7 @@ def choose(router: Router, model: str) -> list[Session]:
         known = any(m.name == model
                     for s in router.sessions.values()
                     for m in (s.lease.models if s.lease else s.hello.models))
-        if known:
+        if known or model in models_of_absent_agents(router):
             raise RequestFailed("engine_unavailable",
                                 f"no agent has model '{model}' ready right now; try again shortly", 503)
         available = ", ".join(served_models(router)) or "none"

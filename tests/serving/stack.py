@@ -112,7 +112,8 @@ class ServingStack:
     async def _start(self) -> None:
         self.store = store_mod.Store(self.tmp / "router-state")
         self.router = Router(self.store, router_keys.load_or_create_keypair(self.tmp / "router-state"),
-                             mesh_bind="tcp://127.0.0.1:0", settings=RouterSettings())
+                             mesh_bind="tcp://127.0.0.1:0",
+                             settings=RouterSettings(lease_interval_s=1.0, lease_timeout_s=3.0))
         await self.router.start()
         app = router_http.build_app(self.router)
         if openai_api not in router_http.ROUTE_MODULES:     # until the router wires it in
