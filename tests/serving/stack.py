@@ -116,8 +116,6 @@ class ServingStack:
                              settings=RouterSettings(lease_interval_s=1.0, lease_timeout_s=3.0))
         await self.router.start()
         app = router_http.build_app(self.router)
-        if openai_api not in router_http.ROUTE_MODULES:     # until the router wires it in
-            openai_api.add_routes(app)
         openai_api.configure(app, self.api_settings)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()

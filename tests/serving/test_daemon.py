@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import threading
 import time
 import urllib.request
@@ -33,13 +32,6 @@ from tests.support.standin_engine import engine_gauge, wait_for_gauge
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "hello from the test"}]
-
-
-class RouterWithApi(RouterProcess):
-    """The real router, with the OpenAI routes mounted (see router_with_api.py)."""
-
-    def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "tests.serving.router_with_api", *args]
 
 
 def free_port() -> int:
@@ -60,7 +52,7 @@ class ServedNode:
         self.vllm_args = vllm_args
         self.ready_timeout_s = ready_timeout_s
         self.metrics_port = free_port()
-        self.router = RouterWithApi(root / "r", lease_interval="1s", lease_timeout="3s")
+        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="3s")
         self.daemon: Daemon | None = None
 
     @property
