@@ -99,6 +99,25 @@ def raw_curve_baseline(n: int) -> dict:
         ctx.term()
 
 
+def codec_costs(n: int = 20000) -> dict:
+    """Microseconds per encode and per decode of a one-chunk and an 8-chunk frame."""
+    out = {}
+    for per_frame in (1, 8):
+        msg = codec.Chunk(id="chatcmpl-0123456789abcdef", seq=42, data=[CHUNK] * per_frame)
+        frame = codec.encode(msg)
+        start = time.perf_counter()
+        for _ in range(n):
+            codec.encode(msg)
+        middle = time.perf_counter()
+        for _ in range(n):
+            codec.decode(frame, sender=codec.AGENT)
+        end = time.perf_counter()
+        out[f"chunk_{per_frame}_per_frame"] = {"bytes": len(frame),
+                                              "encode_us": round((middle - start) / n * 1e6, 2),
+                                              "decode_us": round((end - middle) / n * 1e6, 2)}
+    return out
+
+
 def percentiles(samples: list[float]) -> dict:
     samples = sorted(samples)
     return {"n": len(samples), "p50": round(statistics.median(samples), 1),
@@ -161,6 +180,7 @@ async def bench(args) -> dict:
             rtts.append((time.perf_counter() - start) * 1e6)
         results = {"round_trip_us": percentiles(rtts),
                    "raw_pyzmq_curve_round_trip_us": raw_curve_baseline(args.round_trips),
+                   "codec": codec_costs(),
                    "load_average_1m": os.getloadavg()[0]}
         for per_frame in (1, 8):
             cpu0, start = time.process_time(), time.perf_counter()
