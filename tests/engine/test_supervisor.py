@@ -26,7 +26,7 @@ import pytest
 from ximd.engine import EngineLaunch, EngineSupervisor, instance_id
 from ximd.engine.launch import INSTANCE_ENV
 from ximd.engine.processes import find_ours
-from tests.support.engine import REPO, SupervisorThread, http_get, processes_of, short_tempdir
+from tests.support.engine import REPO, SupervisorThread, http_get, kill_all, processes_of, short_tempdir
 from tests.engine.conftest import StateLog
 
 STANDIN = (sys.executable, "-m", "bench.standin_engine")
@@ -117,7 +117,7 @@ def test_missing_engine_interpreter_is_a_clear_error_with_backoff(root):
     with supervised(launch) as (supervisor, runner, states):
         runner.wait_for(lambda: len(states.of("backoff")) >= 2, 10, "two backoffs")
     assert supervisor.starts == 0
-    assert supervisor.last_error == f"cannot start the engine ({root}/no-such-python): No such file or directory"
+    assert supervisor.last_error == f"cannot start the engine ({root}/no-such-python): no such executable file"
 
 
 def test_startup_timeout_kills_an_engine_that_never_gets_healthy(root):
@@ -183,6 +183,51 @@ def http_get_fails(socket_path: Path) -> bool:
     except OSError:
         return True
     return False
+
+
+SUPERVISING_PROCESS = """
+import asyncio, sys
+from pathlib import Path
+from ximd.engine import EngineLaunch, EngineSupervisor
+argv, socket_path, instance, ready = sys.argv[1:-3], Path(sys.argv[-3]), sys.argv[-2], Path(sys.argv[-1])
+async def main():
+    launch = EngineLaunch(tuple(argv), {"PATH": "/usr/bin:/bin", "PYTHONPATH": sys.path[0],
+                                        "XIMD_ENGINE_INSTANCE": instance}, socket_path, "tiny", instance,
+                          dirs=(socket_path.parent,))
+    supervisor = EngineSupervisor(launch, loading_poll_interval=0.1)
+    task = asyncio.create_task(supervisor.run())
+    while not supervisor.healthy:
+        await asyncio.sleep(0.1)
+    ready.write_text(str(supervisor.pid))
+    await task
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="the parent-death signal comes from util-linux's setpriv")
+def test_engine_goes_down_with_a_supervisor_killed_without_a_chance_to_stop_it(root):
+    launch = launch_of(root, standin(root))
+    ready = root / "ready"
+    ximd = subprocess.Popen([sys.executable, "-c", SUPERVISING_PROCESS, *launch.argv, str(launch.socket_path),
+                             launch.instance_id, str(ready)], cwd=REPO, env={"PATH": "/usr/bin:/bin",
+                                                                             "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline and ximd.poll() is None:
+            time.sleep(0.05)
+        engine = int(ready.read_text())
+        assert alive(engine)
+        ximd.kill()
+        ximd.wait(5)
+        deadline = time.monotonic() + 5
+        while alive(engine) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(engine), "the engine outlived its SIGKILLed supervisor"
+    finally:
+        if ximd.poll() is None:
+            ximd.kill()
+            ximd.wait(5)
+        kill_all(launch.instance_id)
 
 
 def test_engine_left_by_a_killed_supervisor_is_removed_before_the_next_start(root, recorder):

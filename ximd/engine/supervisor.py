@@ -27,6 +27,7 @@ import enum
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -74,6 +75,17 @@ def failure_reason(lines: list[str]) -> str:
         if match:
             return match.group(1).strip()
     return lines[-1].strip() if lines else "no output"
+
+
+def parent_death_prefix() -> tuple[str, ...]:
+    """`setpriv --pdeathsig TERM --` in front of the engine, when util-linux has it.
+
+    The engine runs in a session of its own, so nothing takes it down with ximd when
+    ximd dies without stopping it (SIGKILL, a crash) outside a systemd cgroup; the
+    kernel's parent-death signal does. The next start's orphan check is the backstop.
+    """
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+    return (setpriv, "--pdeathsig", "TERM", "--") if setpriv else ()
 
 
 def exit_description(returncode: int) -> str:
@@ -204,12 +216,18 @@ class EngineSupervisor:
             return None
         if removed:
             log.warning("Removed %d process(es) of an earlier engine of ours before starting", len(removed))
+        program = self.launch.argv[0]
+        if not (shutil.which(program, path=self.launch.env.get("PATH")) if os.sep not in program
+                else os.access(program, os.X_OK)):
+            # Checked here because setpriv would start and only then fail to exec it.
+            self._fail(f"cannot start the engine ({program}): no such executable file")
+            return None
         try:
             for directory in self.launch.dirs:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
             self.launch.socket_path.unlink(missing_ok=True)
             proc = await asyncio.create_subprocess_exec(
-                *self.launch.argv, env=dict(self.launch.env), stdin=subprocess.DEVNULL,
+                *parent_death_prefix(), *self.launch.argv, env=dict(self.launch.env), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 limit=OUTPUT_LINE_LIMIT)
         except OSError as exc:
