@@ -31,7 +31,7 @@ import zmq  # noqa: E402
 
 from ximd import enrollment  # noqa: E402
 from ximd.mesh import codec  # noqa: E402
-from ximd.mesh.link import CONNECTED, MeshLink  # noqa: E402
+from ximd.mesh.link import MeshLink  # noqa: E402
 from xim_router import keys, store as store_mod  # noqa: E402
 from xim_router.mesh import Router, RouterSettings  # noqa: E402
 

@@ -103,3 +103,7 @@ async def running(link: MeshLink):
         except asyncio.TimeoutError:
             task.cancel()
             raise AssertionError("MeshLink.run() did not end within 10 s of close()")
+
+
+__all__ = ["LinkProbe", "RouterProcess", "enroll_fresh", "load_config", "make_link", "running",
+           "until", "wait_for", "write_agent_config"]

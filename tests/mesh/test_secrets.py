@@ -8,10 +8,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from tests.mesh.helpers import write_agent_config
-from tests.support.router import wait_for
 from ximd import enrollment
 
 

@@ -17,7 +17,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
