@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Awaitable, Callable
+from typing import IO, Any, Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -231,6 +231,19 @@ def _read_source(path: str, stdin: IO[str] | None) -> str:
         raise JoinKeyError(f"cannot read the join key file {path}: {exc.strerror}") from None
 
 
+def _credential_text(environ: Mapping[str, str], stdin: IO[str] | None) -> str:
+    """The join-key credential's text; blank when absent.
+
+    The unit's fallback `SetCredential=join-key:\\n` (systemd 252 fails the
+    start when LoadCredential= names a missing file) is a lone newline: no key.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    path = Path(directory) / CREDENTIAL_NAME if directory else None
+    if path is None or not path.exists():
+        return ""
+    return _read_source(str(path), stdin).strip()
+
+
 def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | None = None,
                   environ: dict[str, str] | None = None) -> tuple[str, str] | None:
     """(key, source) from the first source that is set, or None when none is.
@@ -250,11 +263,9 @@ def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | Non
     elif cfg.router.join_key_file:
         source = f"router.join_key_file {cfg.router.join_key_file}"
         text = _read_source(cfg.router.join_key_file, stdin)
-    elif environ.get("CREDENTIALS_DIRECTORY") and \
-            (Path(environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME).exists():
-        path = Path(environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+    elif credential := _credential_text(environ, stdin):
         source = f"systemd credential {CREDENTIAL_NAME}"
-        text = _read_source(str(path), stdin)
+        text = credential
     else:
         return None
     key = text.strip()

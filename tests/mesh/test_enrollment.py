@@ -245,6 +245,14 @@ def test_join_key_sources_in_order(tmp_path):
     assert enrollment.read_join_key(cfg_with(tmp_path), environ={}) is None
 
 
+def test_blank_credential_is_no_key(tmp_path):
+    # The unit's fallback SetCredential=join-key:\n when /etc/xerotier/join-key is absent.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "join-key").write_text("\n")
+    assert enrollment.read_join_key(cfg_with(tmp_path), environ={"CREDENTIALS_DIRECTORY": str(creds)}) is None
+
+
 def test_join_key_file_dash_means_stdin_in_config_too(tmp_path):
     cfg = cfg_with(tmp_path, join_key_file="-")
     assert enrollment.read_join_key(cfg, stdin=io.StringIO(KEY), environ={})[0] == KEY
