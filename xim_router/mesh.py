@@ -217,7 +217,8 @@ class Router:
                 raise AgentUnavailable(f"{worker_id} is not connected") from None
             raise
         finally:
-            self._watch.poke()        # a send may consume the FD edge the receive loop waits on
+            if transport.readable(self._sock):
+                self._watch.poke()    # the send consumed the FD edge of pending input
         self.stats.frames_out += 1
         return True
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import psutil  # noqa: E402
 import zmq  # noqa: E402
 
 from ximd import enrollment  # noqa: E402
@@ -84,14 +85,19 @@ def raw_curve_baseline(n: int) -> dict:
                               sock.getsockopt_string(zmq.LAST_ENDPOINT), public.decode()])
     try:
         peer, _ = sock.recv_multipart()
+        echo = psutil.Process(child.pid)
         rtts = []
         for i in range(n + 200):
+            if i == 200:
+                echo_cpu0, own_cpu0 = sum(echo.cpu_times()[:2]), time.process_time()
             start = time.perf_counter()
             sock.send_multipart([peer, b"x" * 100])
             sock.recv_multipart()
             if i >= 200:
                 rtts.append((time.perf_counter() - start) * 1e6)
-        return percentiles(rtts)
+        return {**percentiles(rtts), "cpu_per_round_trip": {
+            "router_us": round((time.process_time() - own_cpu0) / n * 1e6, 1),
+            "agent_us": round((sum(echo.cpu_times()[:2]) - echo_cpu0) / n * 1e6, 1)}}
     finally:
         child.kill()
         child.wait(10)
@@ -173,12 +179,17 @@ async def bench(args) -> dict:
             await asyncio.sleep(0.05)
         for i in range(200):                                    # warm up
             await one_request(router, identity.worker_id, i)
+        agent_proc = psutil.Process(child.pid)
+        agent_cpu0, router_cpu0 = sum(agent_proc.cpu_times()[:2]), time.process_time()
         rtts = []
         for i in range(args.round_trips):
             start = time.perf_counter()
             await one_request(router, identity.worker_id, 10_000 + i)
             rtts.append((time.perf_counter() - start) * 1e6)
+        cpu = {"router_us": round((time.process_time() - router_cpu0) / len(rtts) * 1e6, 1),
+               "agent_us": round((sum(agent_proc.cpu_times()[:2]) - agent_cpu0) / len(rtts) * 1e6, 1)}
         results = {"round_trip_us": percentiles(rtts),
+                   "cpu_per_round_trip": cpu,
                    "raw_pyzmq_curve_round_trip_us": raw_curve_baseline(args.round_trips),
                    "codec": codec_costs(),
                    "load_average_1m": os.getloadavg()[0]}

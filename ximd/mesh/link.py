@@ -172,8 +172,8 @@ class MeshLink:
         except zmq.ZMQError as exc:
             raise LinkDown(f"the link went down while sending: {exc}") from None
         finally:
-            if watch is not None:
-                watch.poke()           # the send may have consumed the socket's FD edge
+            if watch is not None and transport.readable(sock):
+                watch.poke()           # the send consumed the FD edge of pending input
 
     async def drain(self, reason: str, timeout_s: float = 5.0) -> bool:
         """Ask the router to send no more requests; True once it acknowledged."""
