@@ -14,6 +14,7 @@ import sys
 from ximd import __version__
 from ximd import config as configmod
 from ximd.config import EX_CONFIG, ConfigError
+from ximd.logs import setup_logging
 
 EX_UNAVAILABLE = 69
 EX_NOT_RUNNING = 3  # what `systemctl status` says for an inactive unit
@@ -40,9 +41,15 @@ def flags_from(args: argparse.Namespace) -> dict[str, str]:
              if dest.startswith("setting:") and value is not None}
     for item in getattr(args, "overrides", []):
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise ConfigError([configmod.ConfigProblem("flag:--set", item, "expected KEY=VALUE")])
-        flags[key.strip()] = value
+        if key in configmod.SCHEMA and configmod.SCHEMA[key].secret:
+            # argv is world-readable through ps and /proc: secrets never travel there.
+            raise ConfigError([configmod.ConfigProblem(
+                "flag:--set", key, "a secret cannot be given on the command line (ps shows it); "
+                "use the config file, a file (router.join_key_file, --join-key-file) or the environment")])
+        flags[key] = value
     return flags
 
 
@@ -172,13 +179,16 @@ def cmd_plan(args) -> int:
 
 def cmd_enroll(args) -> int:
     from ximd import enrollment
-    return asyncio.run(enrollment.main_enroll(load_config(args), join_key_file=args.join_key_file,
-                                              force=args.force))
+    cfg = load_config(args)
+    setup_logging(cfg.agent.log_level)
+    return asyncio.run(enrollment.main_enroll(cfg, join_key_file=args.join_key_file, force=args.force))
 
 
 def cmd_unenroll(args) -> int:
     from ximd import enrollment
-    return asyncio.run(enrollment.main_unenroll(load_config(args)))
+    cfg = load_config(args)
+    setup_logging(cfg.agent.log_level)
+    return asyncio.run(enrollment.main_unenroll(cfg))
 
 
 COMMANDS = {

@@ -254,3 +254,10 @@ def test_shipped_agent_toml_is_generated_from_the_schema_and_valid():
     for name in config.SCHEMA:
         assert f"#{name.split('.', 1)[1]} = " in shipped.read_text()
     assert load(shipped, env={}).origins["agent.log_level"] == "default"
+
+
+def test_cli_refuses_secrets_in_argv(capsys):
+    assert cli.main(["config", "show", "--config", "/dev/null",
+                     "--set", "router.join_key=xjk_visible_in_ps"]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "cannot be given on the command line" in err and "xjk_visible_in_ps" not in err
