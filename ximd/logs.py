@@ -111,6 +111,22 @@ class LineFormatter(logging.Formatter):
         return text
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not when set up
+    (test runners and embedding programs swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def stderr_is_journal(env: Mapping[str, str]) -> bool:
     """True when stderr is connected to journald (JOURNAL_STREAM names it)."""
     stream = env.get("JOURNAL_STREAM", "")
@@ -133,7 +149,7 @@ def setup_logging(level: str, env: Mapping[str, str] | None = None) -> logging.H
         handler: logging.Handler = JournalHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         # Under systemd without the native socket the journal stamps lines itself.
         handler.setFormatter(LineFormatter(timestamps="INVOCATION_ID" not in env))
     root.addHandler(handler)
