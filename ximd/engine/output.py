@@ -53,6 +53,10 @@ class OutputForwarder:
             self._thread = threading.Thread(target=self._drain, name="ximd-engine-output", daemon=True)
             self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def offer(self, line: str) -> None:
         """Never blocks: a full queue drops the line and counts it."""
         self.tail.append(line)
