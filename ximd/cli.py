@@ -14,6 +14,7 @@ import sys
 from ximd import __version__
 from ximd import config as configmod
 from ximd.config import EX_CONFIG, ConfigError
+from ximd.configdoc import literal
 from ximd.logs import setup_logging
 
 EX_UNAVAILABLE = 69
@@ -122,19 +123,9 @@ def render_config(cfg: configmod.Config, *, origin: bool, fmt: str) -> str:
         if sec != section:
             lines += ([""] if section else []) + [f"[{sec}]"]
             section = sec
-        line = f"{key} = {toml_literal(configmod.shown_value(name, value))}"
+        line = f"{key} = {literal(configmod.shown_value(name, value))}"
         lines.append(f"{line:<56} # {where}" if origin else line)
     return "\n".join(lines)
-
-
-def toml_literal(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    return json.dumps(value)  # a TOML basic string is JSON-compatible
 
 
 def cmd_config_validate(args) -> int:

@@ -26,12 +26,13 @@ HEADER = """\
 
 
 def literal(value) -> str:
+    """A TOML literal for a setting's value (a TOML basic string is JSON-compatible)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
     return json.dumps(value)
 
 
