@@ -42,6 +42,9 @@ from bench.standin_engine import write_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# The programs by module, not console script: works from a checkout without `pip install -e`.
+ROUTER_CMD = [sys.executable, "-m", "xim_router.cli"]
+XIMD_CMD = [sys.executable, "-m", "ximd.cli"]
 MODEL = "tiny"
 READY_TIMEOUT_S = {"standin": 60, "vllm": 600}
 
@@ -122,6 +125,7 @@ def tiny_model(python: str) -> Path:
 @dataclass
 class Setup:
     engine: str
+    pacing: str
     ttft_ms: float
     tokens_per_s: float
     max_tokens: int
@@ -137,7 +141,7 @@ class Stack:
 
     def start(self) -> None:
         router_log = self.dir / "router.log"
-        self.router = Proc("router", [str(VENV_BIN / "xim-router"), "serve", "--state-dir",
+        self.router = Proc("router", [*ROUTER_CMD, "serve", "--state-dir",
                                       str(self.dir / "router"), "--http", "127.0.0.1:0",
                                       "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning"],
                            router_log)
@@ -145,7 +149,7 @@ class Stack:
         pattern = re.compile(r"xim-router serving http=(\S+)")
         self.router_url = wait_for("the router", lambda: (m := pattern.search(router_log.read_text()))
                                    and m.group(1), 30, [self.router])
-        key = subprocess.run([str(VENV_BIN / "xim-router"), "join-key", "create", "--state-dir",
+        key = subprocess.run([*ROUTER_CMD, "join-key", "create", "--state-dir",
                               str(self.dir / "router")], capture_output=True, text=True, check=True)
         join_key = key.stdout.split()[0]
         if self.setup.engine == "standin":
@@ -153,6 +157,8 @@ class Stack:
             model_dir = write_model_dir(self.dir / "model")     # no weights: ximd only plans from it
             extra = (f"--standin-ttft-ms {self.setup.ttft_ms:g} --standin-tokens-per-s "
                      f"{self.setup.tokens_per_s:g} --standin-max-tokens {self.setup.max_tokens}")
+            if self.setup.pacing == "step":
+                extra += " --standin-batched"
         else:
             python = engine_python()
             model_dir = tiny_model(python)
@@ -163,14 +169,14 @@ class Stack:
             f'[router]\nurl = "{self.router_url}"\njoin_key = "{join_key}"\ninsecure = true\n'
             f'[engine]\nmodel = "{model_dir}"\nserved_model_name = "{MODEL}"\npython = "{python}"\n'
             f'[metrics]\nenabled = false\n')
-        env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(self.dir),
+        env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(self.dir), "PYTHONPATH": str(REPO),
                "XEROTIER_AGENT_CONFIG": str(config),
                "XEROTIER_AGENT_STATE_DIR": str(self.dir / "state"),
                "XEROTIER_AGENT_RUNTIME_DIR": str(self.dir / "run"),
                "XEROTIER_AGENT_CACHE_DIR": str(self.dir / "cache")}
         if extra:
             env["XEROTIER_AGENT_VLLM_ARGS"] = extra
-        self.ximd = Proc("ximd", [str(VENV_BIN / "ximd"), "run"], self.dir / "ximd.log", env)
+        self.ximd = Proc("ximd", [*XIMD_CMD, "run"], self.dir / "ximd.log", env)
         self.procs.append(self.ximd)
         self.engine_socket = self.dir / "run" / "engine.sock"
         wait_for("the agent to serve the model", self._serving, READY_TIMEOUT_S[self.setup.engine],
@@ -204,7 +210,10 @@ class Row:
     itl_mean_added_ms: float
     itl_p99_added_ms: float
     ximd_cpu_ms_per_1k_tokens: float
+    ximd_net_cpu_ms_per_1k_tokens: float
     router_cpu_ms_per_1k_tokens: float
+    router_net_cpu_ms_per_1k_tokens: float
+    ximd_idle_cpu_pct: float
     ximd_peak_rss_mb: float
     errors_direct: int
     errors_through: int
@@ -222,9 +231,14 @@ async def compare(stack: Stack, concurrency: int, requests_per_worker: int, max_
     for target in (direct, through):
         await run_load(target, model=MODEL, concurrency=min(concurrency, 8), requests_per_worker=1,
                        max_tokens=4)
+    # During the direct run ximd and the router only idle (leases, health and
+    # metrics polls, the watchdog): that rate, taken off the through run's
+    # CPU, leaves what serving itself cost ("net").
+    idle_ximd, idle_router = stack.ximd.cpu_s(), stack.router.cpu_s()
     d = await run_load(direct, model=MODEL, concurrency=concurrency,
                        requests_per_worker=requests_per_worker, max_tokens=max_tokens)
     ximd_cpu, router_cpu = stack.ximd.cpu_s(), stack.router.cpu_s()
+    idle_ximd, idle_router = (ximd_cpu - idle_ximd) / d.wall_s, (router_cpu - idle_router) / d.wall_s
     t = await run_load(through, model=MODEL, concurrency=concurrency,
                        requests_per_worker=requests_per_worker, max_tokens=max_tokens)
     ximd_cpu, router_cpu = stack.ximd.cpu_s() - ximd_cpu, stack.router.cpu_s() - router_cpu
@@ -237,7 +251,10 @@ async def compare(stack: Stack, concurrency: int, requests_per_worker: int, max_
         ttft_p50_added_ms=ms(t.ttft(0.5) - d.ttft(0.5)), ttft_p99_added_ms=ms(t.ttft(0.99) - d.ttft(0.99)),
         itl_mean_added_ms=ms(t.itl_mean() - d.itl_mean()), itl_p99_added_ms=ms(t.itl(0.99) - d.itl(0.99)),
         ximd_cpu_ms_per_1k_tokens=round(ximd_cpu * 1000 * per_1k, 2),
+        ximd_net_cpu_ms_per_1k_tokens=round((ximd_cpu - idle_ximd * t.wall_s) * 1000 * per_1k, 2),
         router_cpu_ms_per_1k_tokens=round(router_cpu * 1000 * per_1k, 2),
+        router_net_cpu_ms_per_1k_tokens=round((router_cpu - idle_router * t.wall_s) * 1000 * per_1k, 2),
+        ximd_idle_cpu_pct=round(idle_ximd * 100, 2),
         ximd_peak_rss_mb=round(stack.ximd.peak_rss_mb(), 1),
         errors_direct=d.errors, errors_through=t.errors,
         first_error=t.first_error() or d.first_error())
@@ -247,17 +264,25 @@ COLUMNS = [("c", "concurrency"), ("direct tok/s", "direct_tokens_per_s"),
            ("through tok/s", "through_tokens_per_s"), ("ratio", "throughput_ratio"),
            ("TTFT p50 direct ms", "ttft_p50_direct_ms"), ("+TTFT p50 ms", "ttft_p50_added_ms"),
            ("+TTFT p99 ms", "ttft_p99_added_ms"), ("+ITL mean ms", "itl_mean_added_ms"),
-           ("+ITL p99 ms", "itl_p99_added_ms"), ("ximd CPU ms/1k tok", "ximd_cpu_ms_per_1k_tokens"),
-           ("router CPU ms/1k tok", "router_cpu_ms_per_1k_tokens"), ("ximd peak RSS MB", "ximd_peak_rss_mb"),
-           ("errors d/t", None)]
+           ("+ITL p99 ms", "itl_p99_added_ms"),
+           ("ximd CPU ms/1k tok net (gross)", ("ximd_net_cpu_ms_per_1k_tokens", "ximd_cpu_ms_per_1k_tokens")),
+           ("router CPU ms/1k tok net (gross)",
+            ("router_net_cpu_ms_per_1k_tokens", "router_cpu_ms_per_1k_tokens")),
+           ("ximd peak RSS MB", "ximd_peak_rss_mb"), ("errors d/t", ("errors_direct", "errors_through"))]
+
+
+def cell(row: Row, key) -> str:
+    if isinstance(key, tuple):
+        first, second = (getattr(row, k) for k in key)
+        return f"{first:g}/{second:g}" if key[0].startswith("errors") else f"{first:g} ({second:g})"
+    return f"{getattr(row, key):g}"
 
 
 def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = [f"{row.errors_direct}/{row.errors_through}" if key is None else f"{getattr(row, key):g}"
-                 for _, key in COLUMNS]
+        cells = [cell(row, key) for _, key in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -268,7 +293,7 @@ def requests_per_worker(setup: Setup, phase_s: float) -> int:
 
 
 async def main_async(args) -> int:
-    setup = Setup(engine=args.engine, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
+    setup = Setup(engine=args.engine, pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
                   max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2)
     workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
     stack = Stack(setup, workdir)
@@ -287,7 +312,7 @@ async def main_async(args) -> int:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print(f"engine={args.engine} ttft_ms={args.ttft_ms:g} tokens_per_s={args.tokens_per_s:g} "
+    print(f"engine={args.engine} pacing={args.pacing} ttft_ms={args.ttft_ms:g} tokens_per_s={args.tokens_per_s:g} "
           f"max_tokens={args.max_tokens} cpus={os.cpu_count()}")
     print(markdown(rows))
     if args.json:
@@ -301,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("standin", "vllm"), default="standin")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 16, 64, 256])
+    parser.add_argument("--pacing", choices=("step", "stream"), default="step",
+                        help="stand-in: step = vLLM-like batched decode steps (all streams' tokens "
+                             "on one clock); stream = each stream on its own phase")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="stand-in: time to first token")
     parser.add_argument("--tokens-per-s", type=float, default=75.0, help="stand-in: per-stream pace")

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import signal
 import sys
 import time
@@ -49,12 +50,17 @@ class Pacing:
     fail_status: int = 0          # answer this HTTP status instead of generating
     hang: bool = False            # accept the request and never answer
     fail_after_tokens: int = -1   # drop the connection after this many tokens (-1: never)
+    # vLLM-like steps: every stream's tokens fall on one shared clock grid (1/tokens_per_s),
+    # as continuous batching decodes one token for all running requests per step.
+    # Off: each stream keeps its own phase (the harder case for a reader: no two
+    # streams' tokens arrive together).
+    batched: bool = False
 
     def override(self, raw: object) -> "Pacing":
         if not isinstance(raw, dict):
             return self
         known = {k: raw[k] for k in ("ttft_ms", "tokens_per_s", "fail_status", "hang",
-                                     "fail_after_tokens") if k in raw}
+                                     "fail_after_tokens", "batched") if k in raw}
         return replace(self, **known)
 
 
@@ -230,7 +236,10 @@ class StandinEngine:
         try:
             for i in range(max_tokens):
                 # An absolute schedule: a late wake-up does not push every later token back.
-                delay = start + pacing.ttft_ms / 1000 + i * interval - time.monotonic()
+                due = start + pacing.ttft_ms / 1000 + i * interval
+                if pacing.batched:
+                    due = math.ceil(due / interval) * interval      # the next engine step
+                delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if i == pacing.fail_after_tokens:
@@ -335,7 +344,7 @@ def vllm_compatible(argv: list[str]) -> list[str]:
     --model M --served-model-name N --uds S ...``; bench/standin-python hands
     that argv here, so the real daemon can supervise the stand-in. vLLM's
     other flags are ignored; ``--standin-*`` flags (through
-    ``engine.extra_args``) set the pacing.
+    ``engine.extra_args``) set the pacing (``--standin-batched``: vLLM-like steps).
     """
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--uds")
@@ -345,6 +354,7 @@ def vllm_compatible(argv: list[str]) -> list[str]:
     parser.add_argument("--max-num-seqs")
     for name in ("ttft-ms", "tokens-per-s", "max-tokens"):
         parser.add_argument(f"--standin-{name}")
+    parser.add_argument("--standin-batched", action="store_true")
     known, _ = parser.parse_known_args(argv)
     out = []
     if known.uds:
@@ -360,6 +370,8 @@ def vllm_compatible(argv: list[str]) -> list[str]:
         value = getattr(known, f"standin_{name}")
         if value is not None:
             out += ["--" + name.replace("_", "-"), value]
+    if known.standin_batched:
+        out.append("--batched")
     return out
 
 
@@ -376,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-s", type=float, default=Pacing.tokens_per_s)
     parser.add_argument("--max-tokens", type=int, default=Pacing.max_tokens,
                         help="completion length when a request does not say")
+    parser.add_argument("--batched", action="store_true",
+                        help="vLLM-like steps: all streams' tokens on one shared clock grid")
     parser.add_argument("--max-num-seqs", type=int, default=0,
                         help="run at most this many requests at once, queue the rest (0: no limit)")
     parser.add_argument("--ready-file", type=Path, help="write this file once listening")
@@ -384,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --uds PATH and/or --port N")
     if args.tokens_per_s <= 0:
         parser.error("--tokens-per-s must be > 0")
-    pacing = Pacing(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, max_tokens=args.max_tokens)
+    pacing = Pacing(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, max_tokens=args.max_tokens,
+                    batched=args.batched)
     engine = StandinEngine(pacing, model=args.model, max_num_seqs=args.max_num_seqs)
     print(f"stand-in engine: model {args.model}, {args.ttft_ms:g} ms to first token, "
           f"{args.tokens_per_s:g} tokens/s, on {args.uds or f'{args.host}:{args.port}'}", flush=True)

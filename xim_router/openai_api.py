@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,7 +232,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             exchange.cancel("unexpected chunk")
             return error_response(RequestFailed("internal", "the agent streamed a non-streamed "
                                                             "request", 502), request_id=exchange.id)
-        return await relay_stream(request, exchange, first, call.wants_usage)
+        return await relay_stream(request, exchange, first, call)
     except ClientGone:
         return web.Response(status=499)
     finally:
@@ -238,8 +240,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
         exchange.cancel("client disconnected")     # a no-op when it finished
 
 
+def usage_chunk(call: "Call", endpoint: str, request_id: str, usage: codec.Usage) -> bytes:
+    """A usage-only stream chunk, for an agent whose ``done`` carries usage but not the engine's chunk."""
+    kind = "chat.completion.chunk" if endpoint == "chat.completions" else "text_completion"
+    return json.dumps({"id": request_id, "object": kind, "created": int(time.time()), "model": call.model,
+                       "choices": [], "usage": dataclasses.asdict(usage)},
+                      separators=(",", ":")).encode()
+
+
 async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first: codec.Message,
-                       wants_usage: bool) -> web.StreamResponse:
+                       call: "Call") -> web.StreamResponse:
     response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": exchange.id})
     await response.prepare(request)
     msg = first
@@ -249,8 +259,13 @@ async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first
                 await response.write(b"".join(b"data: " + p + b"\n\n" for p in msg.data))
                 exchange.written()
                 msg = await exchange.next()
-            if wants_usage and msg.body:
-                await response.write(b"data: " + msg.body + b"\n\n")
+            if call.wants_usage:
+                # ximd passes the engine's own usage chunk in done.body; from an
+                # agent that only fills done.usage, build the chunk from that.
+                body = msg.body or (usage_chunk(call, ENDPOINTS[request.path], exchange.id, msg.usage)
+                                    if msg.usage else None)
+                if body:
+                    await response.write(b"data: " + body + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
         except RequestFailed as exc:
             # Headers are gone already: the error travels as an event, which

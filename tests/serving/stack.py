@@ -37,7 +37,7 @@ class Node:
     """The agent's serving half: the real MeshLink (CURVE DEALER) feeding the real Bridge."""
 
     def __init__(self, router: Router, store: store_mod.Store, engine_socket: Path, *,
-                 max_concurrent: int):
+                 max_concurrent: int, bridge_class: type[Bridge] = Bridge):
         public, secret = zmq.curve_keypair()
         enrolled = store.enroll(join_key=store.create_join_key(ttl_s=600, uses=1, model=None),
                                 public_key=public.decode(), hostname="test-node", hardware={},
@@ -52,7 +52,7 @@ class Node:
         self.max_concurrent = max_concurrent
         self.link = MeshLink(self.identity, hello_info=self.info, lease_info=self.info,
                              on_message=self.on_message, on_state=self.on_state, lease_interval=1.0)
-        self.bridge = Bridge(engine_socket, max_concurrent=max_concurrent, send=self.link.send)
+        self.bridge = bridge_class(engine_socket, max_concurrent=max_concurrent, send=self.link.send)
         self._task: asyncio.Task | None = None
 
     def info(self) -> dict:
@@ -89,7 +89,9 @@ class ServingStack:
     """Everything above, on a loop in a thread; `url` is the router's HTTP base."""
 
     def __init__(self, tmp: Path, engine_socket: Path, *, max_concurrent: int = 8,
-                 api_keys: frozenset[str] = frozenset(), request_timeout_s: float = 60):
+                 api_keys: frozenset[str] = frozenset(), request_timeout_s: float = 60,
+                 bridge_class: type[Bridge] = Bridge):
+        self.bridge_class = bridge_class
         self.tmp = tmp
         self.engine_socket = engine_socket
         self.max_concurrent = max_concurrent
@@ -123,7 +125,8 @@ class ServingStack:
         await self._add_agent(self.max_concurrent)
 
     async def _add_agent(self, max_concurrent: int) -> Node:
-        agent = Node(self.router, self.store, self.engine_socket, max_concurrent=max_concurrent)
+        agent = Node(self.router, self.store, self.engine_socket, max_concurrent=max_concurrent,
+                     bridge_class=self.bridge_class)
         await agent.start()
         for _ in range(500):            # the lease has been handled once the router lists the model
             session = self.router.sessions.get(agent.identity.worker_id)

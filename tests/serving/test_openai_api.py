@@ -8,6 +8,7 @@ and the stand-in engine as its own process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -16,6 +17,8 @@ import openai
 import pytest
 
 from tests.serving.stack import MODEL, ServingStack
+from ximd.mesh import codec
+from ximd.serve import Bridge
 from tests.support.standin_engine import engine_gauge, wait_for_gauge
 
 KEY = "sk-test-key"
@@ -70,6 +73,23 @@ def test_chat_streamed_without_usage_shows_no_usage_chunk(stack):
                                                         stream=True))
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
     assert len("".join(c.choices[0].delta.content or "" for c in chunks).split()) == 5
+
+
+class UsageInDoneOnly(Bridge):
+    """An agent that follows docs/protocol.md to the letter: usage in done.usage, no done.body."""
+
+    async def _send(self, msg):
+        if isinstance(msg, codec.Done) and msg.body and b'"choices":[]' in msg.body:
+            msg = dataclasses.replace(msg, body=None)
+        await super()._send(msg)
+
+
+@pytest.mark.parametrize("stack", [{"bridge_class": UsageInDoneOnly}], indirect=True)
+def test_usage_chunk_is_built_from_done_usage_when_the_agent_sends_only_that(stack):
+    chunks = list(client(stack).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].object == "chat.completion.chunk"
 
 
 def test_completions_streamed_and_not(stack):
