@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -105,13 +104,10 @@ def test_router_down_at_start_does_not_block_readiness(tmp_path, router):
         router.stop()
         daemon = make_daemon(tmp_path, router, None)
         daemon.start()
-        daemon.notify.wait_for("READY", "1", timeout=60)
-        status = daemon.notify.wait_for("STATUS", timeout=5)
-        deadline = time.monotonic() + 20
-        while "serving tiny; router" not in daemon.notify.messages[-1][1].get("STATUS", ""):
-            assert time.monotonic() < deadline, daemon.notify.messages
-            daemon.notify.poll(0.5)
-        assert "router connected" not in daemon.notify.messages[-1][1]["STATUS"], status
+        ready = daemon.notify.wait_for("READY", "1", timeout=60)
+        # Ready on the engine alone: the router being away only shows in STATUS.
+        assert ready["STATUS"].startswith("serving tiny; router ")
+        assert ready["STATUS"] != "serving tiny; router connected"
         router.start()
         daemon.notify.wait_for("STATUS", "serving tiny; router connected", timeout=60)
     finally:
