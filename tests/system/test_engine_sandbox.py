@@ -106,4 +106,5 @@ def test_cpu_engine_serves_inside_the_unit_sandbox(engine_guest, packages):
     assert "Operation not permitted" not in journal and "Read-only file system" not in journal, journal
 
     guest.systemctl("stop", UNIT)
-    assert guest.processes_of("xerotier") == []
+    # An exited worker can show for a moment as a zombie until the guest's init reaps it.
+    wait_until(lambda: guest.processes_of("xerotier") == [], 15, "no process of xerotier left")
