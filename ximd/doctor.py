@@ -303,8 +303,8 @@ def check_engine(probe: EngineProbe, configured: str) -> Check:
     if probe.version:
         return Check("engine", "ok", f"vLLM {probe.version} in {where}")
     return Check("engine", "fail", f"vLLM is not importable in {where}: {probe.error}",
-                 f"build the engine environment at {configured.removesuffix('/bin/python')}: "
-                 "`sudo xerotier-engine-install --flavor cuda` (or rocm, or cpu); or set engine.python")
+                 "build the engine environment: `sudo xerotier-engine-install --flavor cuda` (or rocm, "
+                 f"or cpu) --prefix {configured.removesuffix('/bin/python')}; or set engine.python")
 
 
 def check_redis(shown_url: str, enabled: str, error: str | None) -> Check:

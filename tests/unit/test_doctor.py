@@ -221,7 +221,7 @@ def test_engine_with_vllm_reports_its_version(tmp_path):
 def test_engine_without_vllm_fails_and_says_why(tmp_path):
     python = stand_in_engine(tmp_path, None)
     c = doctor.check_engine(doctor.probe_engine(str(python)), str(python))
-    assert c.status == "fail" and "No module named 'vllm'" in c.detail and "pip install" in c.fix
+    assert c.status == "fail" and "No module named 'vllm'" in c.detail and "xerotier-engine-install --flavor" in c.fix
 
 
 def test_absent_engine_falls_back_to_ximd_interpreter_and_says_so(tmp_path):
@@ -230,7 +230,7 @@ def test_absent_engine_falls_back_to_ximd_interpreter_and_says_so(tmp_path):
     assert probe.python == sys.executable
     c = doctor.check_engine(probe, configured)
     assert f"{configured} not found; using ximd's own interpreter" in c.detail
-    assert f"python3 -m venv {tmp_path / 'opt/engine'} &&" in c.fix
+    assert f"--prefix {tmp_path / 'opt/engine'};" in c.fix
 
 
 def test_hung_engine_import_is_bounded(tmp_path):
