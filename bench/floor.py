@@ -51,6 +51,9 @@ class ReadAll(asyncio.Protocol):
         self.tail = (self.tail + data)[-16:]
         if self.tail.endswith(b"0\r\n\r\n"):
             self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
             self.done.set_result(None)
 
 
@@ -63,7 +66,7 @@ async def protocol_reader(sock: str, concurrency: int, rounds: int, max_tokens: 
     async def one() -> None:
         done = loop.create_future()
         await loop.create_unix_connection(lambda: ReadAll(request, done), sock)
-        await done
+        await asyncio.wait_for(done, 120)
 
     for _ in range(rounds):
         await asyncio.gather(*(one() for _ in range(concurrency)))

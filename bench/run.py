@@ -83,6 +83,17 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def tree_cpu_s(self) -> float:
+        """CPU of this process and its children (ximd's engine is its child)."""
+        total = self.cpu_s()
+        for child in self.ps.children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
     def stop(self, timeout: float = 60) -> None:
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
@@ -215,6 +226,8 @@ class Row:
     router_net_cpu_ms_per_1k_tokens: float
     ximd_idle_cpu_pct: float
     ximd_peak_rss_mb: float
+    cores_busy_direct: float           # CPU of every process of the run / wall time
+    cores_busy_through: float
     errors_direct: int
     errors_through: int
     first_error: str | None
@@ -222,6 +235,12 @@ class Row:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+def machine_cpu_s(stack: Stack) -> float:
+    """Everything the benchmark runs: router, ximd and its engine, and this load generator."""
+    own = os.times()
+    return stack.router.tree_cpu_s() + stack.ximd.tree_cpu_s() + own.user + own.system
 
 
 async def compare(stack: Stack, concurrency: int, requests_per_worker: int, max_tokens: int) -> Row:
@@ -234,14 +253,16 @@ async def compare(stack: Stack, concurrency: int, requests_per_worker: int, max_
     # During the direct run ximd and the router only idle (leases, health and
     # metrics polls, the watchdog): that rate, taken off the through run's
     # CPU, leaves what serving itself cost ("net").
-    idle_ximd, idle_router = stack.ximd.cpu_s(), stack.router.cpu_s()
+    idle_ximd, idle_router, all_cpu = stack.ximd.cpu_s(), stack.router.cpu_s(), machine_cpu_s(stack)
     d = await run_load(direct, model=MODEL, concurrency=concurrency,
                        requests_per_worker=requests_per_worker, max_tokens=max_tokens)
     ximd_cpu, router_cpu = stack.ximd.cpu_s(), stack.router.cpu_s()
     idle_ximd, idle_router = (ximd_cpu - idle_ximd) / d.wall_s, (router_cpu - idle_router) / d.wall_s
+    all_cpu, cores_direct = machine_cpu_s(stack), (machine_cpu_s(stack) - all_cpu) / d.wall_s
     t = await run_load(through, model=MODEL, concurrency=concurrency,
                        requests_per_worker=requests_per_worker, max_tokens=max_tokens)
     ximd_cpu, router_cpu = stack.ximd.cpu_s() - ximd_cpu, stack.router.cpu_s() - router_cpu
+    cores_through = (machine_cpu_s(stack) - all_cpu) / t.wall_s
     per_1k = 1000 / t.tokens if t.tokens else math.nan
     return Row(
         concurrency=concurrency, requests=len(t.samples),
@@ -256,6 +277,7 @@ async def compare(stack: Stack, concurrency: int, requests_per_worker: int, max_
         router_net_cpu_ms_per_1k_tokens=round((router_cpu - idle_router * t.wall_s) * 1000 * per_1k, 2),
         ximd_idle_cpu_pct=round(idle_ximd * 100, 2),
         ximd_peak_rss_mb=round(stack.ximd.peak_rss_mb(), 1),
+        cores_busy_direct=round(cores_direct, 2), cores_busy_through=round(cores_through, 2),
         errors_direct=d.errors, errors_through=t.errors,
         first_error=t.first_error() or d.first_error())
 
@@ -268,13 +290,16 @@ COLUMNS = [("c", "concurrency"), ("direct tok/s", "direct_tokens_per_s"),
            ("ximd CPU ms/1k tok net (gross)", ("ximd_net_cpu_ms_per_1k_tokens", "ximd_cpu_ms_per_1k_tokens")),
            ("router CPU ms/1k tok net (gross)",
             ("router_net_cpu_ms_per_1k_tokens", "router_cpu_ms_per_1k_tokens")),
-           ("ximd peak RSS MB", "ximd_peak_rss_mb"), ("errors d/t", ("errors_direct", "errors_through"))]
+           ("ximd peak RSS MB", "ximd_peak_rss_mb"),
+           ("cores busy d/t", ("cores_busy_direct", "cores_busy_through")),
+           ("errors d/t", ("errors_direct", "errors_through"))]
 
 
 def cell(row: Row, key) -> str:
     if isinstance(key, tuple):
         first, second = (getattr(row, k) for k in key)
-        return f"{first:g}/{second:g}" if key[0].startswith("errors") else f"{first:g} ({second:g})"
+        slash = key[0].startswith(("errors", "cores"))
+        return f"{first:g}/{second:g}" if slash else f"{first:g} ({second:g})"
     return f"{getattr(row, key):g}"
 
 
