@@ -41,6 +41,7 @@ from xim_router.dataplane import ClientGone, RequestFailed
 log = logging.getLogger("xim_router.openai")
 
 SETTINGS_KEY = "xim_router.openai"
+LIVE_KEY = "xim_router.openai.live"          # the Presence of every request being served
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 DISCONNECT_POLL_S = 0.25
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -100,6 +101,22 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
+    app[LIVE_KEY] = set()
+    app.on_shutdown.append(end_live_requests)
+
+
+async def end_live_requests(app: web.Application) -> None:
+    """On shutdown, end every open request with a retryable error.
+
+    aiohttp waits for running handlers before it lets the process exit; a
+    stream would otherwise hold `xim-router` up for as long as it runs.
+    """
+    for presence in list(app[LIVE_KEY]):
+        exchange = presence.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.queue.put_nowait(codec.error_for(
+                "draining", "the router is stopping; retry shortly", request_id=exchange.id))
+            exchange.cancel("router stopping")
 
 
 # ---------------------------------------------------------------- OpenAI bodies
@@ -212,6 +229,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except RequestFailed as exc:
         return error_response(exc)
     presence = dataplane.Presence()
+    live = request.app[LIVE_KEY]
+    live.add(presence)
+    try:
+        return await serve_call(request, settings, call, presence)
+    finally:
+        live.discard(presence)
+
+
+async def serve_call(request: web.Request, settings: ApiSettings, call: "Call",
+                     presence: dataplane.Presence) -> web.StreamResponse:
     watcher = asyncio.ensure_future(watch_disconnect(request, presence))
     try:
         exchange, first = await dataplane.start(

@@ -223,10 +223,13 @@ def check_router_restart_mid_stream(node: ServedNode, long_request: dict) -> Non
     stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **long_request)
     iterator = iter(stream)
     next(iterator)
-    node.router.restart()
+    t0 = time.monotonic()
+    assert node.router.stop() == 0                 # SIGTERM ends the open stream, no SIGKILL needed
+    assert time.monotonic() - t0 < 5
     with pytest.raises((openai.APIError, openai.APIConnectionError)):
         for _ in iterator:
             pass
+    node.router.start()
     asyncio.run(wait_for_gauge(node.engine_socket, 0, timeout=20))   # ximd dropped the orphan
     node.wait_serving(timeout=60)                                   # the link came back by itself
     after = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
