@@ -260,3 +260,55 @@ def test_a_request_past_its_deadline_is_a_504(stack, engine):
                                               extra_body={"x_standin": {"hang": True}})
     assert caught.value.status_code == 504 and caught.value.code == "timeout"
     asyncio.run(wait_for_gauge(engine.socket_path, 0))
+
+
+# ---------------------------------------------------------------- more than one agent
+
+
+@pytest.mark.parametrize("stack", [{"max_concurrent": 1}], indirect=True)
+def test_a_full_agent_is_skipped_for_one_with_room(stack, engine):
+    second = stack.call(stack._add_agent(1))
+
+    async def scenario():
+        c = async_client(stack)
+        held = asyncio.ensure_future(c.chat.completions.create(
+            model=MODEL, messages=MESSAGES, timeout=20, extra_body={"x_standin": {"hang": True}}))
+        await wait_for_gauge(engine.socket_path, 1)
+        reply = await c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        await c.close()
+        return reply
+
+    reply = asyncio.run(scenario())
+    assert reply.usage.completion_tokens == 3
+    served = [a.bridge.metrics.requests_by_outcome.get("ok", 0) for a in stack.agents]
+    assert served == [0, 1] and stack.agents[1] is second
+
+
+def test_a_retryable_refusal_moves_the_request_to_another_agent(stack):
+    stack.call(stack._add_agent(8))
+    first = stack.agents[0]
+    first.bridge.draining = True          # refuses, though the router has not heard of it yet
+    reply = client(stack).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    assert first.bridge.metrics.requests_by_outcome == {"draining": 1}
+    assert stack.agents[1].bridge.metrics.requests_by_outcome == {"ok": 1}
+
+
+def test_a_model_whose_agent_is_away_is_503_not_404(stack):
+    agent = stack.agents[0]
+    stack.call(agent.close())                     # says bye: the router ends the session
+
+    async def session_gone():
+        for _ in range(200):
+            if not stack.router.sessions:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the router kept the session")
+
+    stack.call(session_gone())
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(stack).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert caught.value.status_code == 503 and caught.value.code == "engine_unavailable"
+    stack.agents.remove(agent)
