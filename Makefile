@@ -13,7 +13,7 @@ export XIMD_CACHE_DIR ?= /var/cache/ximd-dev
 BOOKWORM_PINS := pyzmq==24.0.1 msgpack==1.0.3 aiohttp==3.8.4 redis==4.3.4 psutil==5.9.4 PyYAML==6.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast host venv venv-bookworm engine compat deb rpm clean
+.PHONY: demo test test-fast bench host venv venv-bookworm engine compat deb rpm clean
 
 host:
 	bash tools/setup-host.sh
@@ -53,6 +53,10 @@ test-fast: venv
 
 demo: host venv engine
 	$(VENV)/bin/python tools/demo.py
+
+# ximd's overhead: the same workload direct and through router + ximd (docs/performance.md).
+bench: venv
+	$(VENV)/bin/python -m bench.run --pacing stream
 
 deb:
 	bash tools/build-deb.sh dist

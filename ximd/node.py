@@ -186,6 +186,8 @@ class Node:
         }
 
     def lease_info(self) -> dict:
+        if self.link is not None and self.link.last_lease_ack_at:
+            self.metrics.lease_acknowledged(self.link.last_lease_ack_at)
         return {
             "running": self.bridge.running,
             "waiting": int(self.engine_load.get("waiting", 0)),
@@ -246,10 +248,9 @@ class Node:
 
     async def stop(self, drain_s: float) -> None:
         if self.bridge is not None and self.link is not None and self.link_state == "connected":
-            try:
-                await self.link.send(codec.Drain())
-            except Exception as exc:   # the router may be gone; draining goes on regardless
-                log.warning("could not tell the router to stop sending: %s", exc)
+            if not await self.link.drain("node stopping"):
+                # The router may be gone; in-flight streams still get their grace.
+                log.warning("the router did not acknowledge the drain; finishing in-flight requests anyway")
         if self.bridge is not None:
             left = await self.bridge.drain(drain_s)
             if left:

@@ -60,7 +60,8 @@ class Notifier:
         if self.address is None:
             return False
         try:
-            self._socket().sendto("\n".join(lines).encode(), _sockaddr(self.address))
+            # Never block the event loop on the manager: a full queue drops the line.
+            self._socket().sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, _sockaddr(self.address))
             return True
         except OSError as exc:
             # Losing the manager's socket must not take the daemon down, but it
