@@ -52,7 +52,9 @@ class ServedNode:
         self.vllm_args = vllm_args
         self.ready_timeout_s = ready_timeout_s
         self.metrics_port = free_port()
-        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="3s")
+        # A generous lease timeout: next to a real vLLM the two cores are busy, and a late
+        # lease must not look like a lost node to these tests.
+        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="10s")
         self.daemon: Daemon | None = None
 
     @property
