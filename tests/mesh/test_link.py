@@ -154,22 +154,27 @@ async def recv_or_none(sock, timeout_s: float):
     return None
 
 
-def test_unknown_curve_key_is_refused_and_nothing_is_processed(router, agent_cfg):
-    identity = enroll_fresh(router, agent_cfg())
-    public, secret = (k.decode() for k in zmq.curve_keypair())
-
+def raw_hello_reply(router: RouterProcess, *, public: str, secret: str, routing_id: str, identity):
+    """Send one hello from a raw CURVE dealer with these keys; the router's reply or None."""
     async def scenario():
         ctx = zmq.asyncio.Context()
-        sock = raw_dealer(ctx, router, public=public, secret=secret, routing_id=identity.worker_id)
+        sock = raw_dealer(ctx, router, public=public, secret=secret, routing_id=routing_id)
         try:
-            # Even with a valid token and worker id, an unknown key gets nowhere.
             await sock.send(hello_for(identity))
             return await recv_or_none(sock, 2.0)
         finally:
             sock.close(0)
             ctx.term()
+    return asyncio.run(scenario())
 
-    assert asyncio.run(scenario()) is None
+
+def test_unknown_curve_key_is_refused_and_nothing_is_processed(router, agent_cfg):
+    identity = enroll_fresh(router, agent_cfg())
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+
+    # Even with a valid token and worker id, an unknown key gets nowhere.
+    assert raw_hello_reply(router, public=public, secret=secret, routing_id=identity.worker_id,
+                           identity=identity) is None
     log = router.log()
     assert f"unknown CURVE key {public}" in log
     assert "connected: protocol" not in log          # no hello was handled
@@ -180,18 +185,8 @@ def test_an_enrolled_key_cannot_speak_as_another_worker(router, agent_cfg):
     a = enroll_fresh(router, agent_cfg("a"))
     b = enroll_fresh(router, agent_cfg("b"))
 
-    async def scenario():
-        ctx = zmq.asyncio.Context()
-        sock = raw_dealer(ctx, router, public=a.agent_public_key, secret=a.agent_secret_key,
-                          routing_id=b.worker_id)
-        try:
-            await sock.send(hello_for(b))
-            return await recv_or_none(sock, 2.0)
-        finally:
-            sock.close(0)
-            ctx.term()
-
-    assert asyncio.run(scenario()) is None
+    assert raw_hello_reply(router, public=a.agent_public_key, secret=a.agent_secret_key,
+                           routing_id=b.worker_id, identity=b) is None
     assert f"using routing id '{b.worker_id}'" in router.log()
     assert router.agent(b.agent_id)["state"] == "pending"
 
