@@ -23,7 +23,7 @@ from collections.abc import Callable
 from ximd import __version__, tuning
 from ximd.config import EX_CONFIG, Config, ConfigError
 from ximd.control import ControlServer, socket_path
-from ximd.logs import set_level, setup_logging
+from ximd.logs import phase_fields, set_level, setup_logging
 from ximd.systemd import Notifier
 
 log = logging.getLogger("ximd")
@@ -46,10 +46,6 @@ WAITING_PHASES = {"starting", "not-enrolled", "enrolling", "preparing", "engine-
 
 def changed_settings(old: Config, new: Config) -> list[str]:
     return [name for name, value, _ in new.items() if old.get(name) != value]
-
-
-def phase_fields(phase: str) -> dict:
-    return {"fields": {"XIM_PHASE": phase}}
 
 
 class Agent:

@@ -164,5 +164,10 @@ def set_level(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if LEVELS[level] <= TRACE else logging.WARNING)
 
 
+def phase_fields(phase: str, **more: str) -> dict:
+    """`extra=` for a record with journal fields: XIM_PHASE plus any XIM_* given."""
+    return {"fields": {"XIM_PHASE": phase, **more}}
+
+
 def trace(logger: logging.Logger, msg: str, *args, **kwargs) -> None:
     logger.log(TRACE, msg, *args, **kwargs)

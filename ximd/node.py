@@ -19,6 +19,7 @@ import aiohttp
 from ximd import __version__
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineState, EngineSupervisor, LaunchError
+from ximd.logs import phase_fields
 from ximd.mesh import codec
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
 from ximd.models import ModelError
@@ -81,7 +82,7 @@ class Node:
             self.agent.config_invalid(f"{exc.key}: {exc.message}")
             return
         except (ModelError, LaunchError) as exc:
-            log.error("engine cannot start: %s", exc, extra={"fields": {"XIM_PHASE": "engine"}})
+            log.error("engine cannot start: %s", exc, extra=phase_fields("engine"))
             self.agent.node_degraded("engine-unavailable",
                                      f"engine cannot start: {exc}; fix it, then `systemctl restart ximd`")
             self.agent.ready()

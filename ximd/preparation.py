@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from ximd import autoconfig, hardware, kvcache, models
 from ximd.autoconfig import Plan
 from ximd.config import Config
-from ximd.engine import EngineLaunch, EnginePaths, build_launch, describe
+from ximd.engine import EngineLaunch, EnginePaths, build_launch
+from ximd.logs import phase_fields
 
 log = logging.getLogger("ximd")
-PHASE = {"XIM_PHASE": "plan"}
+PLAN = phase_fields("plan")
 
 
 @dataclass(frozen=True)
@@ -34,25 +35,25 @@ class Prepared:
 
 def log_plan(plan: Plan) -> None:
     for name, why in plan.reasons.items():
-        log.info("plan: %s — %s", name, why, extra={"fields": PHASE})
+        log.info("plan: %s — %s", name, why, extra=PLAN)
     for warning in plan.warnings:
-        log.warning("plan: %s", warning, extra={"fields": PHASE})
+        log.warning("plan: %s", warning, extra=PLAN)
 
 
 def prepare_engine(cfg: Config, assigned_model: str | None) -> Prepared:
     """Raises ModelError, PlanError or LaunchError with an operator-facing message."""
     paths = EnginePaths.from_config(cfg)
     if paths.python_note:
-        log.warning("%s", paths.python_note, extra={"fields": PHASE})
+        log.warning("%s", paths.python_note, extra=PLAN)
     hw = hardware.detect()
     choice = models.choose_model(cfg.engine.model, cfg.origins["engine.model"], assigned_model)
     log.info("model %s (from %s)", choice.ref, choice.origin,
-             extra={"fields": {**PHASE, "XIM_MODEL": choice.ref}})
+             extra=phase_fields("plan", XIM_MODEL=choice.ref))
     resolved = models.resolve(choice, models.ModelCache.from_config(cfg), engine_python=paths.python)
     facts, note = autoconfig.load_model_facts(resolved.model_arg)
     plan = autoconfig.plan_from_config(cfg, hw, facts, note)
     log_plan(plan)
     kv = kvcache.prepare(cfg, plan, engine_python=paths.python, ram_bytes=hw.ram_bytes)
+    # The supervisor logs the engine's command line at every start.
     launch = build_launch(cfg, plan, resolved, paths, kv=kv, inherit=os.environ)
-    log.info("engine command: %s", describe(launch), extra={"fields": {"XIM_PHASE": "engine"}})
     return Prepared(launch, plan, resolved, kv, hw)
