@@ -383,6 +383,9 @@ class Router:
                         session.version)
         elif isinstance(msg, codec.Bye):
             log.info("agent %s said bye: %s", session.worker_id, msg.reason)
+            # The answer tells the agent that everything it sent before its bye was read
+            # here, so it can close without TCP resetting frames still on their way.
+            self._reply(session.worker_id, codec.Bye(reason="bye acknowledged"), session.version)
             self._end_session(session, f"bye: {msg.reason}", store_mod.DISCONNECTED)
 
     # ------------------------------------------------------------ ending sessions
@@ -410,11 +413,23 @@ class Router:
 
     async def _sweep_loop(self) -> None:
         while True:
+            wake_at = time.monotonic() + self.settings.sweep_interval_s
             await asyncio.sleep(self.settings.sweep_interval_s)
+            self.forgive_pause(transport.paused_for(wake_at, time.monotonic()))
             try:
                 self.sweep()
             except Exception:
                 log.exception("sweep failed")
+
+    def forgive_pause(self, paused_s: float) -> None:
+        """The router did not run for ``paused_s``: the agents' frames of that time are
+        still queued here, so their leases are not late by it."""
+        if not paused_s:
+            return
+        log.warning("the router did not run for %.1f s (host paused or overloaded); "
+                    "lease clocks moved on by that much", paused_s)
+        for session in self.sessions.values():
+            session.last_seen += paused_s
 
     def sweep(self, now_mono: float | None = None, now: float | None = None) -> None:
         """Apply the lease timing and revocations made by `xim-router revoke`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -73,6 +74,32 @@ def test_restart_without_the_key_uses_the_same_identity(router, tmp_path):
     assert link_proc.returncode == 0
     assert "connected: session" in out
     assert len(router.agents()) == 1
+
+
+def test_a_host_frozen_past_the_lease_timeout_keeps_its_sessions(router, agent_cfg, tmp_path):
+    # A VM that stops for longer than the lease timeout (3 s here) stops router and agent
+    # alike: on waking, each must read the other's queued frames, not declare it gone.
+    cfg = agent_cfg()
+    identity = enroll_fresh(router, cfg)
+    config_file = tmp_path / "agent.toml"         # agent_cfg wrote it there
+    link_proc = subprocess.Popen([sys.executable, str(RUN_LINK), str(config_file)],
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: router.agent(identity.agent_id)["state"] == "active", 15, "the agent to connect")
+        frozen = (router.pid, link_proc.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(5)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(3)                              # several lease intervals after the thaw
+        assert router.agent(identity.agent_id)["state"] == "active"
+    finally:
+        link_proc.send_signal(signal.SIGTERM)
+        out, _ = link_proc.communicate(timeout=10)
+    assert out.count("connected: session") == 1 and "disconnected: no answer" not in out, out
+    assert "missed its lease" not in router.log()
+    assert "did not run for" in router.log()
 
 
 def test_router_restart_agent_reconnects_by_itself(router, agent_cfg):
@@ -367,6 +394,26 @@ def test_bye_ends_the_session_at_once_and_drain_is_acknowledged(router, agent_cf
     asyncio.run(scenario())
     log = router.log()
     assert "is draining (test drain)" in log and "said bye: agent stopping" in log
+
+
+def test_close_sends_what_was_queued_before_it(router, agent_cfg):
+    """A drained stream's last frames and the bye are queued just before close(); closing
+    must not lose them (the router would fail a finished stream as a lost lease). The
+    router answers each chunk here (an unknown request: cancel), so its frames are still
+    arriving when the agent closes: without waiting for the bye's answer, TCP resets."""
+    identity = enroll_fresh(router, agent_cfg())
+
+    async def scenario():
+        link = make_link(identity, LinkProbe())
+        async with running(link):
+            await until(lambda: link.state == CONNECTED, 10, "the link to connect")
+            # ~50 MB, every chunk answered: the answers still arrive as close() begins.
+            for seq in range(200):
+                await link.send(codec.Chunk(id="xim-queued", seq=seq, data=[b"x" * 250_000]))
+        await in_thread(wait_for, lambda: "said bye: agent stopping" in router.log(), 10,
+                        "the bye queued behind the chunks to reach the router")
+
+    asyncio.run(scenario())
 
 
 def test_send_without_a_session_raises_link_down(router, agent_cfg):

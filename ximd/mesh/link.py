@@ -43,6 +43,8 @@ _WATCHED_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
 
 
 # Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
+# How long close() waits for the router to answer its bye.
+BYE_ANSWER_TIMEOUT_S = 2.0
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)
 
@@ -118,6 +120,7 @@ class MeshLink:
         self._stop = asyncio.Event()
         self._refreshing: asyncio.Task | None = None
         self._drain_acked: asyncio.Future | None = None
+        self._bye_answered: asyncio.Future | None = None
         self._limited = RateLimitedLog(log, interval_s=10.0)
 
     # ------------------------------------------------------------ public
@@ -185,16 +188,22 @@ class MeshLink:
         except (LinkDown, asyncio.TimeoutError):
             return False
 
-    async def close(self) -> None:
-        """Say bye (best effort) and stop run()."""
+    async def close(self, answer_timeout_s: float = BYE_ANSWER_TIMEOUT_S) -> None:
+        """Say bye, give the router a moment to answer it, and stop run().
+
+        The router answers once it has read everything sent before the bye. Closing
+        sooner lets TCP reset the connection under frames still on their way (the
+        last chunks of a drained stream) when the router's own frames arrive late.
+        """
+        if self.state == CONNECTED and self._sock is not None:
+            self._bye_answered = asyncio.get_running_loop().create_future()
+            try:
+                await self.send(codec.Bye(reason="agent stopping"))
+                await asyncio.wait_for(asyncio.shield(self._bye_answered), answer_timeout_s)
+            except (LinkDown, codec.ProtocolError, asyncio.TimeoutError):
+                pass                     # no answer (an older or vanished router): close anyway
         self._closing = True
         self._stop.set()
-        if self.state == CONNECTED and self._sock is not None:
-            try:
-                self._sock.send(codec.encode(codec.Bye(reason="agent stopping"),
-                                             version=self._version), _DONTWAIT)
-            except zmq.ZMQError:
-                pass
         if self._watch is not None:
             self._watch.poke()
 
@@ -322,7 +331,13 @@ class MeshLink:
                 continue                 # sending may have hidden a readable edge: look again
             deadlines = [d for d in (welcome_deadline, next_lease if self.state == CONNECTED else None,
                                      last_rx + lease_timeout if lease_timeout else None) if d]
-            await watch.wait(min(deadlines) - time.monotonic() if deadlines else None)
+            wake_at = min(deadlines) if deadlines else None
+            await watch.wait(wake_at - time.monotonic() if wake_at else None)
+            paused = transport.paused_for(wake_at, time.monotonic())
+            if paused:                   # our own stall, not the router's silence
+                log.warning("ximd did not run for %.1f s (host paused or overloaded); "
+                            "the router's lease clock moved on by that much", paused)
+                last_rx += paused
         return SessionEnd("link closed", was_connected=self.state == CONNECTED)
 
     def _on_welcome(self, sock: zmq.Socket, welcome: codec.Welcome) -> None:
@@ -397,6 +412,10 @@ class MeshLink:
         if isinstance(msg, codec.Reject):
             return await self._on_reject(msg)
         if isinstance(msg, codec.Bye):
+            if self._bye_answered is not None and not self._bye_answered.done():
+                self._closing = True     # the answer to our own bye: over, no reconnect
+                self._bye_answered.set_result(msg)
+                return SessionEnd("the router acknowledged our bye", was_connected=True)
             return SessionEnd(f"router said bye: {msg.reason}", was_connected=True)
         if self.state != CONNECTED:
             log.debug("ignored %s before welcome", msg.TYPE)

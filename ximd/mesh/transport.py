@@ -29,6 +29,19 @@ HIGH_WATER_MARK = 10_000
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 6_000
 
+# A process that wakes this much later than it asked to was not running (a frozen VM,
+# SIGSTOP, heavy swapping). Its peer's frames of that time wait in its socket, so the
+# silence is its own: lease clocks move on by the pause instead of ending the session.
+PAUSE_THRESHOLD_S = 1.0
+
+
+def paused_for(wake_at: float | None, now: float) -> float:
+    """How long past ``wake_at`` this process woke up, when that was a pause; else 0."""
+    if wake_at is None:
+        return 0.0
+    late = now - wake_at
+    return late if late > PAUSE_THRESHOLD_S else 0.0
+
 
 def apply_common_options(sock: zmq.Socket, *, buffer_bytes: int = SOCKET_BUFFER_BYTES) -> None:
     """Options both the agent's DEALER and the router's ROUTER carry (set before connect/bind)."""
