@@ -278,9 +278,9 @@ def usage_chunk(call: "Call", endpoint: str, request_id: str, usage: codec.Usage
 async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first: codec.Message,
                        call: "Call") -> web.StreamResponse:
     response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": exchange.id})
-    await response.prepare(request)
     msg = first
     try:
+        await response.prepare(request)     # the client may be gone already: same as later
         try:
             while isinstance(msg, codec.Chunk):
                 await response.write(b"".join(b"data: " + p + b"\n\n" for p in msg.data))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import socket
 import time
 
 import aiohttp
@@ -251,6 +253,24 @@ def test_a_client_that_disconnects_mid_stream_frees_the_engine_slot(stack, engin
 
     asyncio.run(scenario())
     assert stack.call(asyncio.sleep(0, result=stack.agents[0].bridge.running)) == 0
+
+
+def test_a_client_gone_before_the_first_token_is_no_error_and_frees_the_slot(stack, engine, caplog):
+    # The request is sent whole, then the socket closes at once: the first token comes
+    # back (5 ms) before the router's disconnect poll notices, onto a closing transport.
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 5000, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    caplog.set_level(logging.INFO, logger="xim_router")
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", stack.port)) as raw:
+            raw.sendall(head + body)
+    deadline = time.monotonic() + 10
+    while stack.call(asyncio.sleep(0, result=stack.agents[0].bridge.running)):
+        assert time.monotonic() < deadline, "a request of a departed client kept its slot"
+        time.sleep(0.05)
+    asyncio.run(wait_for_gauge(engine.socket_path, 0))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 @pytest.mark.parametrize("stack", [{"request_timeout_s": 0.5}], indirect=True)
