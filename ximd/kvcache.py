@@ -48,8 +48,9 @@ URL_SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys
 # Run by the engine's interpreter: the file must load with LMCache's own loader and
 # every key we wrote must be one LMCache knows (its loader only warns on unknown keys).
 _LOADER_CHECK = """
-import sys, yaml
+import sys
 from lmcache.v1.config import LMCacheEngineConfig, _CONFIG_DEFINITIONS
+import yaml   # after lmcache (which needs it): an interpreter without either is told "no lmcache"
 written = yaml.safe_load(open(sys.argv[1]))
 unknown = sorted(set(written) - set(_CONFIG_DEFINITIONS))
 if unknown:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,10 +162,14 @@ def test_prepare_auto_on_cpu_is_off_with_the_reason_and_writes_nothing(tmp_path,
 
 
 def test_prepare_with_lmcache_missing_from_the_engine_is_off_with_a_warning(tmp_path, caplog):
-    # /usr/bin/python3 is a real interpreter without lmcache, like an engine built without it.
+    # A real interpreter with no site packages at all, like an engine built without lmcache
+    # (nor PyYAML: a GPU host's python3 showed that the check must name lmcache first).
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
     cfg = load_config(tmp_path, XEROTIER_AGENT_LMCACHE_ENABLED="true", XEROTIER_AGENT_LMCACHE_DISK_SIZE_GB="1")
     caplog.set_level(logging.INFO, "ximd.kvcache")
-    setup = prepare(cfg, tiny_cpu_plan(), engine_python="/usr/bin/python3", ram_bytes=RAM)
+    setup = prepare(cfg, tiny_cpu_plan(), engine_python=str(bare), ram_bytes=RAM)
     assert not setup.enabled and setup.kv_transfer_config is None
     assert "lmcache is not installed in the engine environment" in setup.reasons[-1]
     assert any(r.levelno == logging.WARNING and "lmcache is not installed" in r.getMessage() for r in caplog.records)
