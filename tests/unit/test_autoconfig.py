@@ -95,6 +95,26 @@ def test_h100_fixture_with_the_seed_model():
     assert p.cpu_kvcache_space_gb is None and p.cpu_threads is None and p.warnings == ()
 
 
+H200_FIXTURE = hardware.parse_nvidia_query_csv(
+    (FIXTURES / "nvidia-h200-driver580/nvidia-smi-query-noheader.csv").read_text())[0]
+# tools/gpu-host-check.sh's two model directories (Llama-3.1-8B / -70B shapes, bf16).
+LLAMA_8B = autoconfig.model_facts_from_hf_config(
+    {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+     "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}, 16_060_522_496)
+LLAMA_70B = autoconfig.model_facts_from_hf_config(
+    {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+     "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}, 141_107_412_992)
+
+
+def test_h200_capture_plans_what_the_real_host_printed():
+    # `ximd plan` on the H200 itself (2026-11-27) printed these figures.
+    p = autoconfig.build_plan(Knobs(), nvidia_host(1, H200_FIXTURE), LLAMA_8B)
+    assert (p.tensor_parallel_size, p.kv_capacity_tokens, p.max_concurrent, p.max_num_seqs) == (1, 896_235, 256, 1024)
+    with pytest.raises(PlanError, match="131.4 GiB per GPU at tensor_parallel_size 1, more than 0.90 × 140.4 GiB"):
+        autoconfig.build_plan(Knobs(), nvidia_host(1, H200_FIXTURE), LLAMA_70B)
+    assert autoconfig.build_plan(Knobs(), nvidia_host(2, H200_FIXTURE), LLAMA_70B).tensor_parallel_size == 2
+
+
 def test_a_model_whose_context_does_not_fit_gets_the_largest_power_of_two():
     p = autoconfig.build_plan(Knobs(), nvidia_host(1), BIG)
     cap = p.kv_capacity_tokens

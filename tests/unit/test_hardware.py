@@ -3,6 +3,7 @@ detect() running stand-in tools as real subprocesses."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 import sys
@@ -16,18 +17,26 @@ from ximd.hardware import Gpu, ParseError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 H100 = FIXTURES / "nvidia-h100-driver580"
+H200 = FIXTURES / "nvidia-h200-driver580"
 AMD = FIXTURES / "amd-handwritten"
 
 H100_GPU = Gpu(index=0, vendor="nvidia", name="NVIDIA H100 80GB HBM3", memory_total_mib=81559,
                uuid="GPU-cce76fe6-b3f4-6039-8cd1-109be253c3c9", driver_version="580.159.04",
+               pci_bus_id="00000000:00:06.0", memory_used_mib=0)
+H200_GPU = Gpu(index=0, vendor="nvidia", name="NVIDIA H200", memory_total_mib=143771,
+               uuid="GPU-18241314-304a-7926-0533-46b260e17737", driver_version="580.159.04",
                pci_bus_id="00000000:00:06.0", memory_used_mib=0)
 
 
 # ---------------------------------------------------------------- NVIDIA
 
 
-def test_query_csv_noheader_from_the_h100_host():
-    assert hardware.parse_nvidia_query_csv((H100 / "nvidia-smi-query-noheader.csv").read_text()) == (H100_GPU,)
+CAPTURED_HOSTS = [(H100, H100_GPU), (H200, H200_GPU)]
+
+
+@pytest.mark.parametrize("host, gpu", CAPTURED_HOSTS, ids=["h100", "h200"])
+def test_query_csv_noheader_from_a_real_host(host, gpu):
+    assert hardware.parse_nvidia_query_csv((host / "nvidia-smi-query-noheader.csv").read_text()) == (gpu,)
 
 
 def test_query_csv_with_header_and_units_reads_its_own_columns():
@@ -35,8 +44,9 @@ def test_query_csv_with_header_and_units_reads_its_own_columns():
     assert hardware.parse_nvidia_query_csv((H100 / "nvidia-smi-query.csv").read_text()) == (H100_GPU,)
 
 
-def test_xml_agrees_with_the_query_on_the_same_host():
-    assert hardware.parse_nvidia_smi_xml((H100 / "nvidia-smi-q.xml").read_text()) == (H100_GPU,)
+@pytest.mark.parametrize("host, gpu", CAPTURED_HOSTS, ids=["h100", "h200"])
+def test_xml_agrees_with_the_query_on_the_same_host(host, gpu):
+    assert hardware.parse_nvidia_smi_xml((host / "nvidia-smi-q.xml").read_text()) == (gpu,)
 
 
 def test_query_csv_several_gpus_and_a_comma_in_the_name():
@@ -123,9 +133,27 @@ def test_rocm_smi_without_meminfo_says_which_flag():
 # ---------------------------------------------------------------- /proc, cgroups
 
 
-def test_proc_devices_of_the_h100_host():
-    majors = hardware.parse_proc_devices((H100 / "proc-devices.txt").read_text())
+@pytest.mark.parametrize("host", [H100, H200], ids=["h100", "h200"])
+def test_proc_devices_of_the_nvidia_hosts(host):
+    majors = hardware.parse_proc_devices((host / "proc-devices.txt").read_text())
     assert majors == {"nvidia": 195, "nvidiactl": 195, "nvidia-uvm": 238, "nvidia-caps": 241}
+
+
+def unit_device_allow_patterns() -> list[str]:
+    unit = Path(__file__).resolve().parents[2] / "systemd" / "ximd.service"
+    return [line.split("=", 1)[1].split()[0] for line in unit.read_text().splitlines()
+            if line.startswith("DeviceAllow=")]
+
+
+@pytest.mark.parametrize("host", [H100, H200, AMD], ids=["h100", "h200", "amd"])
+def test_the_units_device_allow_covers_every_gpu_device_group(host):
+    # systemd matches `char-<group>` against /proc/devices with shell globs; a group
+    # left out is a GPU that CUDA or ROCm cannot open inside the unit.
+    groups = hardware.parse_proc_devices((host / "proc-devices.txt").read_text())
+    patterns = unit_device_allow_patterns()
+    assert groups
+    for group in groups:
+        assert any(fnmatch.fnmatchcase(f"char-{group}", p) for p in patterns), (group, patterns)
 
 
 def test_proc_devices_of_an_amd_host():
