@@ -180,7 +180,9 @@ class Stack:
             f'[router]\nurl = "{self.router_url}"\njoin_key = "{join_key}"\ninsecure = true\n'
             f'[engine]\nmodel = "{model_dir}"\nserved_model_name = "{MODEL}"\npython = "{python}"\n'
             f'[metrics]\nenabled = false\n')
-        env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(self.dir), "PYTHONPATH": str(REPO),
+        # PYTHONPATH keeps what the caller had (packages installed with --target, say).
+        python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+        env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(self.dir), "PYTHONPATH": python_path,
                "XEROTIER_AGENT_CONFIG": str(config),
                "XEROTIER_AGENT_STATE_DIR": str(self.dir / "state"),
                "XEROTIER_AGENT_RUNTIME_DIR": str(self.dir / "run"),
@@ -338,7 +340,7 @@ async def main_async(args) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(f"engine={args.engine} pacing={args.pacing} ttft_ms={args.ttft_ms:g} tokens_per_s={args.tokens_per_s:g} "
-          f"max_tokens={args.max_tokens} cpus={os.cpu_count()}")
+          f"max_tokens={args.max_tokens} cpus={len(os.sched_getaffinity(0))}")
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": asdict(setup), "rows": [asdict(r) for r in rows]},
