@@ -136,7 +136,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()             # no engine there yet: do not leak the socket
+            raise
         self.sock = sock
 
 
