@@ -115,6 +115,7 @@ class MeshLink:
         self._version = codec.PROTOCOL_VERSION
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None            # set while a session is connected
+        self._outbox: transport.Outbox | None = None    # likewise: what send() queues
         self._watch: transport.ReadyWatch | None = None
         self._closing = False
         self._stop = asyncio.Event()
@@ -158,25 +159,16 @@ class MeshLink:
             self._ctx.term()
 
     async def send(self, msg: codec.Message) -> None:
-        """Send to the router; LinkDown when there is no session."""
-        sock, watch = self._sock, self._watch
-        if self.state != CONNECTED or sock is None:
+        """Queue for the router (transport.Outbox); LinkDown when there is no session."""
+        outbox = self._outbox
+        if self.state != CONNECTED or outbox is None:
             raise LinkDown(f"no session with the router ({self.state})")
         frame = codec.encode(msg, version=self._version)
-        try:
-            while True:
-                try:
-                    sock.send(frame, _DONTWAIT)
-                    break
-                except zmq.Again:               # queue full (router not reading): wait for room
-                    await asyncio.sleep(0.001)
-                    if self._sock is not sock:
-                        raise LinkDown("the link went down while waiting to send") from None
-        except zmq.ZMQError as exc:
-            raise LinkDown(f"the link went down while sending: {exc}") from None
-        finally:
-            if watch is not None and transport.readable(sock):
-                watch.poke()           # the send consumed the FD edge of pending input
+        while outbox.full():                    # the router is not reading: wait for room
+            await asyncio.sleep(0.001)
+            if self._outbox is not outbox:
+                raise LinkDown("the link went down while waiting to send")
+        outbox.put(frame)
 
     async def drain(self, reason: str, timeout_s: float = 5.0) -> bool:
         """Ask the router to send no more requests; True once it acknowledged."""
@@ -278,6 +270,9 @@ class MeshLink:
                 return SessionEnd(f"cannot build hello: {exc}")
             return await self._session_loop(sock, monitor, watch)
         finally:
+            if self._outbox is not None:
+                self._outbox.close()
+            self._outbox = None
             self._sock = None
             self._watch = None
             watch.close()
@@ -344,6 +339,12 @@ class MeshLink:
         self.welcome = welcome
         self._version = welcome.version
         self._sock = sock
+        watch = self._watch
+
+        def after_send() -> None:
+            if watch is not None and transport.readable(sock):
+                watch.poke()             # sending consumed the FD edge of pending input
+        self._outbox = transport.Outbox(asyncio.get_running_loop(), sock, after_send)
         self._set_state(CONNECTED, f"session {welcome.session} with {self.endpoint} "
                                    f"(router {welcome.router_version}, protocol v{welcome.version})")
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -179,7 +181,72 @@ class ReadyWatch:
 
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
+_DONTWAIT = int(zmq.DONTWAIT)
 
 
 def readable(sock: zmq.Socket) -> bool:
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
+# The shortest time between two bursts of frames on one socket (see Outbox).
+FLUSH_INTERVAL_S = 0.002
+
+
+def flush_delay(last_flush: float, now: float, interval_s: float = FLUSH_INTERVAL_S) -> float:
+    """How long a new frame waits: nothing on a link idle for ``interval_s``, else
+    until that long after the last burst."""
+    return max(0.0, last_flush + interval_s - now)
+
+
+class Outbox:
+    """Frames for one socket, sent in bursts at most every ``interval_s``.
+
+    A zmq send that finds libzmq's I/O thread idle wakes it, and each wake-up is a
+    system call and a context switch here, then one more in the router. One token
+    per frame per stream made that most of ximd's CPU per token; now an idle link
+    sends a frame at once and a busy one sends what gathered since its last burst
+    together (docs/performance.md: 12–25 % less CPU per token in ximd from 16 to 256
+    streams, at most 2 ms more per token and only under load).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, after_send: Callable[[], None],
+                 *, interval_s: float = FLUSH_INTERVAL_S, limit: int = HIGH_WATER_MARK):
+        self._loop, self._sock, self._after_send = loop, sock, after_send
+        self.interval_s, self.limit = interval_s, limit
+        self._frames: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_flush = -math.inf
+
+    def full(self) -> bool:
+        return len(self._frames) >= self.limit
+
+    def put(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        if self._timer is None:
+            delay = flush_delay(self._last_flush, self._loop.time(), self.interval_s)
+            if delay:
+                self._timer = self._loop.call_later(delay, self.flush)
+            else:
+                self.flush()
+
+    def flush(self) -> None:
+        self._timer = None
+        self._last_flush = self._loop.time()
+        sent = 0
+        try:
+            for frame in self._frames:
+                self._sock.send(frame, _DONTWAIT)
+                sent += 1
+        except zmq.Again:                # the peer stopped reading: the rest waits for room
+            self._timer = self._loop.call_later(self.interval_s, self.flush)
+        except zmq.ZMQError:             # the socket is gone with its session: so are its frames
+            sent = len(self._frames)
+        del self._frames[:sent]
+        self._after_send()
+
+    def close(self) -> None:
+        """Drop what is left: a new session never replays an old one's frames."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._frames.clear()

@@ -1,0 +1,90 @@
+"""transport.Outbox: frames go out at once on an idle link, in bursts on a busy one,
+in order, and never into a later session. Real ZeroMQ sockets over inproc."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import zmq
+
+from ximd.mesh.transport import Outbox, flush_delay
+
+
+@pytest.mark.parametrize("last, now, delay", [(-float("inf"), 5.0, 0.0), (1.0, 1.5, 0.0),
+                                              (1.0, 1.0005, 0.0015), (1.0, 1.002, 0.0)])
+def test_flush_delay_is_zero_on_an_idle_link_and_the_rest_of_the_interval_otherwise(last, now, delay):
+    assert flush_delay(last, now, 0.002) == pytest.approx(delay)
+
+
+@contextlib.contextmanager
+def socket_pair(sndhwm: int = 1000):
+    ctx = zmq.Context()
+    rx, tx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tx.setsockopt(zmq.SNDHWM, sndhwm)
+    rx.setsockopt(zmq.RCVHWM, sndhwm)
+    rx.bind("inproc://outbox")
+    tx.connect("inproc://outbox")
+    try:
+        yield rx, tx
+    finally:
+        rx.close(linger=0)
+        tx.close(linger=0)
+        ctx.term()
+
+
+def received(rx: zmq.Socket) -> list[bytes]:
+    out = []
+    while rx.poll(0):
+        out.append(rx.recv())
+    return out
+
+
+def test_first_frame_goes_at_once_the_next_ones_together_and_in_order():
+    async def scenario():
+        with socket_pair() as (rx, tx):
+            sends = []
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: sends.append(1), interval_s=0.05)
+            box.put(b"1")
+            assert received(rx) == [b"1"] and len(sends) == 1     # idle link: no wait
+            box.put(b"2")
+            box.put(b"3")
+            assert received(rx) == []                             # gathered ...
+            await asyncio.sleep(0.1)
+            assert received(rx) == [b"2", b"3"] and len(sends) == 2   # ... and sent as one burst
+    asyncio.run(scenario())
+
+
+def test_a_peer_that_stops_reading_keeps_the_rest_queued_until_there_is_room():
+    async def scenario():
+        with socket_pair(sndhwm=2) as (rx, tx):
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: None, interval_s=0.01, limit=100)
+            for i in range(20):
+                box.put(b"%d" % i)
+            await asyncio.sleep(0.05)
+            got = received(rx)
+            assert len(got) < 20                                  # the pipe filled up
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                got += received(rx)
+                if len(got) == 20:
+                    break
+            assert got == [b"%d" % i for i in range(20)]          # nothing lost, order kept
+    asyncio.run(scenario())
+
+
+def test_full_and_close_drop_what_a_dead_session_had_queued():
+    async def scenario():
+        with socket_pair() as (rx, tx):
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: None, interval_s=0.05, limit=3)
+            box.put(b"sent at once")
+            box.put(b"a")
+            box.put(b"b")
+            box.put(b"c")
+            assert box.full()
+            box.close()
+            await asyncio.sleep(0.1)
+            assert received(rx) == [b"sent at once"] and not box.full()
+    asyncio.run(scenario())
+
