@@ -9,6 +9,8 @@ import contextlib
 import pytest
 import zmq
 
+from ximd.mesh import codec
+from ximd.mesh.link import is_mid_stream
 from ximd.mesh.transport import Outbox, flush_delay
 
 
@@ -54,6 +56,25 @@ def test_first_frame_goes_at_once_the_next_ones_together_and_in_order():
             await asyncio.sleep(0.1)
             assert received(rx) == [b"2", b"3"] and len(sends) == 2   # ... and sent as one burst
     asyncio.run(scenario())
+
+
+def test_an_urgent_frame_goes_at_once_with_what_gathered_before_it():
+    async def scenario():
+        with socket_pair() as (rx, tx):
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: None, interval_s=10)
+            box.put(b"1")
+            box.put(b"2")
+            assert received(rx) == [b"1"]
+            box.put(b"first token", urgent=True)
+            assert received(rx) == [b"2", b"first token"]
+    asyncio.run(scenario())
+
+
+def test_only_chunks_after_the_first_may_wait():
+    assert not is_mid_stream(codec.Chunk(id="r", seq=0, data=[b"{}"]))
+    assert is_mid_stream(codec.Chunk(id="r", seq=1, data=[b"{}"]))
+    assert not is_mid_stream(codec.Done(id="r"))
+    assert not is_mid_stream(codec.Bye(reason="x"))
 
 
 def test_a_peer_that_stops_reading_keeps_the_rest_queued_until_there_is_room():

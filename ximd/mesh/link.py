@@ -42,11 +42,17 @@ _WATCHED_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
                    | zmq.EVENT_DISCONNECTED)
 
 
-# Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
 # How long close() waits for the router to answer its bye.
 BYE_ANSWER_TIMEOUT_S = 2.0
+# Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)
+
+
+def is_mid_stream(msg: codec.Message) -> bool:
+    """Only the chunks after a stream's first may wait for the next burst: a first token,
+    an answer, a refusal, a lease or a bye is something somebody is waiting for."""
+    return isinstance(msg, codec.Chunk) and msg.seq > 0
 
 
 class LinkDown(Exception):
@@ -168,7 +174,7 @@ class MeshLink:
             await asyncio.sleep(0.001)
             if self._outbox is not outbox:
                 raise LinkDown("the link went down while waiting to send")
-        outbox.put(frame)
+        outbox.put(frame, urgent=not is_mid_stream(msg))
 
     async def drain(self, reason: str, timeout_s: float = 5.0) -> bool:
         """Ask the router to send no more requests; True once it acknowledged."""

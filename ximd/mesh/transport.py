@@ -205,8 +205,8 @@ class Outbox:
     system call and a context switch here, then one more in the router. One token
     per frame per stream made that most of ximd's CPU per token; now an idle link
     sends a frame at once and a busy one sends what gathered since its last burst
-    together (docs/performance.md: 12–25 % less CPU per token in ximd from 16 to 256
-    streams, at most 2 ms more per token and only under load).
+    together (docs/performance.md: about a fifth less CPU per token in ximd and the
+    router under load). What someone waits for goes at once (``urgent``).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, after_send: Callable[[], None],
@@ -220,9 +220,12 @@ class Outbox:
     def full(self) -> bool:
         return len(self._frames) >= self.limit
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes, *, urgent: bool = False) -> None:
+        """Queue ``frame``; an urgent one goes at once, with what gathered before it."""
         self._frames.append(frame)
-        if self._timer is None:
+        if urgent:
+            self.flush()
+        elif self._timer is None:
             delay = flush_delay(self._last_flush, self._loop.time(), self.interval_s)
             if delay:
                 self._timer = self._loop.call_later(delay, self.flush)
@@ -230,6 +233,8 @@ class Outbox:
                 self.flush()
 
     def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = None
         self._last_flush = self._loop.time()
         sent = 0
