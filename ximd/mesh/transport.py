@@ -233,9 +233,7 @@ class Outbox:
                 self.flush()
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
+        self._cancel_timer()
         self._last_flush = self._loop.time()
         sent = 0
         try:
@@ -251,7 +249,10 @@ class Outbox:
 
     def close(self) -> None:
         """Drop what is left: a new session never replays an old one's frames."""
+        self._cancel_timer()
+        self._frames.clear()
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._frames.clear()
