@@ -1,5 +1,5 @@
 """xim-router — the open router that ximd nodes join."""
 
-from ximd import __version__  # one distribution, one version
+from xim_proto import __version__  # one distribution, one version
 
 __all__ = ["__version__"]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from xim_proto.joinkey import fingerprint
 from xim_router import keys, openai_api
 from xim_router import store as store_mod
 
@@ -101,7 +102,7 @@ def cmd_join_key_create(args) -> int:
     store = open_store(args.state_dir)
     key = store.create_join_key(ttl_s=args.ttl, uses=args.uses, model=args.model)
     print(key)
-    print(f"join key {keys.fingerprint(key)}: {args.uses} use(s), valid until "
+    print(f"join key {fingerprint(key)}: {args.uses} use(s), valid until "
           f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(time.time() + args.ttl))}",
           file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from ximd.mesh import codec
+from xim_proto import codec
 from xim_router import store as store_mod
 from xim_router.mesh import AgentUnavailable, Router, Session
 

@@ -8,24 +8,15 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ximd.mesh import codec
+from xim_proto import codec
+from xim_proto.enroll import ENROLL_PATH, REFRESH_PATH, REFUSAL_STATUS, UNENROLL_PATH
+from xim_proto.joinkey import fingerprint, is_join_key
 from xim_router import keys
 from xim_router import store as store_mod
 from xim_router.api_common import ROUTER_KEY, ApiError, bearer_token, read_json
 from xim_router.mesh import Router
 
 log = logging.getLogger("xim_router.enroll")
-
-# HTTP status of each refusal the store can give (docs/protocol.md §3.4).
-STATUS_OF = {
-    "invalid_join_key": 401,
-    "join_key_expired": 403,
-    "join_key_used": 403,
-    "key_in_use": 409,
-    "invalid_token": 401,
-    "token_expired": 401,
-    "revoked": 401,
-}
 
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
 
@@ -53,7 +44,7 @@ def _field(body: dict, name: str, kind: type, *, required: bool = True, default=
 def parse_enroll_request(body: dict) -> EnrollRequest:
     """Validate an enroll body; ApiError names the first wrong field (never echoes the key)."""
     join_key = _field(body, "join_key", str)
-    if not keys.JOIN_KEY_PATTERN.match(join_key):
+    if not is_join_key(join_key):
         raise ApiError(400, "bad_request", "field 'join_key' is not a join key (xjk_…)")
     public_key = _field(body, "curve_public_key", str)
     if not keys.is_curve_public_key(public_key):
@@ -90,7 +81,7 @@ def advertised_endpoints(bound: str, request_host: str | None, configured: tuple
 
 
 def _refusal(exc: store_mod.StoreError) -> ApiError:
-    return ApiError(STATUS_OF.get(exc.code, 400), exc.code, exc.message)
+    return ApiError(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.message)
 
 
 async def enroll(request: web.Request) -> web.Response:
@@ -107,7 +98,7 @@ async def enroll(request: web.Request) -> web.Response:
             agent_version=req.agent_version, token_ttl_s=router.settings.token_ttl_s)
     except store_mod.StoreError as exc:
         log.warning("refused enrollment of %s from %s with join key %s: %s", req.hostname,
-                    request.remote, keys.fingerprint(req.join_key), exc.code)
+                    request.remote, fingerprint(req.join_key), exc.code)
         raise _refusal(exc) from None
     agent = enrolled.agent
     log.info("enrolled %s as agent %s (%s) with join key %s", req.hostname, agent.agent_id,
@@ -149,6 +140,6 @@ async def unenroll(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/enroll", enroll)
-    app.router.add_post("/v1/enroll/refresh", refresh)
-    app.router.add_post("/v1/unenroll", unenroll)
+    app.router.add_post(ENROLL_PATH, enroll)
+    app.router.add_post(REFRESH_PATH, refresh)
+    app.router.add_post(UNENROLL_PATH, unenroll)

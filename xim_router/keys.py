@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import zmq
 
-JOIN_KEY_PREFIX = "xjk_"
+from xim_proto.files import write_atomically
+from xim_proto.joinkey import JOIN_KEY_PREFIX
+
 TOKEN_PREFIX = "xat_"
-JOIN_KEY_PATTERN = re.compile(r"^xjk_[A-Za-z0-9_-]{16,200}$")
 CURVE_KEY_PATTERN = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")   # Z85, 32 bytes
 
 
@@ -34,11 +34,6 @@ def new_token() -> str:
 def digest(secret: str) -> str:
     """What the store keeps instead of a join key or token."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def fingerprint(secret: str) -> str:
-    """A short, non-reversible name for a secret, fit for logs."""
-    return "sha256:" + digest(secret)[:12]
 
 
 def is_curve_public_key(text: object) -> bool:
@@ -62,13 +57,7 @@ def load_or_create_keypair(state_dir: Path) -> CurveKeypair:
         return CurveKeypair(public=data["public"], secret=data["secret"])
     public, secret = zmq.curve_keypair()
     pair = CurveKeypair(public=public.decode(), secret=secret.decode())
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"public": pair.public, "secret": pair.secret}, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"public": pair.public, "secret": pair.secret}), mode=0o600)
     return pair
 
 

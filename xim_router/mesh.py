@@ -19,9 +19,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from ximd.mesh import codec
-from ximd.mesh import transport
-from ximd.mesh.transport import RateLimitedLog
+from xim_proto import codec
+from xim_proto import transport
+from xim_proto.ratelimit import RateLimitedLog
 from xim_router import __version__
 from xim_router import store as store_mod
 from xim_router import zap

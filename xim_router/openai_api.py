@@ -33,7 +33,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ximd.mesh import codec
+from xim_proto import codec
 from xim_router import dataplane
 from xim_router.api_common import ROUTER_KEY
 from xim_router.dataplane import ClientGone, RequestFailed

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from xim_proto.joinkey import fingerprint
 from xim_router import keys
 
 SCHEMA = """
@@ -144,7 +145,7 @@ class Store:
         key = keys.new_join_key()
         with self._write() as db:
             db.execute("INSERT INTO join_keys VALUES (?, ?, ?, ?, ?, ?)",
-                       (keys.digest(key), keys.fingerprint(key), now, now + ttl_s, uses, model))
+                       (keys.digest(key), fingerprint(key), now, now + ttl_s, uses, model))
         return key
 
     def join_keys(self) -> list[JoinKey]:

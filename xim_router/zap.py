@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils import z85
 
-from ximd.mesh.transport import RateLimitedLog
+from xim_proto.ratelimit import RateLimitedLog
 from xim_router import store as store_mod
 
 log = logging.getLogger("xim_router.zap")

@@ -1,3 +1,5 @@
 """ximd — the systemd-native XIM node agent."""
 
-__version__ = "0.1.0"
+from xim_proto import __version__  # one distribution, one version
+
+__all__ = ["__version__"]

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from xim_proto.joinkey import JOIN_KEY_PREFIX
+
 DEFAULT_CONFIG_PATH = Path("/etc/xerotier/agent.toml")
 CONFIG_PATH_ENV = "XEROTIER_AGENT_CONFIG"
 ENV_PREFIX = "XEROTIER_AGENT_"
@@ -171,10 +173,10 @@ class Listen(Kind):
 
 
 class JoinKey(Kind):
-    expected = 'empty or a join key starting with "xjk_"'
+    expected = f'empty or a join key starting with "{JOIN_KEY_PREFIX}"'
 
     def parse(self, value, from_text):
-        if not isinstance(value, str) or (value.strip() and not value.strip().startswith("xjk_")):
+        if not isinstance(value, str) or (value.strip() and not value.strip().startswith(JOIN_KEY_PREFIX)):
             raise ValueError(self.expected)
         return value.strip()
 

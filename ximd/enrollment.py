@@ -1,9 +1,7 @@
-"""Join key → identity: enrollment with a router, and the identity kept on disk.
+"""Join key → identity: enrollment with a router.
 
-docs/protocol.md §3 is the HTTP API this speaks. The identity lives in
-``<state_dir>/enrollment/identity.json`` (directory 0700, file 0600, written
-atomically, owned by the state directory's owner even when root runs
-`ximd enroll`). The join key is read from the config, a file, stdin or a
+docs/protocol.md §3 is the HTTP API this speaks (its paths and refusals:
+xim_proto.enroll); the identity it produces and its file: ximd.identity. The join key is read from the config, a file, stdin or a
 systemd credential — never from argv — and only its source and fingerprint
 are ever logged.
 
@@ -16,33 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import ssl
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Awaitable, Callable, Mapping
+from typing import IO, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
 import zmq
 
+from xim_proto import enroll as enroll_api
+from xim_proto.codec import PROTOCOL_VERSIONS
+from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
-from ximd.mesh.codec import PROTOCOL_VERSIONS
+from ximd.identity import (EnrollmentError, EnrollmentRejected, Identity, IdentityError,
+                           TokenRefresher, identity_path, load_identity, remove_identity,
+                           save_identity)
 
 log = logging.getLogger("ximd.enrollment")
 
-IDENTITY_DIR = "enrollment"
-IDENTITY_FILE = "identity.json"
-IDENTITY_FORMAT = 1
 CREDENTIAL_NAME = "join-key"
-JOIN_KEY_PATTERN = re.compile(r"^xjk_[A-Za-z0-9_-]{16,200}$")
 HTTP_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONCURRENT = 8           # what enrollment registers when the config says auto
 
@@ -55,14 +52,8 @@ NO_KEY_HINT = ("no join key: pass one with --join-key-file PATH (or - for standa
 
 
 # ---------------------------------------------------------------- errors
-
-
-class EnrollmentError(Exception):
-    """Base of everything this module raises on purpose; str() is fit for the user."""
-
-
-class IdentityError(EnrollmentError):
-    """The identity file exists but cannot be used."""
+# (EnrollmentError, IdentityError and EnrollmentRejected live in ximd.identity,
+# below the mesh link, which handles a refused token refresh.)
 
 
 class JoinKeyError(EnrollmentError):
@@ -73,153 +64,11 @@ class RouterConfigError(EnrollmentError):
     """router.* settings do not allow talking to the router (no URL, http without insecure…)."""
 
 
-class EnrollmentRejected(EnrollmentError):
-    """The router said no, definitively: bad, used or expired key; revoked identity."""
-
-    def __init__(self, code: str, message: str, status: int | None = None):
-        self.code, self.message, self.status = code, message, status
-        super().__init__(f"the router refused ({code}): {message}")
-
-
 class RouterUnreachable(EnrollmentError):
     """No usable answer from the router this time: try again later."""
 
 
-# ---------------------------------------------------------------- identity
-
-
-@dataclass(frozen=True)
-class Identity:
-    agent_id: str
-    worker_id: str
-    router_url: str
-    mesh_endpoints: tuple[str, ...]
-    router_public_key: str
-    agent_public_key: str
-    agent_secret_key: str = field(repr=False)
-    token: str = field(repr=False)
-    token_expires_at: float = 0.0
-    enrolled_at: float = 0.0
-    assigned_model: str | None = None
-    join_key_fingerprint: str = ""
-
-    def with_token(self, token: str, expires_at: float) -> "Identity":
-        return dataclasses.replace(self, token=token, token_expires_at=expires_at)
-
-    def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["mesh_endpoints"] = list(self.mesh_endpoints)
-        return {"format": IDENTITY_FORMAT, **data}
-
-    @classmethod
-    def from_json(cls, data: Any) -> "Identity":
-        """Build from the file's JSON; ValueError says what is wrong."""
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        if data.get("format") != IDENTITY_FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {IDENTITY_FORMAT}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
-                raise ValueError(f"field {f.name!r} is missing")
-            kwargs[f.name] = data[f.name]
-        for name in ("agent_id", "worker_id", "router_url", "router_public_key",
-                     "agent_public_key", "agent_secret_key", "token"):
-            if not isinstance(kwargs[name], str) or not kwargs[name]:
-                raise ValueError(f"field {name!r} must be a non-empty string")
-        endpoints = kwargs["mesh_endpoints"]
-        if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
-            raise ValueError("field 'mesh_endpoints' must be a non-empty list of strings")
-        kwargs["mesh_endpoints"] = tuple(endpoints)
-        for name in ("token_expires_at", "enrolled_at"):
-            if not isinstance(kwargs[name], (int, float)) or isinstance(kwargs[name], bool):
-                raise ValueError(f"field {name!r} must be a number")
-        return cls(**kwargs)
-
-
-def identity_path(state_dir: str | os.PathLike) -> Path:
-    return Path(state_dir) / IDENTITY_DIR / IDENTITY_FILE
-
-
-def load_identity(state_dir: str | os.PathLike) -> Identity | None:
-    """The saved identity, None when there is none; IdentityError when it is unusable."""
-    path = identity_path(state_dir)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        identity = Identity.from_json(json.loads(text))
-    except ValueError as exc:
-        raise IdentityError(f"{path} is not a valid identity ({exc}); move it away and enroll "
-                            "again with a new join key (`ximd enroll`)") from None
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        log.warning("%s is readable by others (mode %03o); it holds the node's secret key: "
-                    "chmod 600 it", path, mode)
-    return identity
-
-
-def _owner_of(path: Path) -> tuple[int, int] | None:
-    """Whose files we write, when root writes them: the state directory's owner."""
-    if os.geteuid() != 0:
-        return None
-    st = path.stat()
-    return st.st_uid, st.st_gid
-
-
-def save_identity(state_dir: str | os.PathLike, identity: Identity) -> Path:
-    """Write the identity atomically (tmp + fsync + rename); 0600 in a 0700 directory."""
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    owner = _owner_of(state_dir)
-    directory = state_dir / IDENTITY_DIR
-    directory.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(directory, 0o700)
-    if owner:
-        os.chown(directory, *owner)
-    path = directory / IDENTITY_FILE
-    tmp = directory / f".{IDENTITY_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), 0o600)
-            if owner:
-                os.fchown(out.fileno(), *owner)
-            json.dump(identity.to_json(), out, indent=2)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)          # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def remove_identity(state_dir: str | os.PathLike) -> Path | None:
-    """Delete the identity (after unenroll or revocation); the path it had, or None."""
-    path = identity_path(state_dir)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return None
-    return path
-
-
 # ---------------------------------------------------------------- the join key
-
-
-def fingerprint(join_key: str) -> str:
-    """A short, non-reversible name for a join key, for logs and the identity."""
-    return "sha256:" + hashlib.sha256(join_key.encode()).hexdigest()[:12]
 
 
 def _read_source(path: str, stdin: IO[str] | None) -> str:
@@ -271,9 +120,8 @@ def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | Non
     key = text.strip()
     if not key:
         raise JoinKeyError(f"the join key from {source} is empty")
-    if not JOIN_KEY_PATTERN.match(key):
-        raise JoinKeyError(f"the join key from {source} is not a join key (expected xjk_ followed "
-                           "by letters, digits, - or _)")
+    if not is_join_key(key):
+        raise JoinKeyError(f"the join key from {source} is not a join key (expected {JOIN_KEY_SHAPE})")
     return key, source
 
 
@@ -328,7 +176,7 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
     error = data.get("error") if isinstance(data, dict) else None
     code = error.get("code", "unknown") if isinstance(error, dict) else "unknown"
     message = error.get("message", "") if isinstance(error, dict) else raw[:200].decode(errors="replace")
-    if 400 <= status < 500 and status not in (408, 429):
+    if enroll_api.is_final_refusal(status):
         raise EnrollmentRejected(code, message, status)
     raise RouterUnreachable(f"the router at {url} answered {status} ({code}): {message}")
 
@@ -369,7 +217,7 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
                                 "XEROTIER_AGENT_ROUTER_URL")
     ssl_arg = router_ssl(url, cfg.router.ca_file, cfg.router.insecure)
     public, secret = zmq.curve_keypair()
-    data = await _post(_endpoint(url, "/v1/enroll"), ssl_arg=ssl_arg, body={
+    data = await _post(_endpoint(url, enroll_api.ENROLL_PATH), ssl_arg=ssl_arg, body={
         "join_key": join_key,
         "curve_public_key": public.decode(),
         "hostname": hostname or socket.gethostname(),
@@ -398,7 +246,7 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
 async def refresh(cfg, identity: Identity) -> Identity:
     """The identity with a new token (the current one may have lapsed within the router's grace)."""
     ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
-    data = await _post(_endpoint(identity.router_url, "/v1/enroll/refresh"), body={},
+    data = await _post(_endpoint(identity.router_url, enroll_api.REFRESH_PATH), body={},
                        ssl_arg=ssl_arg, token=identity.token)
     expires = data.get("token_expires_at")
     if not isinstance(expires, (int, float)):
@@ -408,11 +256,11 @@ async def refresh(cfg, identity: Identity) -> Identity:
 
 async def unenroll(cfg, identity: Identity) -> None:
     ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
-    await _post(_endpoint(identity.router_url, "/v1/unenroll"), body={}, ssl_arg=ssl_arg,
+    await _post(_endpoint(identity.router_url, enroll_api.UNENROLL_PATH), body={}, ssl_arg=ssl_arg,
                 token=identity.token)
 
 
-def token_refresher(cfg) -> Callable[[Identity], Awaitable[Identity]]:
+def token_refresher(cfg) -> TokenRefresher:
     """What the mesh link calls to renew its token: refresh over HTTP, then save."""
     async def refresh_and_save(identity: Identity) -> Identity:
         renewed = await refresh(cfg, identity)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ import psutil
 import redis
 import yaml
 
+from xim_proto.files import write_atomically
 from ximd.config import mask_secret
 
 log = logging.getLogger("ximd.kvcache")
@@ -149,17 +148,9 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
     """Write the YAML atomically, readable by its owner only (it may carry a password)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write("# Written by ximd; regenerated at every engine start.\n")
-            yaml.safe_dump(dict(config), out, default_flow_style=False, sort_keys=False)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = ("# Written by ximd; regenerated at every engine start.\n"
+            + yaml.safe_dump(dict(config), default_flow_style=False, sort_keys=False))
+    write_atomically(path, text, mode=0o600)
 
 
 def probe_remote(url: str, timeout_s: float = 1.0) -> str | None:

@@ -20,7 +20,7 @@ from ximd import __version__
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineState, EngineSupervisor, LaunchError
 from ximd.logs import phase_fields
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
 from ximd.models import ModelError
 from ximd.preparation import Prepared, prepare_engine

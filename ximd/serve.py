@@ -43,7 +43,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.metrics import NodeMetrics
 
 log = logging.getLogger("ximd.serve")

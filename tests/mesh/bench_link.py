@@ -31,7 +31,7 @@ import psutil  # noqa: E402
 import zmq  # noqa: E402
 
 from ximd import enrollment  # noqa: E402
-from ximd.mesh import codec  # noqa: E402
+from xim_proto import codec  # noqa: E402
 from ximd.mesh.link import MeshLink  # noqa: E402
 from xim_router import keys, store as store_mod  # noqa: E402
 from xim_router.mesh import Router, RouterSettings  # noqa: E402

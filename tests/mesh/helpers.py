@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.support.router import RouterProcess, wait_for
 from ximd import config as configmod
 from ximd import enrollment
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.mesh.link import Backoff, MeshLink
 
 

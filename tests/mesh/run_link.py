@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ximd import config as configmod  # noqa: E402
 from ximd import enrollment  # noqa: E402
-from ximd.mesh import codec  # noqa: E402
+from xim_proto import codec  # noqa: E402
 from ximd.mesh.link import Backoff, MeshLink  # noqa: E402
 
 

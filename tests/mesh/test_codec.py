@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ximd.mesh import codec
-from ximd.mesh.codec import ProtocolError
+from xim_proto import codec
+from xim_proto.codec import ProtocolError
 
 
 def sample_messages() -> list[codec.Message]:

@@ -19,7 +19,7 @@ from tests.mesh.helpers import (LinkProbe, enroll_fresh, load_config, make_link,
                                 wait_for, write_agent_config)
 from tests.support.router import RouterProcess
 from ximd import enrollment
-from ximd.mesh import codec, transport
+from xim_proto import codec, transport
 from ximd.mesh.link import CONNECTED, DISCONNECTED, REJECTED
 
 RUN_LINK = Path(__file__).with_name("run_link.py")

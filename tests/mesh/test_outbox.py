@@ -9,9 +9,9 @@ import contextlib
 import pytest
 import zmq
 
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.mesh.link import is_mid_stream
-from ximd.mesh.transport import Outbox, flush_delay
+from xim_proto.transport import Outbox, flush_delay
 
 
 @pytest.mark.parametrize("last, now, delay", [(-float("inf"), 5.0, 0.0), (1.0, 1.5, 0.0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ximd.mesh import codec
+from xim_proto import codec
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 HEADING = re.compile(r"^#### (?:record )?`(\w+)`(?: \((A|R|A or R)\))?\s*$")

@@ -16,7 +16,8 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from ximd.mesh import transport
+from xim_proto import joinkey, transport
+from xim_proto.ratelimit import RateLimitedLog
 from ximd.mesh.link import Backoff
 from xim_router import enroll_api, keys, zap
 from xim_router import store as store_mod
@@ -232,7 +233,7 @@ def test_cli_join_key_agents_revoke(tmp_path):
     state = str(tmp_path / "s")
     created = cli("join-key", "create", "--state-dir", state, "--ttl", "2h", "--uses", "3")
     assert created.returncode == 0
-    assert keys.JOIN_KEY_PATTERN.match(created.stdout.strip())
+    assert joinkey.is_join_key(created.stdout.strip())
     assert "3 use(s)" in created.stderr and created.stdout.strip() not in created.stderr
     assert cli("agents", "--state-dir", state).stdout.strip() == "no agents enrolled"
     assert json.loads(cli("agents", "--state-dir", state, "--format", "json").stdout) == []
@@ -304,7 +305,7 @@ def test_buffer_check_reads_back_and_names_the_sysctls():
 def test_rate_limited_log_counts_what_it_suppressed(caplog):
     caplog.set_level(logging.INFO)
     now = [0.0]
-    limited = transport.RateLimitedLog(logging.getLogger("t"), interval_s=10, clock=lambda: now[0])
+    limited = RateLimitedLog(logging.getLogger("t"), interval_s=10, clock=lambda: now[0])
     assert limited(logging.WARNING, "k", "bad frame %d", 1)
     assert not limited(logging.WARNING, "k", "bad frame %d", 2)
     assert not limited(logging.WARNING, "k", "bad frame %d", 3)

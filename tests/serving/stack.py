@@ -21,7 +21,7 @@ import zmq
 from aiohttp import web
 
 from ximd.enrollment import Identity
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.mesh.link import MeshLink
 from ximd.serve import Bridge
 from xim_router import http as router_http

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.standin_engine import engine_gauge, wait_for_gauge
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.serve import Bridge
 
 CHAT = "chat.completions"

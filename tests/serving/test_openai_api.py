@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.serving.stack import MODEL, ServingStack
-from ximd.mesh import codec
+from xim_proto import codec
 from ximd.serve import Bridge
 from tests.support.standin_engine import engine_gauge, wait_for_gauge
 

@@ -23,9 +23,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ximd import __version__
-from ximd.enrollment import EnrollmentRejected, EnrollmentError, Identity
-from ximd.mesh import codec, transport
-from ximd.mesh.transport import RateLimitedLog
+from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
+from xim_proto import codec, transport
+from xim_proto.ratelimit import RateLimitedLog
 
 log = logging.getLogger("ximd.mesh")
 
@@ -97,7 +97,7 @@ class MeshLink:
                  lease_info: Callable[[], dict],
                  on_message: Callable[[codec.Message], Awaitable[None]],
                  on_state: Callable[[str, str], None], lease_interval: float = 5.0,
-                 token_refresher: Callable[[Identity], Awaitable[Identity]] | None = None,
+                 token_refresher: TokenRefresher | None = None,
                  token_refresh_margin_s: float = 600.0, handshake_timeout_s: float = 10.0,
                  backoff: Backoff | None = None):
         self.identity = identity
