@@ -13,14 +13,14 @@ export XIMD_CACHE_DIR ?= /var/cache/ximd-dev
 BOOKWORM_PINS := pyzmq==24.0.1 msgpack==1.0.3 aiohttp==3.8.4 redis==4.3.4 psutil==5.9.4 PyYAML==6.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench host venv venv-bookworm engine compat deb rpm clean
+.PHONY: demo test test-fast lint bench host venv venv-bookworm engine compat deb rpm clean
 
 host:
 	bash tools/setup-host.sh
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,lint]'
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -44,7 +44,11 @@ compat: venv-bookworm
 	$(BOOKWORM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not engine and not system" \
 		tests/unit tests/integration $(wildcard tests/mesh)
 
-test: host venv engine compat
+# ruff (pyproject.toml [tool.ruff]) over everything Python in the tree.
+lint: venv
+	$(VENV)/bin/ruff check ximd xim_router xim_proto bench tools tests
+
+test: host venv lint engine compat
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Everything but the slow tiers, for the edit-test loop.

@@ -130,7 +130,7 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes, head
                         last = now
             if not done and sample.error is None:
                 sample.error = "stream ended without [DONE]"
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
     sample.end = time.perf_counter()
     return sample

@@ -129,7 +129,7 @@ def engine_python() -> str:
 
 def tiny_model(python: str) -> Path:
     sys.path.insert(0, str(REPO))
-    from tools.demo import tiny_model as build     # one cache for demo, tests and bench
+    from tools.demo import tiny_model as build  # one cache for demo, tests and bench
     return build(python)
 
 

@@ -56,7 +56,7 @@ class Pacing:
     # streams' tokens arrive together).
     batched: bool = False
 
-    def override(self, raw: object) -> "Pacing":
+    def override(self, raw: object) -> Pacing:
         if not isinstance(raw, dict):
             return self
         known = {k: raw[k] for k in ("ttft_ms", "tokens_per_s", "fail_status", "hang",

@@ -245,7 +245,7 @@ def ximd_status(env: dict) -> dict | None:
 
 
 def stream_answer(router_url: str, prompt: str) -> str:
-    from openai import OpenAI       # the official client (a test dependency in .venv)
+    from openai import OpenAI  # the official client (a test dependency in .venv)
 
     client = OpenAI(base_url=f"{router_url}/v1", api_key="not-needed-on-loopback", max_retries=0,
                     timeout=120)

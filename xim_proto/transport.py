@@ -10,7 +10,6 @@ import asyncio
 import logging
 import math
 import socket
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

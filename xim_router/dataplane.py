@@ -58,8 +58,19 @@ class RequestFailed(Exception):
         super().__init__(f"{code}: {message}")
 
     @classmethod
-    def from_error(cls, msg: codec.Error) -> "RequestFailed":
+    def from_error(cls, msg: codec.Error) -> RequestFailed:
         return cls(msg.code, msg.message, msg.http_status, msg.retryable)
+
+
+# Fire-and-forget sends (credits, cancels) are held here until they finish: the event
+# loop keeps only weak references to tasks, so an unheld one may vanish mid-send.
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _in_background(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def load_of(in_flight: int, max_concurrent: int) -> float:
@@ -156,13 +167,13 @@ class Exchange:
         self._written += 1
         if self._written >= self.settings.credit_batch:
             n, self._written = self._written, 0
-            asyncio.ensure_future(self._send_quietly(codec.Credit(id=self.id, n=n)))
+            _in_background(self._send_quietly(codec.Credit(id=self.id, n=n)))
 
     def cancel(self, reason: str) -> None:
         """Tell the agent to stop (fire and forget) and forget the request."""
         if not self.finished:
             self.finished = True
-            asyncio.ensure_future(self._send_quietly(codec.Cancel(id=self.id, reason=reason)))
+            _in_background(self._send_quietly(codec.Cancel(id=self.id, reason=reason)))
         self.close()
 
     def close(self) -> None:

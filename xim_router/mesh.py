@@ -19,12 +19,10 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from xim_proto import codec
-from xim_proto import transport
+from xim_proto import codec, transport
 from xim_proto.ratelimit import RateLimitedLog
-from xim_router import __version__
+from xim_router import __version__, zap
 from xim_router import store as store_mod
-from xim_router import zap
 from xim_router.keys import CurveKeypair
 
 log = logging.getLogger("xim_router.mesh")

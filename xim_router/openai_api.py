@@ -237,7 +237,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         live.discard(presence)
 
 
-async def serve_call(request: web.Request, settings: ApiSettings, call: "Call",
+async def serve_call(request: web.Request, settings: ApiSettings, call: Call,
                      presence: dataplane.Presence) -> web.StreamResponse:
     watcher = asyncio.ensure_future(watch_disconnect(request, presence))
     try:
@@ -267,7 +267,7 @@ async def serve_call(request: web.Request, settings: ApiSettings, call: "Call",
         exchange.cancel("client disconnected")     # a no-op when it finished
 
 
-def usage_chunk(call: "Call", endpoint: str, request_id: str, usage: codec.Usage) -> bytes:
+def usage_chunk(call: Call, endpoint: str, request_id: str, usage: codec.Usage) -> bytes:
     """A usage-only stream chunk, for an agent whose ``done`` carries usage but not the engine's chunk."""
     kind = "chat.completion.chunk" if endpoint == "chat.completions" else "text_completion"
     return json.dumps({"id": request_id, "object": kind, "created": int(time.time()), "model": call.model,
@@ -276,7 +276,7 @@ def usage_chunk(call: "Call", endpoint: str, request_id: str, usage: codec.Usage
 
 
 async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first: codec.Message,
-                       call: "Call") -> web.StreamResponse:
+                       call: Call) -> web.StreamResponse:
     response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": exchange.id})
     msg = first
     try:

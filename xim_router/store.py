@@ -96,7 +96,7 @@ class Agent:
     last_lease: dict | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Agent":
+    def from_row(cls, row: sqlite3.Row) -> Agent:
         data = dict(row)
         data["hardware"] = json.loads(data["hardware"])
         data["last_lease"] = json.loads(data["last_lease"]) if data["last_lease"] else None

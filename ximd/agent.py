@@ -227,7 +227,7 @@ class Agent:
                 await self.reload()
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def reload(self) -> None:

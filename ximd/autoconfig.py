@@ -594,7 +594,7 @@ def render_plan(p: Plan) -> str:
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         shown = "model default" if (name == "max_model_len" and value is None) else shown
         shown = "-" if value in (None, ()) and name != "max_model_len" else shown
-        lines.append(f"{name:<24}{str(shown):<16}{p.reasons.get(name, '')}")
+        lines.append(f"{name:<24}{shown!s:<16}{p.reasons.get(name, '')}")
     env = " ".join(f"{k}={v}" for k, v in p.engine_env.items())
     lines.append(f"{'engine_env':<24}{env}")
     unset = f"; unset: {' '.join(p.engine_env_remove)}" if p.engine_env_remove else ""

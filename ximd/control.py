@@ -52,7 +52,7 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             reply = self._answer(line[:MAX_REQUEST])
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             reply = {"error": "no request"}
         try:
             writer.write(json.dumps(reply, default=str).encode() + b"\n")

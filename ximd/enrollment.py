@@ -12,7 +12,6 @@ before the token lapses and whenever the router answers ``token_expired``
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -21,9 +20,10 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,9 +33,17 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
-from ximd.identity import (EnrollmentError, EnrollmentRejected, Identity, IdentityError,
-                           TokenRefresher, identity_path, load_identity, remove_identity,
-                           save_identity)
+from ximd.identity import (
+    EnrollmentError,
+    EnrollmentRejected,
+    Identity,
+    IdentityError,
+    TokenRefresher,
+    identity_path,
+    load_identity,
+    remove_identity,
+    save_identity,
+)
 
 log = logging.getLogger("ximd.enrollment")
 
@@ -164,7 +172,7 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
                                 "signed it") from None
     except aiohttp.ClientSSLError as exc:
         raise RouterUnreachable(f"TLS with {url} failed: {exc}") from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise RouterUnreachable(f"cannot reach the router at {url}: "
                                 f"{exc or type(exc).__name__}") from None
     try:

@@ -118,8 +118,8 @@ def parse_nvidia_query_csv(text: str, fields: tuple[str, ...] = NVIDIA_QUERY_FIE
         if len(cells) < len(fields):
             raise ParseError(f"nvidia-smi line {number}: expected {len(fields)} columns "
                              f"({', '.join(fields)}), got {len(cells)}: {line!r}")
-        joined = cells[:name_at] + [", ".join(cells[name_at:len(cells) - after_name])] \
-            + cells[len(cells) - after_name:]
+        joined = [*cells[:name_at], ", ".join(cells[name_at:len(cells) - after_name]),
+                  *cells[len(cells) - after_name:]]
         row = dict(zip(fields, joined))
         gpus.append(Gpu(index=_int(row["index"], f"nvidia-smi line {number}: index"), vendor="nvidia",
                         name=row["name"], memory_total_mib=_mib(row["memory.total"]), uuid=row["uuid"],

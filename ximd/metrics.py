@@ -219,7 +219,7 @@ class MetricsServer:
             await self._runner.cleanup()
             self._runner = None
             raise OSError(exc.errno, f"metrics: cannot listen on {self.host}:{self.port}: "
-                                     f"{exc.strerror} (set metrics.listen or metrics.enabled=false)")
+                                     f"{exc.strerror} (set metrics.listen or metrics.enabled=false)") from None
         if self.engine_socket is not None:
             self._engine_session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=str(self.engine_socket)))

@@ -16,11 +16,11 @@ import time
 
 import aiohttp
 
+from xim_proto import codec
 from ximd import __version__
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineState, EngineSupervisor, LaunchError
 from ximd.logs import phase_fields
-from xim_proto import codec
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
 from ximd.models import ModelError
 from ximd.preparation import Prepared, prepare_engine
@@ -248,10 +248,10 @@ class Node:
     # -------------------------------------------------------------- stop
 
     async def stop(self, drain_s: float) -> None:
-        if self.bridge is not None and self.link is not None and self.link_state == "connected":
-            if not await self.link.drain("node stopping"):
-                # The router may be gone; in-flight streams still get their grace.
-                log.warning("the router did not acknowledge the drain; finishing in-flight requests anyway")
+        if self.bridge is not None and self.link is not None and self.link_state == "connected" \
+                and not await self.link.drain("node stopping"):
+            # The router may be gone; in-flight streams still get their grace.
+            log.warning("the router did not acknowledge the drain; finishing in-flight requests anyway")
         if self.bridge is not None:
             left = await self.bridge.drain(drain_s)
             if left:

@@ -25,7 +25,7 @@ class Notifier:
         self._warned = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Notifier":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
         env = os.environ if env is None else env
         return cls(env.get("NOTIFY_SOCKET") or None, watchdog_usec_for_us(env))
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ximd.engine import EngineSupervisor
 from tests.support.engine import SupervisorThread, engine_python, short_tempdir, tiny_launch, tiny_model
+from ximd.engine import EngineSupervisor
 
 ENGINE_START_TIMEOUT_S = 300   # measured 45-60 s on the 2-core CI host; shared with other work
 

@@ -22,8 +22,8 @@ import statistics
 import subprocess
 import time
 
-from ximd.engine import EngineSupervisor
 from tests.support.engine import engine_python, processes_of, short_tempdir, tiny_launch, tiny_model
+from ximd.engine import EngineSupervisor
 
 DEADLINE_S = 300
 HAND_POLL_S = 0.02

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 
 import pytest
 
-from ximd.engine import EngineSupervisor
 from tests.engine.conftest import StateLog
 from tests.support.engine import SupervisorThread, short_tempdir, tiny_launch
+from ximd.engine import EngineSupervisor
 
 pytestmark = pytest.mark.engine
 

@@ -14,12 +14,19 @@ import psutil
 import pytest
 import yaml
 
+from tests.engine.conftest import ENGINE_START_TIMEOUT_S, StateLog
+from tests.support.engine import (
+    SupervisorThread,
+    engine_python,
+    load_config,
+    post_json,
+    short_tempdir,
+    tiny_cpu_plan,
+    tiny_launch,
+)
+from tests.support.redis_server import redis_server
 from ximd import kvcache
 from ximd.engine import EngineSupervisor
-from tests.engine.conftest import ENGINE_START_TIMEOUT_S, StateLog
-from tests.support.engine import (SupervisorThread, engine_python, load_config, post_json, short_tempdir,
-                                  tiny_cpu_plan, tiny_launch)
-from tests.support.redis_server import redis_server
 
 pytestmark = pytest.mark.engine
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from ximd.models import ModelCache, ModelChoice, ModelError, resolve
 from tests.support.redis_server import free_port
+from ximd.models import ModelCache, ModelChoice, ModelError, resolve
 
 pytestmark = pytest.mark.engine
 

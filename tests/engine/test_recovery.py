@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
-from ximd import kvcache
-from ximd.engine import EngineSupervisor
 from tests.engine.conftest import ENGINE_START_TIMEOUT_S, StateLog, recording_logs
 from tests.support.engine import SupervisorThread, post_json, processes_of, short_tempdir, tiny_launch
+from ximd import kvcache
+from ximd.engine import EngineSupervisor
 
 pytestmark = pytest.mark.engine
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ximd.engine.processes import find_ours
 from tests.support.engine import http_get, post_json, post_stream, processes_of
+from ximd.engine.processes import find_ours
 
 pytestmark = pytest.mark.engine
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.engine.conftest import StateLog
+from tests.support.engine import REPO, SupervisorThread, http_get, kill_all, processes_of, short_tempdir
 from ximd.engine import EngineLaunch, EngineSupervisor, instance_id
 from ximd.engine.launch import INSTANCE_ENV
 from ximd.engine.processes import find_ours
-from tests.support.engine import REPO, SupervisorThread, http_get, kill_all, processes_of, short_tempdir
-from tests.engine.conftest import StateLog
 
 STANDIN = (sys.executable, "-m", "bench.standin_engine")
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from tests.support.daemon import Daemon
 from ximd.agent import NOT_ENROLLED_HINT
 from ximd.config import EX_CONFIG
-from tests.support.daemon import Daemon
 
 
 @pytest.fixture

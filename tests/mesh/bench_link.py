@@ -27,14 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import psutil  # noqa: E402
-import zmq  # noqa: E402
+import psutil
+import zmq
 
-from ximd import enrollment  # noqa: E402
-from xim_proto import codec  # noqa: E402
-from ximd.mesh.link import MeshLink  # noqa: E402
-from xim_router import keys, store as store_mod  # noqa: E402
-from xim_router.mesh import Router, RouterSettings  # noqa: E402
+from xim_proto import codec
+from xim_router import keys
+from xim_router import store as store_mod
+from xim_router.mesh import Router, RouterSettings
+from ximd import enrollment
+from ximd.mesh.link import MeshLink
 
 CHUNK = (b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny",'
          b'"choices":[{"index":0,"delta":{"content":" word"},"finish_reason":null}]}')

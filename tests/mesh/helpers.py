@@ -7,9 +7,9 @@ import contextlib
 from pathlib import Path
 
 from tests.support.router import RouterProcess, wait_for
+from xim_proto import codec
 from ximd import config as configmod
 from ximd import enrollment
-from xim_proto import codec
 from ximd.mesh.link import Backoff, MeshLink
 
 
@@ -100,7 +100,7 @@ async def running(link: MeshLink):
         await link.close()
         try:
             await asyncio.wait_for(task, 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             task.cancel()
             raise AssertionError("MeshLink.run() did not end within 10 s of close()")
 

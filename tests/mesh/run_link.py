@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ximd import config as configmod  # noqa: E402
-from ximd import enrollment  # noqa: E402
-from xim_proto import codec  # noqa: E402
-from ximd.mesh.link import Backoff, MeshLink  # noqa: E402
+from xim_proto import codec
+from ximd import config as configmod
+from ximd import enrollment
+from ximd.mesh.link import Backoff, MeshLink
 
 
 async def main(config_path: str) -> int:

@@ -15,11 +15,19 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from tests.mesh.helpers import (LinkProbe, enroll_fresh, load_config, make_link, running, until,
-                                wait_for, write_agent_config)
+from tests.mesh.helpers import (
+    LinkProbe,
+    enroll_fresh,
+    load_config,
+    make_link,
+    running,
+    until,
+    wait_for,
+    write_agent_config,
+)
 from tests.support.router import RouterProcess
-from ximd import enrollment
 from xim_proto import codec, transport
+from ximd import enrollment
 from ximd.mesh.link import CONNECTED, DISCONNECTED, REJECTED
 
 RUN_LINK = Path(__file__).with_name("run_link.py")

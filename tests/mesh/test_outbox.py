@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from xim_proto import codec
-from ximd.mesh.link import is_mid_stream
 from xim_proto.transport import Outbox, flush_delay
+from ximd.mesh.link import is_mid_stream
 
 
 @pytest.mark.parametrize("last, now, delay", [(-float("inf"), 5.0, 0.0), (1.0, 1.5, 0.0),

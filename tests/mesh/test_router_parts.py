@@ -18,11 +18,11 @@ from zmq.utils import z85
 
 from xim_proto import joinkey, transport
 from xim_proto.ratelimit import RateLimitedLog
-from ximd.mesh.link import Backoff
 from xim_router import enroll_api, keys, zap
 from xim_router import store as store_mod
 from xim_router.api_common import ApiError
 from xim_router.mesh import Router, RouterSettings
+from ximd.mesh.link import Backoff
 
 
 def new_public_key() -> str:

@@ -20,15 +20,15 @@ from pathlib import Path
 import zmq
 from aiohttp import web
 
-from ximd.enrollment import Identity
 from xim_proto import codec
-from ximd.mesh.link import MeshLink
-from ximd.serve import Bridge
 from xim_router import http as router_http
 from xim_router import keys as router_keys
 from xim_router import openai_api
 from xim_router import store as store_mod
 from xim_router.mesh import Router, RouterSettings
+from ximd.enrollment import Identity
+from ximd.mesh.link import MeshLink
+from ximd.serve import Bridge
 
 MODEL = "tiny"
 
@@ -106,7 +106,7 @@ class ServingStack:
     def call(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> "ServingStack":
+    def start(self) -> ServingStack:
         self.thread.start()
         self.call(self._start())
         return self

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
@@ -339,7 +338,7 @@ def test_drain_lets_in_flight_requests_finish_and_refuses_new_ones(engine):
             while not drained.done() or not wire.queue.empty():
                 try:
                     messages.append(await wire.next(timeout=0.2))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             return messages, drained.result()
         finally:

@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from ximd.serve import (engine_error_message, error_code_for_status, frames_of, has_finish_reason,
-                        sse_data, with_usage_requested)
+from ximd.serve import (
+    engine_error_message,
+    error_code_for_status,
+    frames_of,
+    has_finish_reason,
+    sse_data,
+    with_usage_requested,
+)
 
 
 @pytest.mark.parametrize("event, data", [

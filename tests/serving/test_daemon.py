@@ -27,7 +27,7 @@ from bench.standin_engine import write_model_dir
 from tests.support.daemon import Daemon
 from tests.support.engine import engine_python, short_tempdir, tiny_model
 from tests.support.router import RouterProcess
-from tests.support.standin_engine import engine_gauge, wait_for_gauge
+from tests.support.standin_engine import wait_for_gauge
 from ximd import control
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ class ServedNode:
     def engine_socket(self) -> Path:
         return self.daemon.runtime_dir / "engine.sock"
 
-    def start(self) -> "ServedNode":
+    def start(self) -> ServedNode:
         (self.root / "r").mkdir()
         self.router.start()
         key = self.router.join_key()

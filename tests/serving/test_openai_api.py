@@ -19,9 +19,9 @@ import openai
 import pytest
 
 from tests.serving.stack import MODEL, ServingStack
+from tests.support.standin_engine import engine_gauge, wait_for_gauge
 from xim_proto import codec
 from ximd.serve import Bridge
-from tests.support.standin_engine import engine_gauge, wait_for_gauge
 
 KEY = "sk-test-key"
 MESSAGES = [{"role": "user", "content": "hello there"}]

@@ -37,7 +37,7 @@ class Daemon:
         }
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *args: str) -> "Daemon":
+    def start(self, *args: str) -> Daemon:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "ximd.cli", "run", *args], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)

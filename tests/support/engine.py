@@ -27,7 +27,7 @@ import psutil
 from ximd import config as ximd_config
 from ximd.autoconfig import Plan
 from ximd.engine.launch import INSTANCE_ENV, EnginePaths, build_launch
-from ximd.models import ModelChoice, ModelCache, resolve
+from ximd.models import ModelCache, ModelChoice, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP_ENGINE = REPO / "tools" / "setup-engine.sh"
@@ -203,7 +203,7 @@ class SupervisorThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name="supervisor-loop", daemon=True)
         self.future = None
 
-    def __enter__(self) -> "SupervisorThread":
+    def __enter__(self) -> SupervisorThread:
         self.thread.start()
         self.future = asyncio.run_coroutine_threadsafe(self.supervisor.run(), self.loop)
         return self

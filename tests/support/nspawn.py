@@ -103,7 +103,7 @@ class Guest:
     @classmethod
     def boot(cls, tarball: Path, workdir: Path, *, machine: str = "ximd-guest",
              binds_ro: Mapping[Path, str] | None = None, private_network: bool = True,
-             timeout: float = BOOT_TIMEOUT_S) -> "Guest":
+             timeout: float = BOOT_TIMEOUT_S) -> Guest:
         """Extract `tarball` under `workdir`, boot it, and wait until systemd is up."""
         root = workdir / "root"
         extract_rootfs(tarball, root)

@@ -61,7 +61,7 @@ class RouterProcess:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "xim_router.cli", *args]
 
-    def start(self) -> "RouterProcess":
+    def start(self) -> RouterProcess:
         argv = self.command("serve", "--state-dir", str(self.state_dir), "--http", self._http,
                             "--mesh", self._mesh, "--log-level", "debug", *self.timing,
                             *self.extra_args)
@@ -100,11 +100,11 @@ class RouterProcess:
                 proc.wait(STOP_TIMEOUT_S)
         return proc.returncode
 
-    def restart(self) -> "RouterProcess":
+    def restart(self) -> RouterProcess:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "RouterProcess":
+    def __enter__(self) -> RouterProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -26,7 +26,7 @@ class StandinProcess:
                      "--max-tokens", str(max_tokens), *extra]
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15) -> "StandinProcess":
+    def start(self, timeout: float = 15) -> StandinProcess:
         ready = self.socket_path.with_suffix(".ready")
         ready.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.nspawn import Guest, GuestError, wait_until
-from tests.system.conftest import print_guest_state
 from tests.system import test_engine_sandbox as sandbox
+from tests.system.conftest import print_guest_state
 
 pytestmark = [pytest.mark.system, pytest.mark.engine]
 

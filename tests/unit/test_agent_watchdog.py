@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.support.notify import NotifyReceiver
 from ximd.agent import Agent
 from ximd.config import load
 from ximd.systemd import Notifier
-from tests.support.notify import NotifyReceiver
 
 
 def make_agent(tmp_path, receiver: NotifyReceiver) -> Agent:

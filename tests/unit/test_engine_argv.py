@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.engine import load_config, tiny_cpu_plan
 from ximd.autoconfig import Plan
 from ximd.engine import EngineLaunch, EnginePaths, LaunchError, backoff_delay, build_launch, describe, instance_id
 from ximd.engine.launch import ENGINE_MODULE, INSTANCE_ENV, choose_python
@@ -19,7 +20,6 @@ from ximd.engine.processes import is_ours, parse_compute_apps
 from ximd.engine.supervisor import exit_description, failure_reason
 from ximd.kvcache import KVCacheSetup
 from ximd.models import ResolvedModel
-from tests.support.engine import load_config, tiny_cpu_plan
 
 PYTHON = "/opt/xerotier/engine/bin/python"
 

@@ -4,6 +4,7 @@ detect() running stand-in tools as real subprocesses."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import stat
 import sys
@@ -103,7 +104,7 @@ def test_amd_smi_list_shape_after_a_warning_line():
 @pytest.mark.parametrize("size, mib", [({"value": 8, "unit": "GB"}, 8192), ("16368 MB", 16368),
                                        (4096, 4096), ("N/A", 0), ({"value": "N/A", "unit": "MB"}, 0)])
 def test_amd_smi_vram_size_forms(size, mib):
-    text = '{"gpu_data": [{"gpu": 0, "vram": {"size": %s}}]}' % __import__("json").dumps(size)
+    text = json.dumps({"gpu_data": [{"gpu": 0, "vram": {"size": size}}]})
     assert hardware.parse_amd_smi_static(text)[0].memory_total_mib == mib
 
 

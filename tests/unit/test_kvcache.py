@@ -12,11 +12,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ximd import kvcache
-from ximd.kvcache import (GIB, KVCacheSetup, decide, lmcache_config, prepare, probe_remote,
-                          remote_url_for_lmcache, retry_without_lmcache, size_gb, write_config)
 from tests.support.engine import load_config, tiny_cpu_plan
 from tests.support.redis_server import free_port, redis_server
+from ximd import kvcache
+from ximd.kvcache import (
+    GIB,
+    KVCacheSetup,
+    decide,
+    lmcache_config,
+    prepare,
+    probe_remote,
+    remote_url_for_lmcache,
+    retry_without_lmcache,
+    size_gb,
+    write_config,
+)
 
 RAM = 256 * GIB
 DISK = 2000 * GIB

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from ximd.models import (CacheEntry, ModelCache, ModelChoice, ModelError, SEED_DEFAULT_MODEL, cache_dir_name,
-                         choose_model, is_local_path, plan_eviction, resolve)
 from tests.support.engine import load_config
+from ximd.models import (
+    SEED_DEFAULT_MODEL,
+    CacheEntry,
+    ModelCache,
+    ModelChoice,
+    ModelError,
+    cache_dir_name,
+    choose_model,
+    is_local_path,
+    plan_eviction,
+    resolve,
+)
 
 MB = 1000**2
 

@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
+from tests.support.notify import NotifyReceiver
 from ximd import logs
 from ximd.systemd import Notifier, watchdog_usec_for_us
-from tests.support.notify import NotifyReceiver
 
 
 @pytest.fixture

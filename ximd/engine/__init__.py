@@ -6,8 +6,7 @@
 - `output`: its stdout/stderr forwarded to logging without blocking.
 """
 
-from ximd.engine.launch import (EngineLaunch, EnginePaths, LaunchError, build_launch, describe,
-                                instance_id)
+from ximd.engine.launch import EngineLaunch, EnginePaths, LaunchError, build_launch, describe, instance_id
 from ximd.engine.processes import OrphanError
 from ximd.engine.supervisor import EngineState, EngineSupervisor, backoff_delay
 

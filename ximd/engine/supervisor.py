@@ -324,7 +324,7 @@ class EngineSupervisor:
                 if response.status == 200:
                     return True, ""
                 return False, f"HTTP {response.status}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False, f"no answer within {self.health_timeout:g} s"
         except (aiohttp.ClientError, OSError) as exc:
             return False, f"{type(exc).__name__}: {exc}"
@@ -345,7 +345,7 @@ class EngineSupervisor:
         # Workers that escaped the group could keep the pipe open: don't wait for them.
         try:
             await asyncio.wait_for(pump, timeout=2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pump.cancel()
 
     async def _stop_process(self, grace: float) -> None:
@@ -357,7 +357,7 @@ class EngineSupervisor:
         if proc.returncode is None:
             try:
                 await asyncio.wait_for(proc.wait(), timeout=processes.KILL_WAIT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 survivors.append(proc.pid)
         if survivors:
             log.error("Engine processes %s survive SIGKILL; the next start will look for them again", survivors)
@@ -371,7 +371,7 @@ class EngineSupervisor:
         self._set_state(EngineState.BACKOFF, f"restarting in {delay:.3g} s: {self.last_error}")
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # ------------------------------------------------------------ reporting

@@ -16,16 +16,16 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ximd import __version__
-from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
 from xim_proto import codec, transport
 from xim_proto.ratelimit import RateLimitedLog
+from ximd import __version__
+from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
 
 log = logging.getLogger("ximd.mesh")
 
@@ -156,7 +156,7 @@ class MeshLink:
                 self._set_state(DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
                 try:
                     await asyncio.wait_for(self._stop.wait(), delay)   # close() ends the wait
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._set_state(DISCONNECTED, "link closed")
         finally:
@@ -183,7 +183,7 @@ class MeshLink:
             await self.send(codec.Drain(reason=reason))
             await asyncio.wait_for(asyncio.shield(self._drain_acked), timeout_s)
             return True
-        except (LinkDown, asyncio.TimeoutError):
+        except (TimeoutError, LinkDown):
             return False
 
     async def close(self, answer_timeout_s: float = BYE_ANSWER_TIMEOUT_S) -> None:
@@ -198,7 +198,7 @@ class MeshLink:
             try:
                 await self.send(codec.Bye(reason="agent stopping"))
                 await asyncio.wait_for(asyncio.shield(self._bye_answered), answer_timeout_s)
-            except (LinkDown, codec.ProtocolError, asyncio.TimeoutError):
+            except (TimeoutError, LinkDown, codec.ProtocolError):
                 pass                     # no answer (an older or vanished router): close anyway
         self._closing = True
         self._stop.set()
