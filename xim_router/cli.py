@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import fingerprint
 from xim_router import keys, openai_api
 from xim_router import store as store_mod
@@ -26,10 +27,10 @@ def _duration(text: str) -> float:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text, ephemeral_ok=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080): {exc}") from None
 
 
 def _mesh_endpoint(text: str) -> str:

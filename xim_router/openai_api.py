@@ -200,12 +200,9 @@ def parse_call(raw: bytes) -> Call:
         options = obj.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise RequestFailed("bad_request", "'stream_options' must be an object", 400)
+        # The node always asks its engine for usage (done.usage needs it); here
+        # it is only noted whether the client wants to see the usage chunk.
         wants_usage = bool((options or {}).get("include_usage"))
-        if not wants_usage:
-            # Usage is always asked of the engine (ximd's token metrics and
-            # done.usage need it); it is shown only to clients that asked.
-            obj["stream_options"] = {**(options or {}), "include_usage": True}
-            raw = json.dumps(obj, separators=(",", ":")).encode()
     return Call(model=model, stream=stream, wants_usage=wants_usage, body=raw)
 
 

@@ -32,17 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ximd.hardware import MIB, Gpu, Hardware, apply_mask
+from ximd.config import AUTO, FALLBACK_MAX_CONCURRENT
+from ximd.hardware import Gpu, Hardware, apply_mask
+from ximd.units import GIB, MIB
+from ximd.units import gib_text as _gib
 
-GIB = 1024 ** 3
-AUTO = "auto"
 EX_CONFIG = 78
 
 # A chat turn with some history plus its answer. Used to turn KV capacity in
 # tokens into a number of requests; capped by max_model_len for short models.
 EXPECTED_REQUEST_TOKENS = 2048
 MAX_CONCURRENT_CEILING = 256
-FALLBACK_MAX_CONCURRENT = 8          # the seed's default, when the plan cannot tell
 
 # What vLLM needs per GPU besides weights and KV cache: CUDA context, activation
 # peak of a batch, CUDA graphs, NCCL buffers. Measured values are 1–2 GiB for
@@ -543,10 +543,6 @@ def cpu_list(cpus: tuple[int, ...]) -> str:
         else:
             ranges.append([cpu, cpu])
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
-
-
-def _gib(value: float) -> str:
-    return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / MIB:.1f} MiB"
 
 
 # ---------------------------------------------------------------- adapters and output

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import JOIN_KEY_PREFIX
 
 DEFAULT_CONFIG_PATH = Path("/etc/xerotier/agent.toml")
@@ -32,6 +33,10 @@ CONFIG_PATH_ENV = "XEROTIER_AGENT_CONFIG"
 ENV_PREFIX = "XEROTIER_AGENT_"
 AUTO = "auto"
 EX_CONFIG = 78
+# The seed's defaults that other modules also need (the model to serve when
+# nothing chose one; admission when the plan cannot tell the KV-cache size).
+SEED_DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+FALLBACK_MAX_CONCURRENT = 8
 
 LOG_LEVELS = ("trace", "debug", "info", "notice", "warn", "warning", "error", "critical")
 
@@ -166,9 +171,10 @@ class Listen(Kind):
     expected = 'HOST:PORT, such as "127.0.0.1:9094"'
 
     def parse(self, value, from_text):
-        host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(self.expected)
+        try:
+            parse_host_port(value)
+        except ValueError:
+            raise ValueError(self.expected) from None
         return value
 
 
@@ -225,7 +231,7 @@ class RouterSection:
 
 @dataclass(frozen=True)
 class EngineSection:
-    model: str = setting("meta-llama/Llama-3.2-1B-Instruct", Text(),
+    model: str = setting(SEED_DEFAULT_MODEL, Text(),
                          "Hugging Face model id or local path (else the router's assignment).",
                          env="VLLM_MODEL", flag="--model")
     served_model_name: str = setting("", Text(), "Name the model is served under (empty = model).",

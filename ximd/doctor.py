@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ximd import autoconfig, hardware, tuning
-from ximd.hardware import MIB, Gpu, Hardware
+from ximd.hardware import Gpu, Hardware
+from ximd.units import GB, GIB, MIB
+from ximd.units import gb_text as _gb
+from ximd.units import gib_text as _gib
 
-GB = 10 ** 9
-GIB = 1024 ** 3
 MIN_NVIDIA_DRIVER = 535
 MIN_VRAM_BYTES = 16 * GB
 RECOMMENDED_VRAM_BYTES = 24 * GB       # the seed's recommended class: A30, RTX 3090 (24 GB)
@@ -418,11 +419,3 @@ def main(cfg, fmt: str = "text", hw: Hardware | None = None) -> int:
     checks = collect(cfg, hw)
     print(to_json(checks) if fmt == "json" else render_table(checks))
     return 1 if failed(checks) else 0
-
-
-def _gb(value: float) -> str:
-    return f"{value / GB:.1f} GB"
-
-
-def _gib(value: float) -> str:
-    return f"{value / GIB:.1f} GiB"

@@ -33,6 +33,7 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
+from ximd.config import FALLBACK_MAX_CONCURRENT
 from ximd.identity import (
     EnrollmentError,
     EnrollmentRejected,
@@ -49,7 +50,6 @@ log = logging.getLogger("ximd.enrollment")
 
 CREDENTIAL_NAME = "join-key"
 HTTP_TIMEOUT_S = 30.0
-DEFAULT_MAX_CONCURRENT = 8           # what enrollment registers when the config says auto
 
 # Exit codes of `ximd enroll` / `ximd unenroll` (sysexits.h where one fits).
 EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
@@ -205,7 +205,7 @@ def hardware_summary() -> dict:
 
 def _max_concurrent(cfg) -> int:
     value = cfg.agent.max_concurrent
-    return value if isinstance(value, int) and not isinstance(value, bool) else DEFAULT_MAX_CONCURRENT
+    return value if isinstance(value, int) and not isinstance(value, bool) else FALLBACK_MAX_CONCURRENT
 
 
 def _str_field(data: dict, name: str) -> str:

@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MIB = 1024 * 1024
+from ximd.units import MIB
 
 # Character devices whose majors the unit's DeviceAllow= must cover for CUDA
 # (nvidia*, nvidia-uvm, nvidia-caps for MIG) and ROCm (kfd, drm render nodes).

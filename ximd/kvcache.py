@@ -29,16 +29,15 @@ import redis
 import yaml
 
 from xim_proto.files import write_atomically
-from ximd.config import mask_secret
+from ximd.config import AUTO, mask_secret
+from ximd.units import GIB
 
 log = logging.getLogger("ximd.kvcache")
 
-AUTO = "auto"
 CONFIG_FILENAME = "lmcache_config.yaml"
 CONFIG_ENV = "LMCACHE_CONFIG_FILE"
 KV_TRANSFER_CONFIG = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 DEFAULT_SHARE = 0.10  # of RAM for the CPU tier, of the partition for the disk tier
-GIB = 1024**3
 REMOTE_SERDE = "naive"
 # Valkey speaks RESP like Redis; LMCache's valkey:// connector needs valkey-glide,
 # which no engine environment ships, so a Valkey server is addressed as Redis.

@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from xim_proto.addresses import parse_host_port
 from ximd import __version__
 
 log = logging.getLogger("ximd.metrics")
@@ -42,18 +43,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) → (host, port); ValueError says what is wrong."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"metrics.listen: expected HOST:PORT, got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"metrics.listen: port {port_text!r} is not a number") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"metrics.listen: port {port} is out of range 1-65535")
-    return host, port
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise ValueError(f"metrics.listen: {exc}") from None
 
 
 def escape_label(value: str) -> str:

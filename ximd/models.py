@@ -28,16 +28,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ximd.config import SEED_DEFAULT_MODEL
+from ximd.hubenv import DOWNLOAD_ENV_NAMES, passed_through
+from ximd.units import GB
+
 log = logging.getLogger("ximd.models")
 
-SEED_DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
-GB = 1000**3  # the seed's "100 GB" cap, like disk vendors count
 LAST_USED_MARKER = ".ximd-last-used"
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# What a download may inherit from ximd's environment (tokens for gated models,
-# a mirror, proxies); nothing else of ximd's environment reaches it.
-HUB_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE",
-                 "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
 # Runs in the engine environment: fetch, then check every file against the hub's
 # checksums (sha256 for LFS files, git-sha1 for the rest).
 _DOWNLOAD = """
@@ -125,7 +123,8 @@ def plan_eviction(entries: Iterable[CacheEntry], max_bytes: int,
 
 
 def hub_env(environ: Mapping[str, str]) -> dict[str, str]:
-    return {name: environ[name] for name in HUB_ENV_NAMES if environ.get(name)}
+    """What a download inherits from ximd's environment (ximd.hubenv)."""
+    return passed_through(environ, DOWNLOAD_ENV_NAMES)
 
 
 def offline_requested(environ: Mapping[str, str]) -> bool:

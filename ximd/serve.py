@@ -111,13 +111,15 @@ def engine_error_message(status: int, body: bytes) -> str:
 
 
 def with_usage_requested(body: bytes) -> bytes:
-    """``body`` with ``stream_options.include_usage`` on, unless it already says.
+    """``body`` with ``stream_options.include_usage`` on, whatever the client asked.
 
-    The one JSON round trip per streamed request: the engine then reports
-    usage, which done.usage and the token metrics need. A body that is not a
-    JSON object goes through unchanged and the engine rejects it.
+    The node is the one place that asks the engine for usage (the router passes
+    the client's body through): done.usage and the token metrics need it, and the
+    router shows the usage chunk only to clients that asked. At most one JSON
+    round trip per streamed request. A body that is not a JSON object goes
+    through unchanged and the engine rejects it.
     """
-    if b'"include_usage"' in body:
+    if b'"include_usage":true' in body or b'"include_usage": true' in body:
         return body
     try:
         obj = json.loads(body)

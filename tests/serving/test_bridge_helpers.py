@@ -68,8 +68,11 @@ def test_usage_is_requested_once_and_other_options_survive():
     body = json.dumps({"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": False}})
     out = json.loads(with_usage_requested(body.encode()))
     assert out["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
-    already = b'{"stream_options":{"include_usage":false}}'
+    already = b'{"stream_options":{"include_usage":true}}'
     assert with_usage_requested(already) is already
+    # A client that said no still gets none shown (the router's business); the engine is asked.
+    refused = json.loads(with_usage_requested(b'{"stream_options":{"include_usage":false}}'))
+    assert refused["stream_options"] == {"include_usage": True}
     assert with_usage_requested(b"not json") == b"not json"
     assert with_usage_requested(b"[1]") == b"[1]"
 

@@ -11,7 +11,8 @@ import pytest
 
 from ximd import autoconfig, config, hardware
 from ximd.autoconfig import GIB, Knobs, ModelFacts, PlanError
-from ximd.hardware import MIB, Gpu, Hardware
+from ximd.hardware import Gpu, Hardware
+from ximd.units import MIB
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 H100_FIXTURE = hardware.parse_nvidia_query_csv((FIXTURES / "nvidia-h100-driver580/nvidia-smi-query.csv").read_text())[0]

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ximd.hubenv import passed_through
+
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 # Every engine process (and every worker it spawns) carries this in its environment,
 # so an engine of ours that outlived its supervisor can be recognised and removed.
@@ -33,10 +35,6 @@ MAX_UNIX_SOCKET_PATH = 107
 # vLLM names its internal ZeroMQ ipc sockets <VLLM_RPC_BASE_PATH>/<uuid4>.
 IPC_NAME_LENGTH = 1 + 36
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# What the engine may inherit from ximd's environment: credentials and mirrors for
-# model downloads, proxies. Nothing else of ximd's environment reaches it.
-INHERITED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT",
-                 "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
 
 
 class LaunchError(ValueError):
@@ -154,7 +152,8 @@ def engine_dirs(paths: EnginePaths) -> dict[str, Path]:
 
 
 def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
-    return {name: environ[name] for name in INHERITED_ENV if environ.get(name)}
+    """What the engine inherits from ximd's environment (ximd.hubenv): nothing else reaches it."""
+    return passed_through(environ)
 
 
 def engine_env(paths: EnginePaths, plan, *, model_env: Mapping[str, str], instance: str,
