@@ -12,6 +12,7 @@ import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import zmq
 
@@ -125,7 +126,7 @@ class ReadyWatch:
     def __init__(self, loop: asyncio.AbstractEventLoop, *sockets: zmq.Socket):
         self._loop = loop
         self._event = asyncio.Event()
-        self._fds = [s.getsockopt(zmq.FD) for s in sockets]
+        self._fds: list[int] = [cast(int, s.getsockopt(zmq.FD)) for s in sockets]
         for fd in self._fds:
             loop.add_reader(fd, self._event.set)
 
@@ -156,7 +157,8 @@ _DONTWAIT = int(zmq.DONTWAIT)
 
 
 def readable(sock: zmq.Socket) -> bool:
-    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+    # ZMQ_EVENTS is an int option; no cast() in the hot path just to say so.
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
 
 
 # The shortest time between two bursts of frames on one socket (see Outbox).

@@ -80,7 +80,7 @@ def load_of(in_flight: int, max_concurrent: int) -> float:
 
 def served_models(router: Router) -> list[str]:
     """Models some connected agent reports ready, sorted."""
-    names = set()
+    names: set[str] = set()
     for session in router.sessions.values():
         models = session.lease.models if session.lease else session.hello.models
         names.update(m.name for m in models if m.state == "ready")
@@ -93,7 +93,7 @@ def models_of_absent_agents(router: Router) -> set[str]:
     Such an agent is restarting or reconnecting: a request for its model is
     worth a retry (503), not a "no such model" (404).
     """
-    names = set()
+    names: set[str] = set()
     for agent in router.store.agents():
         if agent.state in (store_mod.PENDING, store_mod.DISCONNECTED) and agent.last_lease:
             names.update(m.get("name") for m in agent.last_lease.get("models", ()))

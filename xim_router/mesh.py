@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -124,7 +125,7 @@ class Router:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode())
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         monitor_owner = sock.get_monitor_socket()
-        monitor = zmq.Socket.shadow(monitor_owner.underlying)
+        monitor: zmq.Socket = zmq.Socket.shadow(monitor_owner.underlying)
         try:
             sock.bind(self.mesh_bind)
         except zmq.ZMQError:
@@ -158,7 +159,7 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._sock is not None:
+        if self._sock is not None and self._watch is not None:
             self._watch.close()
             # The monitor socket must still be open here: libzmq delivers
             # MONITOR_STOPPED synchronously and would block on a closed peer.
@@ -206,8 +207,11 @@ class Router:
     def _send_now(self, worker_id: str, msg: codec.Message, version: int) -> bool:
         """True when queued; False when the peer's queue is full (try again)."""
         frame = codec.encode(msg, version=version)
+        sock, watch = self._sock, self._watch
+        if sock is None or watch is None:
+            raise AgentUnavailable("the mesh socket is closed")
         try:
-            self._sock.send_multipart([worker_id.encode(), frame], flags=_DONTWAIT)
+            sock.send_multipart([worker_id.encode(), frame], flags=_DONTWAIT)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -215,8 +219,8 @@ class Router:
                 raise AgentUnavailable(f"{worker_id} is not connected") from None
             raise
         finally:
-            if transport.readable(self._sock):
-                self._watch.poke()    # the send consumed the FD edge of pending input
+            if transport.readable(sock):
+                watch.poke()          # the send consumed the FD edge of pending input
         self.stats.frames_out += 1
         return True
 
@@ -232,6 +236,7 @@ class Router:
 
     async def _receive_loop(self) -> None:
         sock, monitor, watch = self._sock, self._monitor, self._watch
+        assert sock is not None and monitor is not None and watch is not None   # started by start()
         while True:
             watch.clear()            # before looking: a later edge wakes the wait below
             if transport.readable(monitor):
@@ -269,7 +274,7 @@ class Router:
 
     def _on_frames(self, routing_id: bytes, payload: zmq.Frame, parts: int) -> None:
         worker_id = routing_id.decode(errors="replace")
-        agent_id = payload.get("User-Id")          # set by our ZAP handler
+        agent_id = cast(str, payload.get("User-Id"))   # set by our ZAP handler
         if parts != 1:
             self._malformed(worker_id, f"{parts} frame parts, expected 1")
             return
@@ -301,8 +306,10 @@ class Router:
 
     def _worker_of(self, agent_id: str | None) -> str | None:
         """The worker id enrolled with ``agent_id`` (cached: it never changes)."""
+        if not agent_id:
+            return None
         if agent_id not in self._workers:
-            agent = self.store.agent(agent_id) if agent_id else None
+            agent = self.store.agent(agent_id)
             if agent is None:
                 return None
             self._workers[agent_id] = agent.worker_id
@@ -362,16 +369,16 @@ class Router:
             stale = [rid for rid in msg.in_flight if rid not in mine]
             self._reply(session.worker_id, codec.LeaseAck(seq=msg.seq, stale=stale or None),
                         session.version)
-        elif isinstance(msg, (codec.Chunk, codec.Done)) or (
-                isinstance(msg, codec.Error) and msg.id is not None):
-            entry = self._requests.get(msg.id)
+        elif isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None:
+            request_id = msg.id                 # an error without one is about the link (below)
+            entry = self._requests.get(request_id)
             if entry is None or entry[0] != session.worker_id:
-                self._reply(session.worker_id, codec.Cancel(id=msg.id, reason="unknown request"),
+                self._reply(session.worker_id, codec.Cancel(id=request_id, reason="unknown request"),
                             session.version)
                 return
             entry[1].put_nowait(msg)
             if not isinstance(msg, codec.Chunk):
-                self._requests.pop(msg.id, None)
+                self._requests.pop(request_id, None)
         elif isinstance(msg, codec.Error):
             log.warning("agent %s reports %s: %s", session.worker_id, msg.code, msg.message)
         elif isinstance(msg, codec.Drain):

@@ -180,7 +180,9 @@ class Store:
                         max_concurrent, agent_version, row["model"], row["fingerprint"], now,
                         PENDING, now, None, None))
             token, expires_at = self._issue_token(db, agent_id, token_ttl_s, now)
-        return Enrolled(self.agent(agent_id), token, expires_at)
+        enrolled = self.agent(agent_id)
+        assert enrolled is not None          # inserted above, in the same transaction
+        return Enrolled(enrolled, token, expires_at)
 
     @staticmethod
     def _issue_token(db, agent_id: str, ttl_s: float, now: float) -> tuple[str, float]:

@@ -221,7 +221,7 @@ def _amd_size_mib(size) -> int:
     else:
         return 0  # "N/A" on virtual functions: unknown, doctor reports it
     try:
-        number = float(value)
+        number = float(value)  # type: ignore[arg-type]  # whatever the JSON held: the except decides
     except (TypeError, ValueError):
         return 0  # "N/A": unknown
     factor = {"B": 1 / MIB, "KB": 1 / 1024, "MB": 1, "GB": 1024}.get(unit.strip().upper() or "MB")

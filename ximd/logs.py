@@ -143,10 +143,11 @@ def stderr_is_journal(env: Mapping[str, str]) -> bool:
 def setup_logging(level: str, env: Mapping[str, str] | None = None) -> logging.Handler:
     env = os.environ if env is None else env
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
     if stderr_is_journal(env) and os.path.exists(JOURNAL_SOCKET):
-        handler: logging.Handler = JournalHandler()
+        handler = JournalHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = StderrHandler()
