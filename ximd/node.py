@@ -21,6 +21,7 @@ from ximd import __version__
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineState, EngineSupervisor, LaunchError
 from ximd.logs import phase_fields
+from ximd.mesh.state import LinkState
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
 from ximd.models import ModelError
 from ximd.preparation import Prepared, prepare_engine
@@ -33,6 +34,8 @@ log = logging.getLogger("ximd")
 # unhealthy_threshold failed checks, so this only trips when it is stuck.
 STUCK_UNHEALTHY_S = 120.0
 ENGINE_LOAD_POLL_S = 2.0
+# What STATUS and `ximd status` say before the engine is up and a link exists.
+NO_LINK = "not connected"
 
 
 def engine_load(metrics_text: str) -> dict[str, float]:
@@ -50,9 +53,14 @@ def engine_load(metrics_text: str) -> dict[str, float]:
     return load
 
 
-def serving_line(model: str, link_state: str) -> str:
-    router = {"connected": "router connected", "rejected": "router rejected this node"}.get(
-        link_state, f"router {link_state}, retrying")
+def link_text(state: LinkState | None) -> str:
+    """The link's state as STATUS and `ximd status` show it; None: no link yet."""
+    return NO_LINK if state is None else state.value
+
+
+def serving_line(model: str, link_state: LinkState | None) -> str:
+    router = {LinkState.CONNECTED: "router connected", LinkState.REJECTED: "router rejected this node"}.get(
+        link_state, f"router {link_text(link_state)}, retrying")
     return f"serving {model}; {router}"
 
 
@@ -67,7 +75,7 @@ class Node:
         self.link = None
         self.metrics = NodeMetrics()
         self.metrics_server: MetricsServer | None = None
-        self.link_state = "not connected"
+        self.link_state: LinkState | None = None      # None until the link exists
         self._tasks: list[asyncio.Task] = []
         self._engine_state_since = time.monotonic()
         self.engine_load: dict[str, float] = {}
@@ -204,16 +212,16 @@ class Node:
         if self.bridge is not None:
             await self.bridge.handle(msg)
 
-    def on_link_state(self, state: str, detail: str) -> None:
+    def on_link_state(self, state: LinkState, detail: str) -> None:
         # The link logs its own transitions; here they only steer STATUS and serving.
         self.link_state = state
         self.metrics.set_link_state(state)
-        if state == "rejected":
+        if state is LinkState.REJECTED:
             asyncio.get_running_loop().create_task(self.agent.identity_revoked(detail))
             return
         if self.supervisor is not None and self.supervisor.healthy:
             self.agent.node_serving(serving_line(self.prepared.launch.served_model_name, state))
-        if state != "connected" and self.bridge is not None:
+        if state is not LinkState.CONNECTED and self.bridge is not None:
             # Streams whose router is gone cannot be delivered; free their slots.
             self.bridge.abort_all("link")
 
@@ -236,7 +244,7 @@ class Node:
                            "max_concurrent": self.prepared.plan.max_concurrent,
                            "tensor_parallel_size": self.prepared.plan.tensor_parallel_size,
                            "lmcache": self.prepared.kv.enabled}
-        link = {"state": self.link_state}
+        link = {"state": link_text(self.link_state)}
         if self.link is not None and getattr(self.link, "last_lease_ack_at", None):
             link["last_lease_ack_s_ago"] = round(time.time() - self.link.last_lease_ack_at, 1)
         out["link"] = link
@@ -248,7 +256,7 @@ class Node:
     # -------------------------------------------------------------- stop
 
     async def stop(self, drain_s: float) -> None:
-        if self.bridge is not None and self.link is not None and self.link_state == "connected" \
+        if self.bridge is not None and self.link is not None and self.link_state is LinkState.CONNECTED \
                 and not await self.link.drain("node stopping"):
             # The router may be gone; in-flight streams still get their grace.
             log.warning("the router did not acknowledge the drain; finishing in-flight requests anyway")

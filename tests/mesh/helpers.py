@@ -11,6 +11,7 @@ from xim_proto import codec
 from ximd import config as configmod
 from ximd import enrollment
 from ximd.mesh.link import Backoff, MeshLink
+from ximd.mesh.state import LinkState
 
 
 def toml_str(value: str) -> str:
@@ -48,7 +49,7 @@ class LinkProbe:
     """Callbacks for a MeshLink that record what happened."""
 
     def __init__(self, *, running: int = 0, models=("tiny",)):
-        self.states: list[tuple[str, str]] = []
+        self.states: list[tuple[LinkState, str]] = []
         self.messages: list[codec.Message] = []
         self.running = running
         self.models = [codec.Model(name=m, state="ready") for m in models]
@@ -64,11 +65,11 @@ class LinkProbe:
     async def on_message(self, msg: codec.Message) -> None:
         self.messages.append(msg)
 
-    def on_state(self, state: str, detail: str) -> None:
+    def on_state(self, state: LinkState, detail: str) -> None:
         self.states.append((state, detail))
 
-    def saw(self, state: str, containing: str = "") -> bool:
-        return any(s == state and containing in d for s, d in self.states)
+    def saw(self, state: LinkState, containing: str = "") -> bool:
+        return any(s is state and containing in d for s, d in self.states)
 
 
 def make_link(identity, probe: LinkProbe, **kw) -> MeshLink:

@@ -17,6 +17,7 @@ from xim_proto import codec
 from ximd import config as configmod
 from ximd import enrollment
 from ximd.mesh.link import Backoff, MeshLink
+from ximd.mesh.state import LinkState
 
 
 async def main(config_path: str) -> int:
@@ -27,8 +28,8 @@ async def main(config_path: str) -> int:
         return 1
     models = [codec.Model(name="tiny", state="ready")]
 
-    def on_state(state: str, detail: str) -> None:
-        print(f"{state}: {detail}", flush=True)
+    def on_state(state: LinkState, detail: str) -> None:
+        print(f"{state.value}: {detail}", flush=True)
 
     async def on_message(msg) -> None:
         pass

@@ -28,6 +28,7 @@ from xim_router import store as store_mod
 from xim_router.mesh import Router, RouterSettings
 from ximd.enrollment import Identity
 from ximd.mesh.link import MeshLink
+from ximd.mesh.state import LinkState
 from ximd.serve import Bridge
 
 MODEL = "tiny"
@@ -64,8 +65,8 @@ class Node:
     async def on_message(self, msg: codec.Message) -> None:
         await self.bridge.handle(msg)
 
-    def on_state(self, state: str, detail: str) -> None:
-        if state != "connected":
+    def on_state(self, state: LinkState, detail: str) -> None:
+        if state is not LinkState.CONNECTED:
             self.bridge.abort_all("link")       # the router has failed these requests already
 
     async def start(self) -> None:

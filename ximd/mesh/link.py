@@ -26,10 +26,10 @@ from xim_proto import codec, transport
 from xim_proto.ratelimit import RateLimitedLog
 from ximd import __version__
 from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
+from ximd.mesh.state import LinkState
 
 log = logging.getLogger("ximd.mesh")
 
-CONNECTING, CONNECTED, DISCONNECTED, REJECTED = "connecting", "connected", "disconnected", "rejected"
 CAPABILITIES = ["credit", "cancel", "drain", "coalesce"]
 
 # Rejections that no retry can fix: the node waits for a new identity.
@@ -96,7 +96,7 @@ class MeshLink:
     def __init__(self, identity: Identity, *, hello_info: Callable[[], dict],
                  lease_info: Callable[[], dict],
                  on_message: Callable[[codec.Message], Awaitable[None]],
-                 on_state: Callable[[str, str], None], lease_interval: float = 5.0,
+                 on_state: Callable[[LinkState, str], None], lease_interval: float = 5.0,
                  token_refresher: TokenRefresher | None = None,
                  token_refresh_margin_s: float = 600.0, handshake_timeout_s: float = 10.0,
                  backoff: Backoff | None = None):
@@ -110,7 +110,7 @@ class MeshLink:
         self.token_refresh_margin_s = token_refresh_margin_s
         self.handshake_timeout_s = handshake_timeout_s
         self.backoff = backoff or Backoff()
-        self.state = DISCONNECTED
+        self.state = LinkState.DISCONNECTED
         self.state_detail = "not started"
         self.welcome: codec.Welcome | None = None
         self.endpoint = ""
@@ -146,19 +146,19 @@ class MeshLink:
                 attempt += 1
                 end = await self._session(endpoint)
                 if end.final:
-                    self._set_state(REJECTED, end.detail)
+                    self._set_state(LinkState.REJECTED, end.detail)
                     return
                 if self._closing:
                     break
                 if end.was_connected or end.retry_now:
                     self.backoff.reset()
                 delay = 0.05 if end.retry_now else self.backoff.next()
-                self._set_state(DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
+                self._set_state(LinkState.DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
                 try:
                     await asyncio.wait_for(self._stop.wait(), delay)   # close() ends the wait
                 except TimeoutError:
                     pass
-            self._set_state(DISCONNECTED, "link closed")
+            self._set_state(LinkState.DISCONNECTED, "link closed")
         finally:
             if self._refreshing:
                 self._refreshing.cancel()
@@ -167,8 +167,8 @@ class MeshLink:
     async def send(self, msg: codec.Message) -> None:
         """Queue for the router (transport.Outbox); LinkDown when there is no session."""
         outbox = self._outbox
-        if self.state != CONNECTED or outbox is None:
-            raise LinkDown(f"no session with the router ({self.state})")
+        if self.state != LinkState.CONNECTED or outbox is None:
+            raise LinkDown(f"no session with the router ({self.state.value})")
         frame = codec.encode(msg, version=self._version)
         while outbox.full():                    # the router is not reading: wait for room
             await asyncio.sleep(0.001)
@@ -193,7 +193,7 @@ class MeshLink:
         sooner lets TCP reset the connection under frames still on their way (the
         last chunks of a drained stream) when the router's own frames arrive late.
         """
-        if self.state == CONNECTED and self._sock is not None:
+        if self.state == LinkState.CONNECTED and self._sock is not None:
             self._bye_answered = asyncio.get_running_loop().create_future()
             try:
                 await self.send(codec.Bye(reason="agent stopping"))
@@ -207,16 +207,16 @@ class MeshLink:
 
     # ------------------------------------------------------------ state
 
-    def _set_state(self, state: str, detail: str) -> None:
+    def _set_state(self, state: LinkState, detail: str) -> None:
         changed = state != self.state
         self.state, self.state_detail = state, detail
-        if state == CONNECTED:
+        if state == LinkState.CONNECTED:
             self.connected_since = time.time()
         if changed:
-            level = {CONNECTED: logging.INFO, REJECTED: logging.ERROR,
-                     CONNECTING: logging.INFO}.get(state, logging.WARNING)
-            log.log(level, "mesh link %s: %s", state, detail,
-                    extra={"fields": {"XIM_LINK_STATE": state}})
+            level = {LinkState.CONNECTED: logging.INFO, LinkState.REJECTED: logging.ERROR,
+                     LinkState.CONNECTING: logging.INFO}.get(state, logging.WARNING)
+            log.log(level, "mesh link %s: %s", state.value, detail,
+                    extra={"fields": {"XIM_LINK_STATE": state.value}})
         try:
             self.on_state(state, detail)
         except Exception:
@@ -268,7 +268,7 @@ class MeshLink:
         sock, monitor = self._socket(endpoint)
         watch = transport.ReadyWatch(asyncio.get_running_loop(), sock, monitor)
         self._watch = watch
-        self._set_state(CONNECTING, f"connecting to {endpoint}")
+        self._set_state(LinkState.CONNECTING, f"connecting to {endpoint}")
         try:
             try:
                 sock.send(codec.encode(self._hello()), _DONTWAIT)    # queued until connected
@@ -310,7 +310,7 @@ class MeshLink:
                 msg = self._decode(frames)
                 if msg is None:
                     continue
-                if isinstance(msg, codec.Welcome) and self.state != CONNECTED:
+                if isinstance(msg, codec.Welcome) and self.state != LinkState.CONNECTED:
                     self._on_welcome(sock, msg)
                     welcome_deadline = None
                     interval = min(self.lease_interval, msg.lease_interval_s)
@@ -326,11 +326,11 @@ class MeshLink:
             if lease_timeout and now - last_rx > lease_timeout:
                 return SessionEnd(f"no answer from the router for {now - last_rx:.0f} s",
                                   was_connected=True)
-            if self.state == CONNECTED and now >= next_lease:
+            if self.state == LinkState.CONNECTED and now >= next_lease:
                 next_lease = now + interval
                 await self._send_lease()
                 continue                 # sending may have hidden a readable edge: look again
-            deadlines = [d for d in (welcome_deadline, next_lease if self.state == CONNECTED else None,
+            deadlines = [d for d in (welcome_deadline, next_lease if self.state == LinkState.CONNECTED else None,
                                      last_rx + lease_timeout if lease_timeout else None) if d]
             wake_at = min(deadlines) if deadlines else None
             await watch.wait(wake_at - time.monotonic() if wake_at else None)
@@ -339,7 +339,7 @@ class MeshLink:
                 log.warning("ximd did not run for %.1f s (host paused or overloaded); "
                             "the router's lease clock moved on by that much", paused)
                 last_rx += paused
-        return SessionEnd("link closed", was_connected=self.state == CONNECTED)
+        return SessionEnd("link closed", was_connected=self.state == LinkState.CONNECTED)
 
     def _on_welcome(self, sock: zmq.Socket, welcome: codec.Welcome) -> None:
         self.welcome = welcome
@@ -351,7 +351,7 @@ class MeshLink:
             if watch is not None and transport.readable(sock):
                 watch.poke()             # sending consumed the FD edge of pending input
         self._outbox = transport.Outbox(asyncio.get_running_loop(), sock, after_send)
-        self._set_state(CONNECTED, f"session {welcome.session} with {self.endpoint} "
+        self._set_state(LinkState.CONNECTED, f"session {welcome.session} with {self.endpoint} "
                                    f"(router {welcome.router_version}, protocol v{welcome.version})")
 
     async def _send_lease(self) -> None:
@@ -393,9 +393,9 @@ class MeshLink:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 result, transport_up = "handshake", True
-            elif kind == zmq.EVENT_DISCONNECTED and (transport_up or self.state == CONNECTED):
+            elif kind == zmq.EVENT_DISCONNECTED and (transport_up or self.state == LinkState.CONNECTED):
                 return SessionEnd(f"connection to {self.endpoint} lost",
-                                  was_connected=self.state == CONNECTED)
+                                  was_connected=self.state == LinkState.CONNECTED)
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return await self._auth_failed()
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
@@ -424,7 +424,7 @@ class MeshLink:
                 self._bye_answered.set_result(msg)
                 return SessionEnd("the router acknowledged our bye", was_connected=True)
             return SessionEnd(f"router said bye: {msg.reason}", was_connected=True)
-        if self.state != CONNECTED:
+        if self.state != LinkState.CONNECTED:
             log.debug("ignored %s before welcome", msg.TYPE)
             return None
         if isinstance(msg, codec.LeaseAck):
@@ -449,7 +449,7 @@ class MeshLink:
         if reject.code in FINAL_REJECTIONS:
             return SessionEnd(detail, final=True)
         if reject.code == "no_session":
-            if self.state != CONNECTED:
+            if self.state != LinkState.CONNECTED:
                 return None        # a stale frame answered before our hello: harmless
             return SessionEnd("the router lost this session", was_connected=True, retry_now=True)
         if reject.code in TOKEN_REJECTIONS:
