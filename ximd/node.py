@@ -17,10 +17,10 @@ import time
 import aiohttp
 
 from xim_proto import codec
-from ximd import __version__
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineState, EngineSupervisor, LaunchError
 from ximd.logs import phase_fields
+from ximd.mesh.report import HelloInfo, LeaseInfo
 from ximd.mesh.state import LinkState
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
 from ximd.models import ModelError
@@ -177,36 +177,33 @@ class Node:
     async def send(self, msg: codec.Message) -> None:
         await self.link.send(msg)
 
-    def models_info(self) -> list[dict]:
+    def models_info(self) -> tuple[codec.Model, ...]:
         state = {EngineState.HEALTHY: "ready", EngineState.LOADING: "loading",
                  EngineState.STARTING: "loading", EngineState.STOPPED: "stopped"}.get(
             self.supervisor.state, "failed")
-        return [{"name": self.prepared.launch.served_model_name, "state": state,
-                 "max_model_len": self.prepared.plan.max_model_len}]
+        return (codec.Model(name=self.prepared.launch.served_model_name, state=state,
+                            max_model_len=self.prepared.plan.max_model_len),)
 
-    def hello_info(self) -> dict:
+    def hello_info(self) -> HelloInfo:
         hw = self.prepared.hardware
-        return {
-            "agent_version": __version__,
-            "models": self.models_info(),
-            "max_concurrent": self.prepared.plan.max_concurrent,
-            "hardware": {"accelerator": self.prepared.plan.accelerator, "gpus": len(hw.gpus),
-                         "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()},
-        }
+        return HelloInfo(
+            models=self.models_info(), max_concurrent=self.prepared.plan.max_concurrent,
+            hardware={"accelerator": self.prepared.plan.accelerator, "gpus": len(hw.gpus),
+                      "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()})
 
-    def lease_info(self) -> dict:
+    def lease_info(self) -> LeaseInfo:
         if self.link is not None and self.link.last_lease_ack_at:
             self.metrics.lease_acknowledged(self.link.last_lease_ack_at)
-        return {
-            "running": self.bridge.running,
-            "waiting": int(self.engine_load.get("waiting", 0)),
-            "kv_cache_usage": self.engine_load.get("kv_cache_usage", 0.0),
-            "in_flight": self.bridge.in_flight_ids(),
-            "engine_state": str(self.supervisor.state),
-            "models": self.models_info(),
-            "max_concurrent": self.bridge.max_concurrent,
-            "draining": self.bridge.draining,
-        }
+        return LeaseInfo(
+            running=self.bridge.running,
+            waiting=int(self.engine_load.get("waiting", 0)),
+            kv_cache_usage=self.engine_load.get("kv_cache_usage", 0.0),
+            in_flight=tuple(self.bridge.in_flight_ids()),
+            engine_state=str(self.supervisor.state),
+            models=self.models_info(),
+            max_concurrent=self.bridge.max_concurrent,
+            draining=self.bridge.draining,
+        )
 
     async def on_message(self, msg: codec.Message) -> None:
         if self.bridge is not None:

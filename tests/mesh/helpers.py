@@ -11,6 +11,7 @@ from xim_proto import codec
 from ximd import config as configmod
 from ximd import enrollment
 from ximd.mesh.link import Backoff, MeshLink
+from ximd.mesh.report import HelloInfo, LeaseInfo
 from ximd.mesh.state import LinkState
 
 
@@ -52,15 +53,14 @@ class LinkProbe:
         self.states: list[tuple[LinkState, str]] = []
         self.messages: list[codec.Message] = []
         self.running = running
-        self.models = [codec.Model(name=m, state="ready") for m in models]
+        self.models = tuple(codec.Model(name=m, state="ready") for m in models)
 
-    def hello_info(self) -> dict:
-        return {"hardware": {"gpus": []}, "models": self.models, "max_concurrent": 4}
+    def hello_info(self) -> HelloInfo:
+        return HelloInfo(hardware={"gpus": []}, models=self.models, max_concurrent=4)
 
-    def lease_info(self) -> dict:
-        return {"running": self.running, "waiting": 0, "kv_cache_usage": 0.125,
-                "engine_state": "ready", "models": self.models, "in_flight": [],
-                "max_concurrent": 4, "draining": False}
+    def lease_info(self) -> LeaseInfo:
+        return LeaseInfo(running=self.running, waiting=0, kv_cache_usage=0.125, engine_state="ready",
+                         models=self.models, in_flight=(), max_concurrent=4, draining=False)
 
     async def on_message(self, msg: codec.Message) -> None:
         self.messages.append(msg)

@@ -26,6 +26,7 @@ from xim_proto import codec, transport
 from xim_proto.ratelimit import RateLimitedLog
 from ximd import __version__
 from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
+from ximd.mesh.report import HelloInfo, LeaseInfo
 from ximd.mesh.state import LinkState
 
 log = logging.getLogger("ximd.mesh")
@@ -88,13 +89,9 @@ class SessionEnd:
     retry_now: bool = False         # e.g. a token was just refreshed
 
 
-def _models(value) -> list[codec.Model]:
-    return [m if isinstance(m, codec.Model) else codec.Model(**m) for m in value]
-
-
 class MeshLink:
-    def __init__(self, identity: Identity, *, hello_info: Callable[[], dict],
-                 lease_info: Callable[[], dict],
+    def __init__(self, identity: Identity, *, hello_info: Callable[[], HelloInfo],
+                 lease_info: Callable[[], LeaseInfo],
                  on_message: Callable[[codec.Message], Awaitable[None]],
                  on_state: Callable[[LinkState, str], None], lease_interval: float = 5.0,
                  token_refresher: TokenRefresher | None = None,
@@ -240,24 +237,19 @@ class MeshLink:
         return sock, monitor
 
     def _hello(self) -> codec.Hello:
-        info = dict(self.hello_info())
+        info = self.hello_info()
         return codec.Hello(
-            token=self.identity.token, versions=list(codec.PROTOCOL_VERSIONS),
-            agent_version=info.get("agent_version", __version__),
-            hostname=info.get("hostname") or socket.gethostname(),
-            capabilities=list(info.get("capabilities", CAPABILITIES)),
-            hardware=dict(info.get("hardware", {})), models=_models(info.get("models", [])),
-            max_concurrent=int(info["max_concurrent"]))
+            token=self.identity.token, versions=list(codec.PROTOCOL_VERSIONS), agent_version=__version__,
+            hostname=info.hostname or socket.gethostname(), capabilities=list(CAPABILITIES),
+            hardware=dict(info.hardware), models=list(info.models), max_concurrent=info.max_concurrent)
 
     def _lease(self) -> codec.Lease:
-        info = dict(self.lease_info())
+        info = self.lease_info()
         self._seq += 1
         return codec.Lease(
-            seq=self._seq, running=int(info.get("running", 0)), waiting=int(info.get("waiting", 0)),
-            kv_cache_usage=float(info.get("kv_cache_usage", 0.0)),
-            engine_state=str(info.get("engine_state", "unknown")),
-            models=_models(info.get("models", [])), in_flight=list(info.get("in_flight", [])),
-            max_concurrent=int(info["max_concurrent"]), draining=bool(info.get("draining", False)))
+            seq=self._seq, running=info.running, waiting=info.waiting, kv_cache_usage=info.kv_cache_usage,
+            engine_state=info.engine_state, models=list(info.models), in_flight=list(info.in_flight),
+            max_concurrent=info.max_concurrent, draining=info.draining)
 
     async def _session(self, endpoint: str) -> SessionEnd:
         self.endpoint = endpoint
