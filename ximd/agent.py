@@ -188,8 +188,8 @@ class Agent:
 
     # -------------------------------------------------------------- called by the node (ximd.node.NodeHost)
 
-    def engine_loading(self, model: str, elapsed: str) -> None:
-        self.set_status("loading", f"loading {model}: {elapsed}")
+    def engine_loading(self, model: str, loading_s: float) -> None:
+        self.set_status("loading", f"loading {model}: {loading_s:.0f} s")
         if not self.ready_sent:
             self.notifier.extend_timeout(LOAD_EXTENSION_S)
 

@@ -22,7 +22,7 @@ import aiohttp
 from xim_proto import codec
 from ximd.autoconfig import PlanError
 from ximd.config import Config
-from ximd.engine import EngineState, EngineSupervisor, LaunchError
+from ximd.engine import EngineReport, EngineState, EngineSupervisor, LaunchError
 from ximd.identity import Identity
 from ximd.logs import phase_fields
 from ximd.mesh.report import HelloInfo, LeaseInfo
@@ -84,7 +84,7 @@ class NodeHost(Protocol):
 
     def ready(self) -> None: ...
 
-    def engine_loading(self, model: str, elapsed: str) -> None: ...
+    def engine_loading(self, model: str, loading_s: float) -> None: ...
 
     def node_serving(self, line: str) -> None: ...
 
@@ -162,19 +162,20 @@ class Node:
 
     # -------------------------------------------------------------- engine
 
-    def on_engine_state(self, state: str, detail: str) -> None:
+    def on_engine_state(self, report: EngineReport) -> None:
         prepared, supervisor, _ = self._engine()
+        state = report.state
         self._engine_state_since = time.monotonic()
-        self.metrics.set_engine(state, supervisor.restarts)
+        self.metrics.set_engine(state.value, supervisor.restarts)
         model = prepared.launch.served_model_name
-        if state == EngineState.LOADING:
-            self.host.engine_loading(model, detail.rsplit(": ", 1)[-1])
-        elif state == EngineState.HEALTHY:
+        if state is EngineState.LOADING:
+            self.host.engine_loading(model, report.loading_s or 0.0)
+        elif state is EngineState.HEALTHY:
             self.host.node_serving(serving_line(model, self.link_state))
             if self.link is None:
                 self.start_link()
         elif state in (EngineState.BACKOFF, EngineState.FAILED, EngineState.UNHEALTHY):
-            self.host.node_degraded("engine-" + state, f"engine {state}: {detail}")
+            self.host.node_degraded(f"engine-{state.value}", f"engine {state.value}: {report.detail}")
 
     async def poll_engine_load(self, supervisor: EngineSupervisor, engine_socket: Path) -> None:
         """Keep the waiting count and KV-cache usage fresh for the leases."""
