@@ -82,6 +82,29 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class Renewed:
+    """The enrollment API issued a new token; the link holds the new identity."""
+
+
+@dataclass(frozen=True)
+class RefusedForGood:
+    """The enrollment API refused this node (revoked, unknown): no retry helps."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FailedForNow:
+    """The enrollment API could not be asked (network, server error): try again later."""
+
+    error: EnrollmentError
+
+
+TokenRefresh = Renewed | RefusedForGood | FailedForNow
+
+
+@dataclass(frozen=True)
 class SessionEnd:
     detail: str
     final: bool = False             # stop trying: rejected for good
@@ -358,7 +381,7 @@ class MeshLink:
             log.warning("lease not sent: %s", exc)
         if self.identity.token_expires_at - time.time() < self.token_refresh_margin_s \
                 and self.token_refresher and not self._refreshing:
-            self._refreshing = asyncio.ensure_future(self._refresh_in_background())
+            self._refreshing = asyncio.ensure_future(self._refresh_in_background(self.token_refresher))
 
     def _decode(self, frames: list[bytes]) -> codec.Message | None:
         if len(frames) != 1:
@@ -399,12 +422,11 @@ class MeshLink:
         detail = f"the router at {self.endpoint} refused this node's CURVE key"
         if self.token_refresher is None:
             return SessionEnd(detail)
-        try:
-            self.identity = await self.token_refresher(self.identity)
-        except EnrollmentRejected as exc:
-            return SessionEnd(f"{detail}: {exc.message} ({exc.code})", final=True)
-        except EnrollmentError as exc:
-            return SessionEnd(f"{detail}; could not ask why: {exc}")
+        match await self._refresh_token(self.token_refresher):
+            case RefusedForGood(code, message):
+                return SessionEnd(f"{detail}: {message} ({code})", final=True)
+            case FailedForNow(error):
+                return SessionEnd(f"{detail}; could not ask why: {error}")
         return SessionEnd(detail)
 
     async def _on_router_message(self, msg: codec.Message) -> SessionEnd | None:
@@ -447,37 +469,44 @@ class MeshLink:
         if reject.code in TOKEN_REJECTIONS:
             if self.token_refresher is None:
                 return SessionEnd(detail, final=reject.code == "unauthorized")
-            try:
-                self.identity = await self.token_refresher(self.identity)
-            except EnrollmentRejected as exc:
-                return SessionEnd(f"{detail}; refresh refused: {exc.message} ({exc.code})", final=True)
-            except EnrollmentError as exc:
-                return SessionEnd(f"{detail}; refresh failed: {exc}")
+            match await self._refresh_token(self.token_refresher):
+                case RefusedForGood(code, message):
+                    return SessionEnd(f"{detail}; refresh refused: {message} ({code})", final=True)
+                case FailedForNow(error):
+                    return SessionEnd(f"{detail}; refresh failed: {error}")
             return SessionEnd(f"{detail}; token refreshed", retry_now=True)
         return SessionEnd(detail)
 
     # ------------------------------------------------------------ token
 
+    async def _refresh_token(self, refresher: TokenRefresher) -> TokenRefresh:
+        """Ask the enrollment API for a new token once; the identity changes only when it gives one."""
+        try:
+            self.identity = await refresher(self.identity)
+        except EnrollmentRejected as exc:
+            return RefusedForGood(exc.code, exc.message)
+        except EnrollmentError as exc:
+            return FailedForNow(exc)
+        return Renewed()
+
     async def _refresh_if_due(self) -> SessionEnd | None:
         if self.token_refresher is None or \
                 self.identity.token_expires_at - time.time() >= self.token_refresh_margin_s:
             return None
-        try:
-            self.identity = await self.token_refresher(self.identity)
-        except EnrollmentRejected as exc:
-            return SessionEnd(f"token refresh refused: {exc.message} ({exc.code})", final=True)
-        except EnrollmentError as exc:
-            log.warning("token refresh failed, trying with the current token: %s", exc)
+        match await self._refresh_token(self.token_refresher):
+            case RefusedForGood(code, message):
+                return SessionEnd(f"token refresh refused: {message} ({code})", final=True)
+            case FailedForNow(error):
+                log.warning("token refresh failed, trying with the current token: %s", error)
         return None
 
-    async def _refresh_in_background(self) -> None:
+    async def _refresh_in_background(self, refresher: TokenRefresher) -> None:
         try:
-            self.identity = await self.token_refresher(self.identity)
-        except EnrollmentRejected as exc:
-            log.error("token refresh refused: %s (%s); the router will end this session",
-                      exc.message, exc.code)
-        except EnrollmentError as exc:
-            log.warning("token refresh failed, will retry: %s", exc)
+            match await self._refresh_token(refresher):
+                case RefusedForGood(code, message):
+                    log.error("token refresh refused: %s (%s); the router will end this session", message, code)
+                case FailedForNow(error):
+                    log.warning("token refresh failed, will retry: %s", error)
         except Exception:
             log.exception("token refresh failed")
         finally:
