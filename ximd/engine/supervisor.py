@@ -277,7 +277,7 @@ class EngineSupervisor:
                         # Let the pump take the last lines, which say why.
                         await asyncio.wait({pump}, timeout=1.0)
                         when = "during start-up" if loading else "while serving"
-                        self._fail(f"engine {exit_description(proc.returncode)} {when}: "
+                        self._fail(f"engine {exit_description(exited.result())} {when}: "
                                    f"{failure_reason(self.output.last_lines(40))}", with_output=True)
                         return reached_healthy
                     ok, why = await self._health(session)
@@ -344,6 +344,8 @@ class EngineSupervisor:
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         reader = proc.stdout
+        if reader is None:     # started with stdout=PIPE: there is always one
+            return
         while True:
             try:
                 raw = await reader.readline()

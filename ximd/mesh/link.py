@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -139,7 +140,6 @@ class MeshLink:
         self.malformed_dropped = 0
         self._seq = 0
         self._version = codec.PROTOCOL_VERSION
-        self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None            # set while a session is connected
         self._outbox: transport.Outbox | None = None    # likewise: what send() queues
         self._watch: transport.ReadyWatch | None = None
@@ -157,14 +157,14 @@ class MeshLink:
         # Plain (not zmq.asyncio) sockets: one reader per socket is registered
         # with the event loop for the whole session (transport.ReadyWatch),
         # which costs far less per message than zmq.asyncio's pollers.
-        self._ctx = zmq.Context()
+        ctx = zmq.Context()
         transport.log_socket_buffers(log)
         try:
             attempt = 0
             while not self._closing:
                 endpoint = self.identity.mesh_endpoints[attempt % len(self.identity.mesh_endpoints)]
                 attempt += 1
-                end = await self._session(endpoint)
+                end = await self._session(ctx, endpoint)
                 if end.final:
                     self._set_state(LinkState.REJECTED, end.detail)
                     return
@@ -182,7 +182,7 @@ class MeshLink:
         finally:
             if self._refreshing:
                 self._refreshing.cancel()
-            self._ctx.term()
+            ctx.term()
 
     async def send(self, msg: codec.Message) -> None:
         """Queue for the router (transport.Outbox); LinkDown when there is no session."""
@@ -244,8 +244,8 @@ class MeshLink:
 
     # ------------------------------------------------------------ one session
 
-    def _socket(self, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
-        sock = self._ctx.socket(zmq.DEALER)
+    def _socket(self, ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+        sock = ctx.socket(zmq.DEALER)
         transport.apply_common_options(sock)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.worker_id.encode())
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.identity.router_public_key.encode())
@@ -274,13 +274,13 @@ class MeshLink:
             engine_state=info.engine_state, models=list(info.models), in_flight=list(info.in_flight),
             max_concurrent=info.max_concurrent, draining=info.draining)
 
-    async def _session(self, endpoint: str) -> SessionEnd:
+    async def _session(self, ctx: zmq.Context, endpoint: str) -> SessionEnd:
         self.endpoint = endpoint
         self._version = codec.PROTOCOL_VERSION
         end = await self._refresh_if_due()
         if end is not None:
             return end
-        sock, monitor = self._socket(endpoint)
+        sock, monitor = self._socket(ctx, endpoint)
         watch = transport.ReadyWatch(asyncio.get_running_loop(), sock, monitor)
         self._watch = watch
         self._set_state(LinkState.CONNECTING, f"connecting to {endpoint}")
@@ -396,10 +396,10 @@ class MeshLink:
                       detail)
         return None
 
-    async def _on_monitor(self, monitor: zmq.Socket, transport_up: bool):
+    async def _on_monitor(self, monitor: zmq.Socket, transport_up: bool) -> SessionEnd | Literal["handshake"] | None:
         """Read every pending monitor event: a SessionEnd, "handshake" when the CURVE
         handshake completed, or None."""
-        result = None
+        result: Literal["handshake"] | None = None
         while True:
             try:
                 event = parse_monitor_message(monitor.recv_multipart(_DONTWAIT))
