@@ -19,12 +19,17 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ximd import __version__, tuning
 from ximd.config import EX_CONFIG, Config, ConfigError
 from ximd.control import ControlServer, socket_path
+from ximd.identity import Identity
 from ximd.logs import phase_fields, set_level, setup_logging
 from ximd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from ximd.node import Node  # start_node imports it at run time
 
 log = logging.getLogger("ximd")
 
@@ -59,7 +64,7 @@ class Agent:
         self.stop_reason: str | None = None
         self.ready_sent = False
         self.exit_code = 0
-        self.node = None          # ximd.node.Node once enrolled
+        self.node: Node | None = None     # once enrolled
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._lifecycle: asyncio.Task | None = None
@@ -93,8 +98,8 @@ class Agent:
             return True
         return self.node is not None and self.node.healthy()
 
-    def status(self) -> dict:
-        reply = {
+    def status(self) -> dict[str, Any]:
+        reply: dict[str, Any] = {
             "version": __version__,
             "pid": os.getpid(),
             "phase": self.phase,
@@ -176,15 +181,15 @@ class Agent:
         self.set_status("not-enrolled", line)
         self.ready()
 
-    async def start_node(self, identity) -> None:
+    async def start_node(self, identity: Identity) -> None:
         from ximd.node import Node
-        self.node = Node(self.cfg, identity, self)
-        await self.node.start()
+        node = self.node = Node(self.cfg, identity, self)
+        await node.start()
 
-    # -------------------------------------------------------------- called by the node
+    # -------------------------------------------------------------- called by the node (ximd.node.NodeHost)
 
-    def engine_loading(self, model: str, elapsed: str) -> None:
-        self.set_status("loading", f"loading {model}: {elapsed}")
+    def engine_loading(self, model: str, loading_s: float) -> None:
+        self.set_status("loading", f"loading {model}: {loading_s:.0f} s")
         if not self.ready_sent:
             self.notifier.extend_timeout(LOAD_EXTENSION_S)
 

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from xim_proto.addresses import parse_host_port
 from ximd import __version__
+from ximd.mesh.state import LinkState
 
 log = logging.getLogger("ximd.metrics")
 
@@ -37,7 +38,6 @@ ENGINE_SCRAPE_TIMEOUT_S = 2.0
 # overhead shows, then coarse ones for loaded engines and long prompts.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                 10.0, 20.0, 60.0)
-LINK_STATES = ("connecting", "connected", "disconnected", "rejected")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -101,7 +101,7 @@ class NodeMetrics:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     in_flight: int = 0
-    link_state: str = "connecting"
+    link_state: LinkState = LinkState.CONNECTING
     last_lease_ack_at: float | None = None      # wall clock
     engine_state: str = "stopped"
     engine_restarts: int = 0
@@ -122,7 +122,7 @@ class NodeMetrics:
 
     # -- written by the agent
 
-    def set_link_state(self, state: str) -> None:
+    def set_link_state(self, state: LinkState) -> None:
         self.link_state = state
 
     def lease_acknowledged(self, at: float | None = None) -> None:
@@ -160,10 +160,9 @@ class NodeMetrics:
         family("ximd_tokens_total", "counter", "Tokens of finished requests, from the engine's usage.",
                [f'ximd_tokens_total{{kind="prompt"}} {self.prompt_tokens}',
                 f'ximd_tokens_total{{kind="completion"}} {self.completion_tokens}'])
-        states = LINK_STATES if self.link_state in LINK_STATES else (*LINK_STATES, self.link_state)
         family("ximd_link_state", "gauge", "The mesh link's state (1 for the current one).",
-               [f'ximd_link_state{{state="{escape_label(s)}"}} {int(s == self.link_state)}'
-                for s in states])
+               [f'ximd_link_state{{state="{escape_label(s.value)}"}} {int(s is self.link_state)}'
+                for s in LinkState])
         if self.last_lease_ack_at is not None:
             family("ximd_lease_age_seconds", "gauge", "Seconds since the router last acknowledged a lease.",
                    [f"ximd_lease_age_seconds {format_value(max(0.0, now - self.last_lease_ack_at))}"])

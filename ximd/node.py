@@ -13,18 +13,27 @@ import asyncio
 import logging
 import platform
 import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
 from xim_proto import codec
-from ximd import __version__
 from ximd.autoconfig import PlanError
-from ximd.engine import EngineState, EngineSupervisor, LaunchError
+from ximd.config import Config
+from ximd.engine import EngineReport, EngineState, EngineSupervisor, LaunchError
+from ximd.identity import Identity
 from ximd.logs import phase_fields
+from ximd.mesh.report import HelloInfo, LeaseInfo
+from ximd.mesh.state import LinkState
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
 from ximd.models import ModelError
 from ximd.preparation import Prepared, prepare_engine
 from ximd.serve import Bridge
+
+if TYPE_CHECKING:
+    from ximd.mesh.link import MeshLink  # start_link imports it at run time
 
 log = logging.getLogger("ximd")
 
@@ -33,6 +42,8 @@ log = logging.getLogger("ximd")
 # unhealthy_threshold failed checks, so this only trips when it is stuck.
 STUCK_UNHEALTHY_S = 120.0
 ENGINE_LOAD_POLL_S = 2.0
+# What STATUS and `ximd status` say before the engine is up and a link exists.
+NO_LINK = "not connected"
 
 
 def engine_load(metrics_text: str) -> dict[str, float]:
@@ -50,24 +61,52 @@ def engine_load(metrics_text: str) -> dict[str, float]:
     return load
 
 
-def serving_line(model: str, link_state: str) -> str:
-    router = {"connected": "router connected", "rejected": "router rejected this node"}.get(
-        link_state, f"router {link_state}, retrying")
+def link_text(state: LinkState | None) -> str:
+    """The link's state as STATUS and `ximd status` show it; None: no link yet."""
+    return NO_LINK if state is None else state.value
+
+
+def serving_line(model: str, link_state: LinkState | None) -> str:
+    if link_state is LinkState.CONNECTED:
+        router = "router connected"
+    elif link_state is LinkState.REJECTED:
+        router = "router rejected this node"
+    else:
+        router = f"router {link_text(link_state)}, retrying"
     return f"serving {model}; {router}"
 
 
+class NodeHost(Protocol):
+    """What a node tells the daemon that runs it (ximd.agent.Agent): its phase and
+    STATUS line, READY, and the turns only the daemon can take."""
+
+    def set_status(self, phase: str, line: str) -> None: ...
+
+    def ready(self) -> None: ...
+
+    def engine_loading(self, model: str, loading_s: float) -> None: ...
+
+    def node_serving(self, line: str) -> None: ...
+
+    def node_degraded(self, phase: str, line: str) -> None: ...
+
+    def config_invalid(self, problem: str) -> None: ...
+
+    async def identity_revoked(self, reason: str) -> None: ...
+
+
 class Node:
-    def __init__(self, cfg, identity, agent):
+    def __init__(self, cfg: Config, identity: Identity, host: NodeHost):
         self.cfg = cfg
         self.identity = identity
-        self.agent = agent
+        self.host = host
         self.prepared: Prepared | None = None
         self.supervisor: EngineSupervisor | None = None
         self.bridge: Bridge | None = None
-        self.link = None
+        self.link: MeshLink | None = None
         self.metrics = NodeMetrics()
         self.metrics_server: MetricsServer | None = None
-        self.link_state = "not connected"
+        self.link_state: LinkState | None = None      # None until the link exists
         self._tasks: list[asyncio.Task] = []
         self._engine_state_since = time.monotonic()
         self.engine_load: dict[str, float] = {}
@@ -75,32 +114,32 @@ class Node:
     # -------------------------------------------------------------- start
 
     async def start(self) -> None:
-        self.agent.set_status("preparing", "preparing the engine (hardware, model, plan)")
+        self.host.set_status("preparing", "preparing the engine (hardware, model, plan)")
         try:
             self.prepared = await asyncio.to_thread(prepare_engine, self.cfg, self.identity.assigned_model)
         except PlanError as exc:
-            self.agent.config_invalid(f"{exc.key}: {exc.message}")
+            self.host.config_invalid(f"{exc.key}: {exc.message}")
             return
         except (ModelError, LaunchError) as exc:
             log.error("engine cannot start: %s", exc, extra=phase_fields("engine"))
-            self.agent.node_degraded("engine-unavailable",
-                                     f"engine cannot start: {exc}; fix it, then `systemctl restart ximd`")
-            self.agent.ready()
+            self.host.node_degraded("engine-unavailable",
+                                    f"engine cannot start: {exc}; fix it, then `systemctl restart ximd`")
+            self.host.ready()
             return
         launch, plan = self.prepared.launch, self.prepared.plan
         self.metrics.set_kv_tier("lmcache", self.prepared.kv.enabled)
-        self.supervisor = EngineSupervisor(launch, on_state=self.on_engine_state,
-                                           startup_timeout=self.cfg.engine.startup_timeout_s)
+        supervisor = self.supervisor = EngineSupervisor(launch, on_state=self.on_engine_state,
+                                                        startup_timeout=self.cfg.engine.startup_timeout_s)
         self.bridge = Bridge(launch.socket_path, max_concurrent=plan.max_concurrent, send=self.send,
                              models=lambda: [launch.served_model_name],
-                             engine_ready=lambda: self.supervisor.healthy, metrics=self.metrics)
+                             engine_ready=lambda: supervisor.healthy, metrics=self.metrics)
         await self.bridge.start()
         if self.cfg.metrics.enabled:
             await self.start_metrics(launch.socket_path)
-        self._spawn(self.supervisor.run(), "engine supervisor")
-        self._spawn(self.poll_engine_load(launch.socket_path), "engine load poller")
+        self._spawn(supervisor.run(), "engine supervisor")
+        self._spawn(self.poll_engine_load(supervisor, launch.socket_path), "engine load poller")
 
-    async def start_metrics(self, engine_socket) -> None:
+    async def start_metrics(self, engine_socket: Path) -> None:
         self.metrics_server = MetricsServer(self.cfg.metrics.listen, self.metrics, engine_socket)
         try:
             await self.metrics_server.start()
@@ -110,7 +149,7 @@ class Node:
                         self.cfg.metrics.listen, exc)
             self.metrics_server = None
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
@@ -123,25 +162,27 @@ class Node:
 
     # -------------------------------------------------------------- engine
 
-    def on_engine_state(self, state: str, detail: str) -> None:
+    def on_engine_state(self, report: EngineReport) -> None:
+        prepared, supervisor, _ = self._engine()
+        state = report.state
         self._engine_state_since = time.monotonic()
-        self.metrics.set_engine(state, self.supervisor.restarts if self.supervisor else 0)
-        model = self.prepared.launch.served_model_name
-        if state == EngineState.LOADING:
-            self.agent.engine_loading(model, detail.rsplit(": ", 1)[-1])
-        elif state == EngineState.HEALTHY:
-            self.agent.node_serving(serving_line(model, self.link_state))
+        self.metrics.set_engine(state.value, supervisor.restarts)
+        model = prepared.launch.served_model_name
+        if state is EngineState.LOADING:
+            self.host.engine_loading(model, report.loading_s or 0.0)
+        elif state is EngineState.HEALTHY:
+            self.host.node_serving(serving_line(model, self.link_state))
             if self.link is None:
                 self.start_link()
         elif state in (EngineState.BACKOFF, EngineState.FAILED, EngineState.UNHEALTHY):
-            self.agent.node_degraded("engine-" + state, f"engine {state}: {detail}")
+            self.host.node_degraded(f"engine-{state.value}", f"engine {state.value}: {report.detail}")
 
-    async def poll_engine_load(self, engine_socket) -> None:
+    async def poll_engine_load(self, supervisor: EngineSupervisor, engine_socket: Path) -> None:
         """Keep the waiting count and KV-cache usage fresh for the leases."""
         connector = aiohttp.UnixConnector(path=str(engine_socket))
         async with aiohttp.ClientSession(connector=connector) as session:
             while True:
-                if self.supervisor.healthy:
+                if supervisor.healthy:
                     text = await scrape_engine(session)
                     if text is not None:
                         self.engine_load = engine_load(text)
@@ -156,71 +197,80 @@ class Node:
             return time.monotonic() - self._engine_state_since < STUCK_UNHEALTHY_S
         return True
 
+    def _engine(self) -> tuple[Prepared, EngineSupervisor, Bridge]:
+        """The engine's parts. start() makes all three before anything that asks for them
+        runs (the supervisor's reports, the link), so a missing one is a bug, not a state."""
+        if self.prepared is None or self.supervisor is None or self.bridge is None:
+            raise RuntimeError("the node's engine is not set up")
+        return self.prepared, self.supervisor, self.bridge
+
     # -------------------------------------------------------------- link
 
     def start_link(self) -> None:
         from ximd.enrollment import token_refresher
         from ximd.mesh.link import MeshLink
-        self.link = MeshLink(self.identity, hello_info=self.hello_info, lease_info=self.lease_info,
-                             on_message=self.on_message, on_state=self.on_link_state,
-                             token_refresher=token_refresher(self.cfg))
-        self._spawn(self.link.run(), "mesh link")
+        link = self.link = MeshLink(self.identity, hello_info=self.hello_info, lease_info=self.lease_info,
+                                    on_message=self.on_message, on_state=self.on_link_state,
+                                    token_refresher=token_refresher(self.cfg))
+        self._spawn(link.run(), "mesh link")
 
     async def send(self, msg: codec.Message) -> None:
+        if self.link is None:    # the bridge answers only requests the link brought
+            raise RuntimeError("the node has no mesh link")
         await self.link.send(msg)
 
-    def models_info(self) -> list[dict]:
+    def models_info(self) -> tuple[codec.Model, ...]:
+        prepared, supervisor, _ = self._engine()
         state = {EngineState.HEALTHY: "ready", EngineState.LOADING: "loading",
                  EngineState.STARTING: "loading", EngineState.STOPPED: "stopped"}.get(
-            self.supervisor.state, "failed")
-        return [{"name": self.prepared.launch.served_model_name, "state": state,
-                 "max_model_len": self.prepared.plan.max_model_len}]
+            supervisor.state, "failed")
+        return (codec.Model(name=prepared.launch.served_model_name, state=state,
+                            max_model_len=prepared.plan.max_model_len),)
 
-    def hello_info(self) -> dict:
-        hw = self.prepared.hardware
-        return {
-            "agent_version": __version__,
-            "models": self.models_info(),
-            "max_concurrent": self.prepared.plan.max_concurrent,
-            "hardware": {"accelerator": self.prepared.plan.accelerator, "gpus": len(hw.gpus),
-                         "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()},
-        }
+    def hello_info(self) -> HelloInfo:
+        prepared, _, _ = self._engine()
+        hw, plan = prepared.hardware, prepared.plan
+        return HelloInfo(
+            models=self.models_info(), max_concurrent=plan.max_concurrent,
+            hardware={"accelerator": plan.accelerator, "gpus": len(hw.gpus),
+                      "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()})
 
-    def lease_info(self) -> dict:
+    def lease_info(self) -> LeaseInfo:
+        _, supervisor, bridge = self._engine()
         if self.link is not None and self.link.last_lease_ack_at:
             self.metrics.lease_acknowledged(self.link.last_lease_ack_at)
-        return {
-            "running": self.bridge.running,
-            "waiting": int(self.engine_load.get("waiting", 0)),
-            "kv_cache_usage": self.engine_load.get("kv_cache_usage", 0.0),
-            "in_flight": self.bridge.in_flight_ids(),
-            "engine_state": str(self.supervisor.state),
-            "models": self.models_info(),
-            "max_concurrent": self.bridge.max_concurrent,
-            "draining": self.bridge.draining,
-        }
+        return LeaseInfo(
+            running=bridge.running,
+            waiting=int(self.engine_load.get("waiting", 0)),
+            kv_cache_usage=self.engine_load.get("kv_cache_usage", 0.0),
+            in_flight=tuple(bridge.in_flight_ids()),
+            engine_state=str(supervisor.state),
+            models=self.models_info(),
+            max_concurrent=bridge.max_concurrent,
+            draining=bridge.draining,
+        )
 
     async def on_message(self, msg: codec.Message) -> None:
         if self.bridge is not None:
             await self.bridge.handle(msg)
 
-    def on_link_state(self, state: str, detail: str) -> None:
+    def on_link_state(self, state: LinkState, detail: str) -> None:
         # The link logs its own transitions; here they only steer STATUS and serving.
         self.link_state = state
         self.metrics.set_link_state(state)
-        if state == "rejected":
-            asyncio.get_running_loop().create_task(self.agent.identity_revoked(detail))
+        if state is LinkState.REJECTED:
+            asyncio.get_running_loop().create_task(self.host.identity_revoked(detail))
             return
-        if self.supervisor is not None and self.supervisor.healthy:
-            self.agent.node_serving(serving_line(self.prepared.launch.served_model_name, state))
-        if state != "connected" and self.bridge is not None:
+        if self.prepared is not None and self.supervisor is not None and self.supervisor.healthy:
+            self.host.node_serving(serving_line(self.prepared.launch.served_model_name, state))
+        if state is not LinkState.CONNECTED and self.bridge is not None:
             # Streams whose router is gone cannot be delivered; free their slots.
             self.bridge.abort_all("link")
 
     # -------------------------------------------------------------- status
 
-    def status(self) -> dict:
-        out = {"enrollment": {
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"enrollment": {
             "agent_id": self.identity.agent_id,
             "worker_id": self.identity.worker_id,
             "router": self.identity.router_url,
@@ -228,7 +278,7 @@ class Node:
             "enrolled_at": _when(self.identity.enrolled_at),
             "token_expires_at": _when(self.identity.token_expires_at),
         }}
-        if self.supervisor is not None:
+        if self.prepared is not None and self.supervisor is not None:
             out["engine"] = {"state": str(self.supervisor.state), "model": self.prepared.launch.model,
                              "pid": self.supervisor.pid, "restarts": self.supervisor.restarts,
                              "last_error": self.supervisor.last_error}
@@ -236,8 +286,8 @@ class Node:
                            "max_concurrent": self.prepared.plan.max_concurrent,
                            "tensor_parallel_size": self.prepared.plan.tensor_parallel_size,
                            "lmcache": self.prepared.kv.enabled}
-        link = {"state": self.link_state}
-        if self.link is not None and getattr(self.link, "last_lease_ack_at", None):
+        link: dict[str, Any] = {"state": link_text(self.link_state)}
+        if self.link is not None and self.link.last_lease_ack_at:
             link["last_lease_ack_s_ago"] = round(time.time() - self.link.last_lease_ack_at, 1)
         out["link"] = link
         if self.bridge is not None:
@@ -248,7 +298,7 @@ class Node:
     # -------------------------------------------------------------- stop
 
     async def stop(self, drain_s: float) -> None:
-        if self.bridge is not None and self.link is not None and self.link_state == "connected" \
+        if self.bridge is not None and self.link is not None and self.link_state is LinkState.CONNECTED \
                 and not await self.link.drain("node stopping"):
             # The router may be gone; in-flight streams still get their grace.
             log.warning("the router did not acknowledge the drain; finishing in-flight requests anyway")

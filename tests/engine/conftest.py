@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.engine import SupervisorThread, engine_python, short_tempdir, tiny_launch, tiny_model
-from ximd.engine import EngineSupervisor
+from ximd.engine import EngineReport, EngineSupervisor
 
 ENGINE_START_TIMEOUT_S = 300   # measured 45-60 s on the 2-core CI host; shared with other work
 
@@ -62,9 +62,11 @@ class StateLog:
 
     began: float = field(default_factory=time.monotonic)
     events: list[tuple[float, str, str]] = field(default_factory=list)
+    reports: list[EngineReport] = field(default_factory=list)
 
-    def __call__(self, state: str, detail: str) -> None:
-        self.events.append((time.monotonic() - self.began, state, detail))
+    def __call__(self, report: EngineReport) -> None:
+        self.reports.append(report)
+        self.events.append((time.monotonic() - self.began, report.state.value, report.detail))
 
     def of(self, state: str) -> list[tuple[float, str]]:
         return [(t, detail) for t, s, detail in self.events if s == state]

@@ -78,6 +78,11 @@ def test_standin_goes_from_loading_to_healthy_and_reports_loading_periodically(r
     assert [s for _, s, _ in states.events][:2] == ["starting", "loading"]
     loading = [detail for _, detail in states.of("loading")]
     assert len(loading) >= 3 and all(re.fullmatch(r"loading standin: \d+ s", d) for d in loading)
+    # The seconds come as a number too; the line is made from it.
+    reports = [r for r in states.reports if r.state == "loading"]
+    assert reports[0].loading_s == 0.0 and all(r.detail == f"loading standin: {r.loading_s:.0f} s" for r in reports)
+    assert [r.loading_s for r in reports] == sorted(r.loading_s for r in reports)
+    assert all(r.loading_s is None for r in states.reports if r.state != "loading")
     assert states.of("healthy")[0][1] == "engine ready"
     assert states.events[-1][1] == "stopped" and supervisor.state == "stopped"
     engine_lines = [r for r in recorder.records if r.name == "ximd.engine"]

@@ -36,6 +36,7 @@ from xim_router import store as store_mod
 from xim_router.mesh import Router, RouterSettings
 from ximd import enrollment
 from ximd.mesh.link import MeshLink
+from ximd.mesh.report import HelloInfo, LeaseInfo
 
 CHUNK = (b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"tiny",'
          b'"choices":[{"index":0,"delta":{"content":" word"},"finish_reason":null}]}')
@@ -46,7 +47,7 @@ CHUNK = (b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"mode
 
 async def agent_main(state_dir: str) -> None:
     identity = enrollment.load_identity(state_dir)
-    models = [codec.Model(name="tiny", state="ready")]
+    models = (codec.Model(name="tiny", state="ready"),)
     link: MeshLink
 
     async def on_message(msg: codec.Message) -> None:
@@ -57,8 +58,8 @@ async def agent_main(state_dir: str) -> None:
                 await link.send(codec.Chunk(id=msg.id, seq=seq, data=[CHUNK] * per_frame))
             await link.send(codec.Done(id=msg.id, finish_reason="stop"))
 
-    link = MeshLink(identity, hello_info=lambda: {"models": models, "max_concurrent": 1},
-                    lease_info=lambda: {"models": models, "max_concurrent": 1},
+    link = MeshLink(identity, hello_info=lambda: HelloInfo(models=models, max_concurrent=1),
+                    lease_info=lambda: LeaseInfo(models=models, max_concurrent=1),
                     on_message=on_message, on_state=lambda s, d: None, lease_interval=5.0)
     await link.run()
 

@@ -11,6 +11,8 @@ from xim_proto import codec
 from ximd import config as configmod
 from ximd import enrollment
 from ximd.mesh.link import Backoff, MeshLink
+from ximd.mesh.report import HelloInfo, LeaseInfo
+from ximd.mesh.state import LinkState
 
 
 def toml_str(value: str) -> str:
@@ -48,27 +50,26 @@ class LinkProbe:
     """Callbacks for a MeshLink that record what happened."""
 
     def __init__(self, *, running: int = 0, models=("tiny",)):
-        self.states: list[tuple[str, str]] = []
+        self.states: list[tuple[LinkState, str]] = []
         self.messages: list[codec.Message] = []
         self.running = running
-        self.models = [codec.Model(name=m, state="ready") for m in models]
+        self.models = tuple(codec.Model(name=m, state="ready") for m in models)
 
-    def hello_info(self) -> dict:
-        return {"hardware": {"gpus": []}, "models": self.models, "max_concurrent": 4}
+    def hello_info(self) -> HelloInfo:
+        return HelloInfo(hardware={"gpus": []}, models=self.models, max_concurrent=4)
 
-    def lease_info(self) -> dict:
-        return {"running": self.running, "waiting": 0, "kv_cache_usage": 0.125,
-                "engine_state": "ready", "models": self.models, "in_flight": [],
-                "max_concurrent": 4, "draining": False}
+    def lease_info(self) -> LeaseInfo:
+        return LeaseInfo(running=self.running, waiting=0, kv_cache_usage=0.125, engine_state="ready",
+                         models=self.models, in_flight=(), max_concurrent=4, draining=False)
 
     async def on_message(self, msg: codec.Message) -> None:
         self.messages.append(msg)
 
-    def on_state(self, state: str, detail: str) -> None:
+    def on_state(self, state: LinkState, detail: str) -> None:
         self.states.append((state, detail))
 
-    def saw(self, state: str, containing: str = "") -> bool:
-        return any(s == state and containing in d for s, d in self.states)
+    def saw(self, state: LinkState, containing: str = "") -> bool:
+        return any(s is state and containing in d for s, d in self.states)
 
 
 def make_link(identity, probe: LinkProbe, **kw) -> MeshLink:

@@ -17,6 +17,8 @@ from xim_proto import codec
 from ximd import config as configmod
 from ximd import enrollment
 from ximd.mesh.link import Backoff, MeshLink
+from ximd.mesh.report import HelloInfo, LeaseInfo
+from ximd.mesh.state import LinkState
 
 
 async def main(config_path: str) -> int:
@@ -25,16 +27,16 @@ async def main(config_path: str) -> int:
     if identity is None:
         print("not enrolled", flush=True)
         return 1
-    models = [codec.Model(name="tiny", state="ready")]
+    models = (codec.Model(name="tiny", state="ready"),)
 
-    def on_state(state: str, detail: str) -> None:
-        print(f"{state}: {detail}", flush=True)
+    def on_state(state: LinkState, detail: str) -> None:
+        print(f"{state.value}: {detail}", flush=True)
 
     async def on_message(msg) -> None:
         pass
 
-    link = MeshLink(identity, hello_info=lambda: {"models": models, "max_concurrent": 2},
-                    lease_info=lambda: {"models": models, "max_concurrent": 2, "running": 1},
+    link = MeshLink(identity, hello_info=lambda: HelloInfo(models=models, max_concurrent=2),
+                    lease_info=lambda: LeaseInfo(models=models, max_concurrent=2, running=1),
                     on_message=on_message, on_state=on_state, lease_interval=0.5,
                     token_refresher=enrollment.token_refresher(cfg),
                     backoff=Backoff(initial=0.1, maximum=1.0))

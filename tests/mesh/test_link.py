@@ -28,7 +28,7 @@ from tests.mesh.helpers import (
 from tests.support.router import RouterProcess
 from xim_proto import codec, transport
 from ximd import enrollment
-from ximd.mesh.link import CONNECTED, DISCONNECTED, REJECTED
+from ximd.mesh.state import LinkState
 
 RUN_LINK = Path(__file__).with_name("run_link.py")
 
@@ -46,7 +46,7 @@ def test_enroll_link_up_and_leases_reach_the_router(router, agent_cfg):
     async def scenario():
         link = make_link(identity, probe)
         async with running(link):
-            await until(lambda: link.state == CONNECTED, 10, "the link to connect")
+            await until(lambda: link.state == LinkState.CONNECTED, 10, "the link to connect")
             await until(lambda: link.last_lease_ack_at, 5, "a lease_ack")
             await in_thread(wait_for, lambda: router.agent(identity.agent_id)["running"] == 3, 5,
                             "the router to record the lease")
@@ -57,7 +57,7 @@ def test_enroll_link_up_and_leases_reach_the_router(router, agent_cfg):
             assert link.welcome.lease_interval_s == 1.0          # the router's choice
 
     asyncio.run(scenario())
-    assert probe.saw(CONNECTED)
+    assert probe.saw(LinkState.CONNECTED)
 
 
 def test_restart_without_the_key_uses_the_same_identity(router, tmp_path):
@@ -117,16 +117,16 @@ def test_router_restart_agent_reconnects_by_itself(router, agent_cfg):
     async def scenario():
         link = make_link(identity, probe)
         async with running(link):
-            await until(lambda: link.state == CONNECTED, 10, "the link to connect")
+            await until(lambda: link.state == LinkState.CONNECTED, 10, "the link to connect")
             first_session = link.welcome.session
             await in_thread(router.restart)
-            await until(lambda: link.state == CONNECTED and link.welcome
+            await until(lambda: link.state == LinkState.CONNECTED and link.welcome
                         and link.welcome.session != first_session, 20, "a new session")
             acked = link.last_lease_ack_at
             await until(lambda: link.last_lease_ack_at != acked, 5, "leases on the new session")
 
     asyncio.run(scenario())
-    assert probe.saw(DISCONNECTED)
+    assert probe.saw(LinkState.DISCONNECTED)
     assert router.agent(identity.agent_id)["state"] in ("active", "disconnected")
 
 
@@ -138,14 +138,14 @@ def test_revocation_ends_a_live_session_for_good(router, agent_cfg):
     async def scenario():
         link = make_link(identity, probe, token_refresher=enrollment.token_refresher(cfg))
         task = asyncio.ensure_future(link.run())
-        await until(lambda: link.state == CONNECTED, 10, "the link to connect")
+        await until(lambda: link.state == LinkState.CONNECTED, 10, "the link to connect")
         await in_thread(router.revoke, identity.agent_id)
         await asyncio.wait_for(task, 10)          # run() returns by itself: no retry loop
         return link
 
     link = asyncio.run(scenario())
-    assert link.state == REJECTED
-    assert probe.saw(REJECTED, "revoked")
+    assert link.state == LinkState.REJECTED
+    assert probe.saw(LinkState.REJECTED, "revoked")
     assert router.agent(identity.agent_id)["state"] == "revoked"
 
 
@@ -160,9 +160,9 @@ def test_revoked_agent_is_refused_at_the_handshake_and_learns_why(router, agent_
         await asyncio.wait_for(link.run(), 15)
         return link
 
-    assert asyncio.run(scenario()).state == REJECTED
-    assert probe.saw(REJECTED, "refused this node's CURVE key")
-    assert probe.saw(REJECTED, "(revoked)")
+    assert asyncio.run(scenario()).state == LinkState.REJECTED
+    assert probe.saw(LinkState.REJECTED, "refused this node's CURVE key")
+    assert probe.saw(LinkState.REJECTED, "(revoked)")
     assert "refused a mesh connection" in router.log()
 
 
@@ -247,7 +247,7 @@ def test_malformed_frames_from_an_agent_are_dropped_and_both_keep_serving(router
                           routing_id=bad.worker_id)
         try:
             async with running(link):
-                await until(lambda: link.state == CONNECTED, 10, "the good link to connect")
+                await until(lambda: link.state == LinkState.CONNECTED, 10, "the good link to connect")
                 for frame in garbage:
                     await sock.send(frame)
                 await sock.send_multipart([b"two", b"parts"])
@@ -259,7 +259,7 @@ def test_malformed_frames_from_an_agent_are_dropped_and_both_keep_serving(router
                 welcome = await recv_or_none(sock, 5.0)
                 acked = link.last_lease_ack_at
                 await until(lambda: link.last_lease_ack_at != acked, 5, "the good link's leases")
-                assert link.state == CONNECTED
+                assert link.state == LinkState.CONNECTED
                 return complaint, welcome
         finally:
             sock.close(0)
@@ -328,11 +328,11 @@ def test_malformed_frames_from_the_router_are_dropped_and_the_link_keeps_serving
                             "the link to drop every bad frame")
                 acked = link.last_lease_ack_at
                 await until(lambda: link.last_lease_ack_at != acked, 5, "leases to go on")
-                assert link.state == CONNECTED and len(hellos) == 1
+                assert link.state == LinkState.CONNECTED and len(hellos) == 1
                 # Oversized: libzmq drops the connection; the link opens a new session.
                 rid = identity.worker_id.encode()
                 await sock.send_multipart([rid, b"\x00" * (2 * codec.MAX_FRAME_BYTES)])
-                await until(lambda: len(hellos) == 2 and link.state == CONNECTED, 10,
+                await until(lambda: len(hellos) == 2 and link.state == LinkState.CONNECTED, 10,
                             "a new session after the oversized frame")
         finally:
             server.cancel()
@@ -341,7 +341,7 @@ def test_malformed_frames_from_the_router_are_dropped_and_the_link_keeps_serving
 
     asyncio.run(scenario())
     assert "dropped a malformed frame from the router" in caplog.text
-    assert probe.saw(DISCONNECTED, "lost")
+    assert probe.saw(LinkState.DISCONNECTED, "lost")
 
 
 def test_token_is_refreshed_before_it_lapses(tmp_path):
@@ -358,8 +358,8 @@ def test_token_is_refreshed_before_it_lapses(tmp_path):
             async with running(link):
                 await until(lambda: link.identity.token != identity.token, 10, "a token refresh")
                 await asyncio.sleep(2.5)       # past the first token's life: still one session
-                assert link.state == CONNECTED
-                assert [s for s, _ in probe.states].count(CONNECTED) == 1
+                assert link.state == LinkState.CONNECTED
+                assert [s for s, _ in probe.states].count(LinkState.CONNECTED) == 1
                 return link.identity
 
         renewed = asyncio.run(scenario())
@@ -394,7 +394,7 @@ def test_bye_ends_the_session_at_once_and_drain_is_acknowledged(router, agent_cf
     async def scenario():
         link = make_link(identity, probe)
         async with running(link):
-            await until(lambda: link.state == CONNECTED, 10, "the link to connect")
+            await until(lambda: link.state == LinkState.CONNECTED, 10, "the link to connect")
             assert await link.drain("test drain", timeout_s=5)
         await in_thread(wait_for, lambda: router.agent(identity.agent_id)["state"] == "disconnected",
                         1.5, "bye to end the session before any lease timeout")
@@ -414,7 +414,7 @@ def test_close_sends_what_was_queued_before_it(router, agent_cfg):
     async def scenario():
         link = make_link(identity, LinkProbe())
         async with running(link):
-            await until(lambda: link.state == CONNECTED, 10, "the link to connect")
+            await until(lambda: link.state == LinkState.CONNECTED, 10, "the link to connect")
             # ~50 MB, every chunk answered: the answers still arrive as close() begins.
             for seq in range(200):
                 await link.send(codec.Chunk(id="xim-queued", seq=seq, data=[b"x" * 250_000]))

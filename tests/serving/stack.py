@@ -28,6 +28,8 @@ from xim_router import store as store_mod
 from xim_router.mesh import Router, RouterSettings
 from ximd.enrollment import Identity
 from ximd.mesh.link import MeshLink
+from ximd.mesh.report import HelloInfo, LeaseInfo
+from ximd.mesh.state import LinkState
 from ximd.serve import Bridge
 
 MODEL = "tiny"
@@ -50,22 +52,25 @@ class Node:
             agent_secret_key=secret.decode(), token=enrolled.token,
             token_expires_at=enrolled.token_expires_at)
         self.max_concurrent = max_concurrent
-        self.link = MeshLink(self.identity, hello_info=self.info, lease_info=self.info,
+        self.link = MeshLink(self.identity, hello_info=self.hello_info, lease_info=self.lease_info,
                              on_message=self.on_message, on_state=self.on_state, lease_interval=1.0)
         self.bridge = bridge_class(engine_socket, max_concurrent=max_concurrent, send=self.link.send)
         self._task: asyncio.Task | None = None
 
-    def info(self) -> dict:
-        return {"hostname": "test-node", "models": [codec.Model(name=MODEL, state="ready")],
-                "max_concurrent": self.max_concurrent, "running": self.bridge.running,
-                "in_flight": self.bridge.in_flight_ids(), "draining": self.bridge.draining,
-                "engine_state": "healthy"}
+    def hello_info(self) -> HelloInfo:
+        return HelloInfo(hostname="test-node", models=(codec.Model(name=MODEL, state="ready"),),
+                         max_concurrent=self.max_concurrent)
+
+    def lease_info(self) -> LeaseInfo:
+        return LeaseInfo(models=(codec.Model(name=MODEL, state="ready"),), max_concurrent=self.max_concurrent,
+                         running=self.bridge.running, in_flight=tuple(self.bridge.in_flight_ids()),
+                         draining=self.bridge.draining, engine_state="healthy")
 
     async def on_message(self, msg: codec.Message) -> None:
         await self.bridge.handle(msg)
 
-    def on_state(self, state: str, detail: str) -> None:
-        if state != "connected":
+    def on_state(self, state: LinkState, detail: str) -> None:
+        if state is not LinkState.CONNECTED:
             self.bridge.abort_all("link")       # the router has failed these requests already
 
     async def start(self) -> None:

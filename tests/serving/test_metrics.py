@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from tests.support.standin_engine import StandinProcess
+from ximd.mesh.state import LinkState
 from ximd.metrics import MetricsServer, NodeMetrics, parse_listen
 
 
@@ -52,7 +53,7 @@ def test_render_has_every_family_with_help_and_type():
     m.first_token(0.004)
     m.first_token(0.2)
     m.tokens(10, 32)
-    m.set_link_state("connected")
+    m.set_link_state(LinkState.CONNECTED)
     m.lease_acknowledged(at=1990.0)
     m.set_engine("healthy", 2)
     m.set_kv_tier("cpu", True)
@@ -75,6 +76,14 @@ def test_render_has_every_family_with_help_and_type():
     for family in ("ximd_requests_total", "ximd_time_to_first_token_seconds", "ximd_tokens_total",
                    "ximd_link_state", "ximd_engine_restarts_total", "ximd_kv_tier_enabled"):
         assert f"# TYPE {family} " in text and f"# HELP {family} " in text
+
+
+def test_link_state_family_names_every_state_in_order():
+    m = NodeMetrics(started_at=1000.0)
+    m.set_link_state(LinkState.REJECTED)
+    lines = [line for line in m.render(now=2000.0).splitlines() if line.startswith("ximd_link_state{")]
+    assert lines == ['ximd_link_state{state="connecting"} 0', 'ximd_link_state{state="connected"} 0',
+                     'ximd_link_state{state="disconnected"} 0', 'ximd_link_state{state="rejected"} 1']
 
 
 def test_no_lease_yet_means_no_lease_age_sample():

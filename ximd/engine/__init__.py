@@ -8,7 +8,7 @@
 
 from ximd.engine.launch import EngineLaunch, EnginePaths, LaunchError, build_launch, describe, instance_id
 from ximd.engine.processes import OrphanError
-from ximd.engine.supervisor import EngineState, EngineSupervisor, backoff_delay
+from ximd.engine.supervisor import EngineReport, EngineState, EngineSupervisor, backoff_delay
 
-__all__ = ["EngineLaunch", "EnginePaths", "EngineState", "EngineSupervisor", "LaunchError",
+__all__ = ["EngineLaunch", "EnginePaths", "EngineReport", "EngineState", "EngineSupervisor", "LaunchError",
            "OrphanError", "backoff_delay", "build_launch", "describe", "instance_id"]

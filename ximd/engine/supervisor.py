@@ -1,6 +1,6 @@
 """EngineSupervisor: keeps one vLLM engine running, healthy, and reported.
 
-    supervisor = EngineSupervisor(launch, on_state=agent.engine_state_changed)
+    supervisor = EngineSupervisor(launch, on_state=node.on_engine_state)
     task = asyncio.create_task(supervisor.run())
     ...
     await supervisor.stop()
@@ -13,7 +13,7 @@ every few seconds, so the agent can send STATUS and EXTEND_TIMEOUT_USEC) →
 restarted after a capped exponential backoff. An engine that dies during start-up
 with LMCache on is retried once at once without it.
 
-`on_state(state, detail)` is called on every change of state and every
+`on_state(report)` gets an `EngineReport` on every change of state and every
 `loading_report_interval` while loading; it must not block.
 
 `stop_grace` is 10 s so that SIGTERM + grace + SIGKILL ends inside the 15 s a
@@ -32,6 +32,8 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -57,6 +59,16 @@ class EngineState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """What on_state hears: the state, a line for people, and while loading the seconds
+    since the engine started (so nobody has to read the number back out of the line)."""
+
+    state: EngineState
+    detail: str
+    loading_s: float | None = None     # set with LOADING only
 
 
 def backoff_delay(failures: int, base_s: float, cap_s: float) -> float:
@@ -98,7 +110,7 @@ def exit_description(returncode: int) -> str:
 
 
 class EngineSupervisor:
-    def __init__(self, launch: EngineLaunch, *, on_state: Callable[[str, str], None] | None = None,
+    def __init__(self, launch: EngineLaunch, *, on_state: Callable[[EngineReport], None] | None = None,
                  health_interval: float = 2.0, health_timeout: float = 5.0,
                  unhealthy_threshold: int = 3, startup_timeout: float = 900.0,
                  backoff: tuple[float, float] = (1.0, 60.0), stable_after: float = 60.0,
@@ -140,7 +152,7 @@ class EngineSupervisor:
         return self.state == EngineState.HEALTHY
 
     @property
-    def socket_path(self):
+    def socket_path(self) -> Path:
         return self.launch.socket_path
 
     @property
@@ -251,7 +263,7 @@ class EngineSupervisor:
         last_report = began
         failures = 0
         reached_healthy = False
-        self._set_state(EngineState.LOADING, f"loading {self.launch.model}: 0 s")
+        self._set_state(EngineState.LOADING, self._loading_detail(0.0), loading_s=0.0)
         connector = aiohttp.UnixConnector(path=str(self.launch.socket_path), force_close=True)
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
@@ -265,7 +277,7 @@ class EngineSupervisor:
                         # Let the pump take the last lines, which say why.
                         await asyncio.wait({pump}, timeout=1.0)
                         when = "during start-up" if loading else "while serving"
-                        self._fail(f"engine {exit_description(proc.returncode)} {when}: "
+                        self._fail(f"engine {exit_description(exited.result())} {when}: "
                                    f"{failure_reason(self.output.last_lines(40))}", with_output=True)
                         return reached_healthy
                     ok, why = await self._health(session)
@@ -283,7 +295,8 @@ class EngineSupervisor:
                             return reached_healthy
                         elif now - last_report >= self.loading_report_interval:
                             last_report = now
-                            self._report(EngineState.LOADING, f"loading {self.launch.model}: {now - began:.0f} s")
+                            elapsed = now - began
+                            self._report(EngineReport(EngineState.LOADING, self._loading_detail(elapsed), elapsed))
                     elif ok:
                         if failures:
                             log.info("Engine health recovered after %d failed check(s)", failures)
@@ -331,6 +344,8 @@ class EngineSupervisor:
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         reader = proc.stdout
+        if reader is None:     # started with stdout=PIPE: there is always one
+            return
         while True:
             try:
                 raw = await reader.readline()
@@ -385,17 +400,20 @@ class EngineSupervisor:
             log.error("%s", message)
         self._set_state(EngineState.FAILED, message)
 
-    def _set_state(self, state: EngineState, detail: str) -> None:
+    def _loading_detail(self, elapsed_s: float) -> str:
+        return f"loading {self.launch.model}: {elapsed_s:.0f} s"
+
+    def _set_state(self, state: EngineState, detail: str, loading_s: float | None = None) -> None:
         if state == self.state and state != EngineState.FAILED:
             return
         self.state = state
         log.info("Engine %s: %s", state, detail, extra={"fields": {"XIM_ENGINE_STATE": str(state)}})
-        self._report(state, detail)
+        self._report(EngineReport(state, detail, loading_s))
 
-    def _report(self, state: EngineState, detail: str) -> None:
+    def _report(self, report: EngineReport) -> None:
         if self.on_state is None:
             return
         try:
-            self.on_state(str(state), detail)
+            self.on_state(report)
         except Exception:
             log.exception("on_state callback failed")

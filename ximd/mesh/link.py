@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -26,10 +27,11 @@ from xim_proto import codec, transport
 from xim_proto.ratelimit import RateLimitedLog
 from ximd import __version__
 from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
+from ximd.mesh.report import HelloInfo, LeaseInfo
+from ximd.mesh.state import LinkState
 
 log = logging.getLogger("ximd.mesh")
 
-CONNECTING, CONNECTED, DISCONNECTED, REJECTED = "connecting", "connected", "disconnected", "rejected"
 CAPABILITIES = ["credit", "cancel", "drain", "coalesce"]
 
 # Rejections that no retry can fix: the node waits for a new identity.
@@ -81,6 +83,29 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class Renewed:
+    """The enrollment API issued a new token; the link holds the new identity."""
+
+
+@dataclass(frozen=True)
+class RefusedForGood:
+    """The enrollment API refused this node (revoked, unknown): no retry helps."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FailedForNow:
+    """The enrollment API could not be asked (network, server error): try again later."""
+
+    error: EnrollmentError
+
+
+TokenRefresh = Renewed | RefusedForGood | FailedForNow
+
+
+@dataclass(frozen=True)
 class SessionEnd:
     detail: str
     final: bool = False             # stop trying: rejected for good
@@ -88,15 +113,11 @@ class SessionEnd:
     retry_now: bool = False         # e.g. a token was just refreshed
 
 
-def _models(value) -> list[codec.Model]:
-    return [m if isinstance(m, codec.Model) else codec.Model(**m) for m in value]
-
-
 class MeshLink:
-    def __init__(self, identity: Identity, *, hello_info: Callable[[], dict],
-                 lease_info: Callable[[], dict],
+    def __init__(self, identity: Identity, *, hello_info: Callable[[], HelloInfo],
+                 lease_info: Callable[[], LeaseInfo],
                  on_message: Callable[[codec.Message], Awaitable[None]],
-                 on_state: Callable[[str, str], None], lease_interval: float = 5.0,
+                 on_state: Callable[[LinkState, str], None], lease_interval: float = 5.0,
                  token_refresher: TokenRefresher | None = None,
                  token_refresh_margin_s: float = 600.0, handshake_timeout_s: float = 10.0,
                  backoff: Backoff | None = None):
@@ -110,7 +131,7 @@ class MeshLink:
         self.token_refresh_margin_s = token_refresh_margin_s
         self.handshake_timeout_s = handshake_timeout_s
         self.backoff = backoff or Backoff()
-        self.state = DISCONNECTED
+        self.state = LinkState.DISCONNECTED
         self.state_detail = "not started"
         self.welcome: codec.Welcome | None = None
         self.endpoint = ""
@@ -119,7 +140,6 @@ class MeshLink:
         self.malformed_dropped = 0
         self._seq = 0
         self._version = codec.PROTOCOL_VERSION
-        self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None            # set while a session is connected
         self._outbox: transport.Outbox | None = None    # likewise: what send() queues
         self._watch: transport.ReadyWatch | None = None
@@ -137,38 +157,38 @@ class MeshLink:
         # Plain (not zmq.asyncio) sockets: one reader per socket is registered
         # with the event loop for the whole session (transport.ReadyWatch),
         # which costs far less per message than zmq.asyncio's pollers.
-        self._ctx = zmq.Context()
+        ctx = zmq.Context()
         transport.log_socket_buffers(log)
         try:
             attempt = 0
             while not self._closing:
                 endpoint = self.identity.mesh_endpoints[attempt % len(self.identity.mesh_endpoints)]
                 attempt += 1
-                end = await self._session(endpoint)
+                end = await self._session(ctx, endpoint)
                 if end.final:
-                    self._set_state(REJECTED, end.detail)
+                    self._set_state(LinkState.REJECTED, end.detail)
                     return
                 if self._closing:
                     break
                 if end.was_connected or end.retry_now:
                     self.backoff.reset()
                 delay = 0.05 if end.retry_now else self.backoff.next()
-                self._set_state(DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
+                self._set_state(LinkState.DISCONNECTED, f"{end.detail}; retrying in {delay:.1f} s")
                 try:
                     await asyncio.wait_for(self._stop.wait(), delay)   # close() ends the wait
                 except TimeoutError:
                     pass
-            self._set_state(DISCONNECTED, "link closed")
+            self._set_state(LinkState.DISCONNECTED, "link closed")
         finally:
             if self._refreshing:
                 self._refreshing.cancel()
-            self._ctx.term()
+            ctx.term()
 
     async def send(self, msg: codec.Message) -> None:
         """Queue for the router (transport.Outbox); LinkDown when there is no session."""
         outbox = self._outbox
-        if self.state != CONNECTED or outbox is None:
-            raise LinkDown(f"no session with the router ({self.state})")
+        if self.state != LinkState.CONNECTED or outbox is None:
+            raise LinkDown(f"no session with the router ({self.state.value})")
         frame = codec.encode(msg, version=self._version)
         while outbox.full():                    # the router is not reading: wait for room
             await asyncio.sleep(0.001)
@@ -193,7 +213,7 @@ class MeshLink:
         sooner lets TCP reset the connection under frames still on their way (the
         last chunks of a drained stream) when the router's own frames arrive late.
         """
-        if self.state == CONNECTED and self._sock is not None:
+        if self.state == LinkState.CONNECTED and self._sock is not None:
             self._bye_answered = asyncio.get_running_loop().create_future()
             try:
                 await self.send(codec.Bye(reason="agent stopping"))
@@ -207,16 +227,16 @@ class MeshLink:
 
     # ------------------------------------------------------------ state
 
-    def _set_state(self, state: str, detail: str) -> None:
+    def _set_state(self, state: LinkState, detail: str) -> None:
         changed = state != self.state
         self.state, self.state_detail = state, detail
-        if state == CONNECTED:
+        if state == LinkState.CONNECTED:
             self.connected_since = time.time()
         if changed:
-            level = {CONNECTED: logging.INFO, REJECTED: logging.ERROR,
-                     CONNECTING: logging.INFO}.get(state, logging.WARNING)
-            log.log(level, "mesh link %s: %s", state, detail,
-                    extra={"fields": {"XIM_LINK_STATE": state}})
+            level = {LinkState.CONNECTED: logging.INFO, LinkState.REJECTED: logging.ERROR,
+                     LinkState.CONNECTING: logging.INFO}.get(state, logging.WARNING)
+            log.log(level, "mesh link %s: %s", state.value, detail,
+                    extra={"fields": {"XIM_LINK_STATE": state.value}})
         try:
             self.on_state(state, detail)
         except Exception:
@@ -224,8 +244,8 @@ class MeshLink:
 
     # ------------------------------------------------------------ one session
 
-    def _socket(self, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
-        sock = self._ctx.socket(zmq.DEALER)
+    def _socket(self, ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+        sock = ctx.socket(zmq.DEALER)
         transport.apply_common_options(sock)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.worker_id.encode())
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.identity.router_public_key.encode())
@@ -240,35 +260,30 @@ class MeshLink:
         return sock, monitor
 
     def _hello(self) -> codec.Hello:
-        info = dict(self.hello_info())
+        info = self.hello_info()
         return codec.Hello(
-            token=self.identity.token, versions=list(codec.PROTOCOL_VERSIONS),
-            agent_version=info.get("agent_version", __version__),
-            hostname=info.get("hostname") or socket.gethostname(),
-            capabilities=list(info.get("capabilities", CAPABILITIES)),
-            hardware=dict(info.get("hardware", {})), models=_models(info.get("models", [])),
-            max_concurrent=int(info["max_concurrent"]))
+            token=self.identity.token, versions=list(codec.PROTOCOL_VERSIONS), agent_version=__version__,
+            hostname=info.hostname or socket.gethostname(), capabilities=list(CAPABILITIES),
+            hardware=dict(info.hardware), models=list(info.models), max_concurrent=info.max_concurrent)
 
     def _lease(self) -> codec.Lease:
-        info = dict(self.lease_info())
+        info = self.lease_info()
         self._seq += 1
         return codec.Lease(
-            seq=self._seq, running=int(info.get("running", 0)), waiting=int(info.get("waiting", 0)),
-            kv_cache_usage=float(info.get("kv_cache_usage", 0.0)),
-            engine_state=str(info.get("engine_state", "unknown")),
-            models=_models(info.get("models", [])), in_flight=list(info.get("in_flight", [])),
-            max_concurrent=int(info["max_concurrent"]), draining=bool(info.get("draining", False)))
+            seq=self._seq, running=info.running, waiting=info.waiting, kv_cache_usage=info.kv_cache_usage,
+            engine_state=info.engine_state, models=list(info.models), in_flight=list(info.in_flight),
+            max_concurrent=info.max_concurrent, draining=info.draining)
 
-    async def _session(self, endpoint: str) -> SessionEnd:
+    async def _session(self, ctx: zmq.Context, endpoint: str) -> SessionEnd:
         self.endpoint = endpoint
         self._version = codec.PROTOCOL_VERSION
         end = await self._refresh_if_due()
         if end is not None:
             return end
-        sock, monitor = self._socket(endpoint)
+        sock, monitor = self._socket(ctx, endpoint)
         watch = transport.ReadyWatch(asyncio.get_running_loop(), sock, monitor)
         self._watch = watch
-        self._set_state(CONNECTING, f"connecting to {endpoint}")
+        self._set_state(LinkState.CONNECTING, f"connecting to {endpoint}")
         try:
             try:
                 sock.send(codec.encode(self._hello()), _DONTWAIT)    # queued until connected
@@ -310,7 +325,7 @@ class MeshLink:
                 msg = self._decode(frames)
                 if msg is None:
                     continue
-                if isinstance(msg, codec.Welcome) and self.state != CONNECTED:
+                if isinstance(msg, codec.Welcome) and self.state != LinkState.CONNECTED:
                     self._on_welcome(sock, msg)
                     welcome_deadline = None
                     interval = min(self.lease_interval, msg.lease_interval_s)
@@ -326,11 +341,11 @@ class MeshLink:
             if lease_timeout and now - last_rx > lease_timeout:
                 return SessionEnd(f"no answer from the router for {now - last_rx:.0f} s",
                                   was_connected=True)
-            if self.state == CONNECTED and now >= next_lease:
+            if self.state == LinkState.CONNECTED and now >= next_lease:
                 next_lease = now + interval
                 await self._send_lease()
                 continue                 # sending may have hidden a readable edge: look again
-            deadlines = [d for d in (welcome_deadline, next_lease if self.state == CONNECTED else None,
+            deadlines = [d for d in (welcome_deadline, next_lease if self.state == LinkState.CONNECTED else None,
                                      last_rx + lease_timeout if lease_timeout else None) if d]
             wake_at = min(deadlines) if deadlines else None
             await watch.wait(wake_at - time.monotonic() if wake_at else None)
@@ -339,7 +354,7 @@ class MeshLink:
                 log.warning("ximd did not run for %.1f s (host paused or overloaded); "
                             "the router's lease clock moved on by that much", paused)
                 last_rx += paused
-        return SessionEnd("link closed", was_connected=self.state == CONNECTED)
+        return SessionEnd("link closed", was_connected=self.state == LinkState.CONNECTED)
 
     def _on_welcome(self, sock: zmq.Socket, welcome: codec.Welcome) -> None:
         self.welcome = welcome
@@ -351,7 +366,7 @@ class MeshLink:
             if watch is not None and transport.readable(sock):
                 watch.poke()             # sending consumed the FD edge of pending input
         self._outbox = transport.Outbox(asyncio.get_running_loop(), sock, after_send)
-        self._set_state(CONNECTED, f"session {welcome.session} with {self.endpoint} "
+        self._set_state(LinkState.CONNECTED, f"session {welcome.session} with {self.endpoint} "
                                    f"(router {welcome.router_version}, protocol v{welcome.version})")
 
     async def _send_lease(self) -> None:
@@ -366,7 +381,7 @@ class MeshLink:
             log.warning("lease not sent: %s", exc)
         if self.identity.token_expires_at - time.time() < self.token_refresh_margin_s \
                 and self.token_refresher and not self._refreshing:
-            self._refreshing = asyncio.ensure_future(self._refresh_in_background())
+            self._refreshing = asyncio.ensure_future(self._refresh_in_background(self.token_refresher))
 
     def _decode(self, frames: list[bytes]) -> codec.Message | None:
         if len(frames) != 1:
@@ -381,10 +396,10 @@ class MeshLink:
                       detail)
         return None
 
-    async def _on_monitor(self, monitor: zmq.Socket, transport_up: bool):
+    async def _on_monitor(self, monitor: zmq.Socket, transport_up: bool) -> SessionEnd | Literal["handshake"] | None:
         """Read every pending monitor event: a SessionEnd, "handshake" when the CURVE
         handshake completed, or None."""
-        result = None
+        result: Literal["handshake"] | None = None
         while True:
             try:
                 event = parse_monitor_message(monitor.recv_multipart(_DONTWAIT))
@@ -393,9 +408,9 @@ class MeshLink:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 result, transport_up = "handshake", True
-            elif kind == zmq.EVENT_DISCONNECTED and (transport_up or self.state == CONNECTED):
+            elif kind == zmq.EVENT_DISCONNECTED and (transport_up or self.state == LinkState.CONNECTED):
                 return SessionEnd(f"connection to {self.endpoint} lost",
-                                  was_connected=self.state == CONNECTED)
+                                  was_connected=self.state == LinkState.CONNECTED)
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return await self._auth_failed()
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
@@ -407,12 +422,11 @@ class MeshLink:
         detail = f"the router at {self.endpoint} refused this node's CURVE key"
         if self.token_refresher is None:
             return SessionEnd(detail)
-        try:
-            self.identity = await self.token_refresher(self.identity)
-        except EnrollmentRejected as exc:
-            return SessionEnd(f"{detail}: {exc.message} ({exc.code})", final=True)
-        except EnrollmentError as exc:
-            return SessionEnd(f"{detail}; could not ask why: {exc}")
+        match await self._refresh_token(self.token_refresher):
+            case RefusedForGood(code, message):
+                return SessionEnd(f"{detail}: {message} ({code})", final=True)
+            case FailedForNow(error):
+                return SessionEnd(f"{detail}; could not ask why: {error}")
         return SessionEnd(detail)
 
     async def _on_router_message(self, msg: codec.Message) -> SessionEnd | None:
@@ -424,7 +438,7 @@ class MeshLink:
                 self._bye_answered.set_result(msg)
                 return SessionEnd("the router acknowledged our bye", was_connected=True)
             return SessionEnd(f"router said bye: {msg.reason}", was_connected=True)
-        if self.state != CONNECTED:
+        if self.state != LinkState.CONNECTED:
             log.debug("ignored %s before welcome", msg.TYPE)
             return None
         if isinstance(msg, codec.LeaseAck):
@@ -449,43 +463,50 @@ class MeshLink:
         if reject.code in FINAL_REJECTIONS:
             return SessionEnd(detail, final=True)
         if reject.code == "no_session":
-            if self.state != CONNECTED:
+            if self.state != LinkState.CONNECTED:
                 return None        # a stale frame answered before our hello: harmless
             return SessionEnd("the router lost this session", was_connected=True, retry_now=True)
         if reject.code in TOKEN_REJECTIONS:
             if self.token_refresher is None:
                 return SessionEnd(detail, final=reject.code == "unauthorized")
-            try:
-                self.identity = await self.token_refresher(self.identity)
-            except EnrollmentRejected as exc:
-                return SessionEnd(f"{detail}; refresh refused: {exc.message} ({exc.code})", final=True)
-            except EnrollmentError as exc:
-                return SessionEnd(f"{detail}; refresh failed: {exc}")
+            match await self._refresh_token(self.token_refresher):
+                case RefusedForGood(code, message):
+                    return SessionEnd(f"{detail}; refresh refused: {message} ({code})", final=True)
+                case FailedForNow(error):
+                    return SessionEnd(f"{detail}; refresh failed: {error}")
             return SessionEnd(f"{detail}; token refreshed", retry_now=True)
         return SessionEnd(detail)
 
     # ------------------------------------------------------------ token
 
+    async def _refresh_token(self, refresher: TokenRefresher) -> TokenRefresh:
+        """Ask the enrollment API for a new token once; the identity changes only when it gives one."""
+        try:
+            self.identity = await refresher(self.identity)
+        except EnrollmentRejected as exc:
+            return RefusedForGood(exc.code, exc.message)
+        except EnrollmentError as exc:
+            return FailedForNow(exc)
+        return Renewed()
+
     async def _refresh_if_due(self) -> SessionEnd | None:
         if self.token_refresher is None or \
                 self.identity.token_expires_at - time.time() >= self.token_refresh_margin_s:
             return None
-        try:
-            self.identity = await self.token_refresher(self.identity)
-        except EnrollmentRejected as exc:
-            return SessionEnd(f"token refresh refused: {exc.message} ({exc.code})", final=True)
-        except EnrollmentError as exc:
-            log.warning("token refresh failed, trying with the current token: %s", exc)
+        match await self._refresh_token(self.token_refresher):
+            case RefusedForGood(code, message):
+                return SessionEnd(f"token refresh refused: {message} ({code})", final=True)
+            case FailedForNow(error):
+                log.warning("token refresh failed, trying with the current token: %s", error)
         return None
 
-    async def _refresh_in_background(self) -> None:
+    async def _refresh_in_background(self, refresher: TokenRefresher) -> None:
         try:
-            self.identity = await self.token_refresher(self.identity)
-        except EnrollmentRejected as exc:
-            log.error("token refresh refused: %s (%s); the router will end this session",
-                      exc.message, exc.code)
-        except EnrollmentError as exc:
-            log.warning("token refresh failed, will retry: %s", exc)
+            match await self._refresh_token(refresher):
+                case RefusedForGood(code, message):
+                    log.error("token refresh refused: %s (%s); the router will end this session", message, code)
+                case FailedForNow(error):
+                    log.warning("token refresh failed, will retry: %s", error)
         except Exception:
             log.exception("token refresh failed")
         finally:
