@@ -211,7 +211,8 @@ class Node:
         from ximd.mesh.link import MeshLink
         link = self.link = MeshLink(self.identity, hello_info=self.hello_info, lease_info=self.lease_info,
                                     on_message=self.on_message, on_state=self.on_link_state,
-                                    token_refresher=token_refresher(self.cfg))
+                                    token_refresher=token_refresher(self.cfg),
+                                    socket_buffer_bytes=self.cfg.tuning.socket_buffer_bytes)
         self._spawn(link.run(), "mesh link")
 
     async def send(self, msg: codec.Message) -> None:

@@ -434,3 +434,24 @@ def test_send_without_a_session_raises_link_down(router, agent_cfg):
         assert "no session" in str(exc)
     else:
         raise AssertionError("send() without a session must raise LinkDown")
+
+
+def test_the_configured_socket_buffer_size_reaches_the_link_socket():
+    # tuning.socket_buffer_bytes is what ZeroMQ is asked for (and what start-up checks).
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    identity = enrollment.Identity(
+        agent_id="a1", worker_id="worker-fake", router_url="http://127.0.0.1:9",
+        mesh_endpoints=("tcp://127.0.0.1:9",), router_public_key=public,
+        agent_public_key=public, agent_secret_key=secret, token="xat_fake")
+    link = make_link(identity, LinkProbe(), socket_buffer_bytes=1 << 20)
+    ctx = zmq.Context()
+    try:
+        sock, monitor = link._socket(ctx, "tcp://127.0.0.1:9")
+        try:
+            assert sock.getsockopt(zmq.SNDBUF) == sock.getsockopt(zmq.RCVBUF) == 1 << 20
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+    finally:
+        ctx.term()

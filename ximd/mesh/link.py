@@ -120,8 +120,10 @@ class MeshLink:
                  on_state: Callable[[LinkState, str], None], lease_interval: float = 5.0,
                  token_refresher: TokenRefresher | None = None,
                  token_refresh_margin_s: float = 600.0, handshake_timeout_s: float = 10.0,
-                 backoff: Backoff | None = None):
+                 backoff: Backoff | None = None,
+                 socket_buffer_bytes: int = transport.SOCKET_BUFFER_BYTES):
         self.identity = identity
+        self.socket_buffer_bytes = socket_buffer_bytes    # tuning.socket_buffer_bytes
         self.hello_info = hello_info
         self.lease_info = lease_info
         self.on_message = on_message
@@ -158,7 +160,7 @@ class MeshLink:
         # with the event loop for the whole session (transport.ReadyWatch),
         # which costs far less per message than zmq.asyncio's pollers.
         ctx = zmq.Context()
-        transport.log_socket_buffers(log)
+        transport.log_socket_buffers(log, self.socket_buffer_bytes)
         try:
             attempt = 0
             while not self._closing:
@@ -246,7 +248,7 @@ class MeshLink:
 
     def _socket(self, ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
         sock = ctx.socket(zmq.DEALER)
-        transport.apply_common_options(sock)
+        transport.apply_common_options(sock, buffer_bytes=self.socket_buffer_bytes)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.worker_id.encode())
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.identity.router_public_key.encode())
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.identity.agent_public_key.encode())
