@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 
 from ximd import __version__, tuning
-from ximd.config import EX_CONFIG, Config, ConfigError
+from ximd.config import Config, ConfigError
 from ximd.control import ControlServer, socket_path
+from ximd.exitcodes import EX_CONFIG, EX_OK
 from ximd.logs import phase_fields, set_level, setup_logging
 from ximd.systemd import Notifier
 
@@ -58,7 +59,7 @@ class Agent:
         self.started_at = time.time()
         self.stop_reason: str | None = None
         self.ready_sent = False
-        self.exit_code = 0
+        self.exit_code = EX_OK
         self.node = None          # ximd.node.Node once enrolled
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()

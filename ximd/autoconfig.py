@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ximd.exitcodes import EX_CONFIG, EX_OK
 from ximd.hardware import MIB, Gpu, Hardware, apply_mask
 
 GIB = 1024 ** 3
 AUTO = "auto"
-EX_CONFIG = 78
 
 # A chat turn with some history plus its answer. Used to turn KV capacity in
 # tokens into a number of requests; capped by max_model_len for short models.
@@ -614,4 +614,4 @@ def main(cfg, fmt: str = "text", hw: Hardware | None = None) -> int:
         print(f"ximd plan: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     print(json.dumps(plan_to_dict(result), indent=2) if fmt == "json" else render_plan(result))
-    return 0
+    return EX_OK

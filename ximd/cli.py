@@ -13,12 +13,10 @@ import sys
 
 from ximd import __version__
 from ximd import config as configmod
-from ximd.config import EX_CONFIG, ConfigError
+from ximd.config import ConfigError
 from ximd.configdoc import literal
+from ximd.exitcodes import EX_CONFIG, EX_INTERRUPTED, EX_NOT_RUNNING, EX_OK
 from ximd.logs import setup_logging
-
-EX_UNAVAILABLE = 69
-EX_NOT_RUNNING = 3  # what `systemctl status` says for an inactive unit
 
 
 def setting_flags() -> argparse.ArgumentParser:
@@ -108,7 +106,7 @@ def cmd_config_show(args) -> int:
     print(render_config(cfg, origin=args.origin, fmt=args.format))
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    return EX_OK
 
 
 def render_config(cfg: configmod.Config, *, origin: bool, fmt: str) -> str:
@@ -132,7 +130,7 @@ def cmd_config_validate(args) -> int:
     path = args.path or configmod.DEFAULT_CONFIG_PATH
     cfg = configmod.load(path, use_env=False)
     print(f"{path}: OK ({len(cfg.sources)} file(s): {', '.join(cfg.sources) or 'defaults only'})")
-    return 0
+    return EX_OK
 
 
 def cmd_status(args) -> int:
@@ -144,7 +142,7 @@ def cmd_status(args) -> int:
         print(str(exc), file=sys.stderr)
         return EX_NOT_RUNNING
     print(json.dumps(reply, indent=2) if args.format == "json" else render_status(reply))
-    return 0
+    return EX_OK
 
 
 def render_status(reply: dict) -> str:
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ximd import autoconfig, hardware, tuning
+from ximd.exitcodes import EX_OK, EX_REFUSED
 from ximd.hardware import MIB, Gpu, Hardware
 
 GB = 10 ** 9
@@ -417,7 +418,7 @@ def to_json(checks: list[Check]) -> str:
 def main(cfg, fmt: str = "text", hw: Hardware | None = None) -> int:
     checks = collect(cfg, hw)
     print(to_json(checks) if fmt == "json" else render_table(checks))
-    return 1 if failed(checks) else 0
+    return EX_REFUSED if failed(checks) else EX_OK
 
 
 def _gb(value: float) -> str:

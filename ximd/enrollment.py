@@ -33,6 +33,7 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
+from ximd.exitcodes import EX_CONFIG, EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from ximd.identity import (
     EnrollmentError,
     EnrollmentRejected,
@@ -50,9 +51,6 @@ log = logging.getLogger("ximd.enrollment")
 CREDENTIAL_NAME = "join-key"
 HTTP_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONCURRENT = 8           # what enrollment registers when the config says auto
-
-# Exit codes of `ximd enroll` / `ximd unenroll` (sysexits.h where one fits).
-EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
 
 NO_KEY_HINT = ("no join key: pass one with --join-key-file PATH (or - for standard input), or set "
                "router.join_key / router.join_key_file in /etc/xerotier/agent.toml, "
@@ -357,23 +355,23 @@ async def main_enroll(cfg, *, join_key_file: str | None = None, force: bool = Fa
     except IdentityError as exc:
         if not force:
             _fail(f"{exc} (or run `ximd enroll --force` to replace it)")
-            return EXIT_CONFIG
+            return EX_CONFIG
         current = None
     try:
         found = read_join_key(cfg, join_key_file=join_key_file, stdin=stdin)
     except JoinKeyError as exc:
         _fail(str(exc))
-        return EXIT_CONFIG
+        return EX_CONFIG
     if current is not None and not force:
         if found is None or fingerprint(found[0]) == current.join_key_fingerprint:
             _say(f"already enrolled as agent {current.agent_id} (worker {current.worker_id}) with "
                  f"{current.router_url} since {_when(current.enrolled_at)}")
-            return EXIT_OK
+            return EX_OK
         _fail(key_policy(current, fingerprint(found[0]), found[1])[1])
-        return EXIT_REFUSED
+        return EX_REFUSED
     if found is None:
         _fail(NO_KEY_HINT)
-        return EXIT_CONFIG
+        return EX_CONFIG
     key, source = found
     log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
              fingerprint(key))
@@ -381,20 +379,20 @@ async def main_enroll(cfg, *, join_key_file: str | None = None, force: bool = Fa
         identity = await enroll(cfg, key)
     except RouterConfigError as exc:
         _fail(str(exc))
-        return EXIT_CONFIG
+        return EX_CONFIG
     except EnrollmentRejected as exc:
         _fail(f"enrollment refused by {cfg.router.url}: {exc.message} ({exc.code}); "
               "ask for a new join key (`xim-router join-key create`)")
-        return EXIT_REFUSED
+        return EX_REFUSED
     except RouterUnreachable as exc:
         _fail(f"{exc}; nothing was changed, try again later")
-        return EXIT_UNAVAILABLE
+        return EX_UNAVAILABLE
     path = save_identity(state_dir, identity)
     _say(f"enrolled as agent {identity.agent_id} (worker {identity.worker_id}) with "
          f"{identity.router_url}; identity saved in {path}")
     if current is not None:
         await _leave_quietly(cfg, current)
-    return EXIT_OK
+    return EX_OK
 
 
 async def _leave_quietly(cfg, old: Identity) -> None:
@@ -414,22 +412,22 @@ async def main_unenroll(cfg) -> int:
         identity = load_identity(state_dir)
     except IdentityError as exc:
         _fail(str(exc))
-        return EXIT_CONFIG
+        return EX_CONFIG
     if identity is None:
         _say("not enrolled; nothing to do")
-        return EXIT_OK
+        return EX_OK
     try:
         await unenroll(cfg, identity)
     except RouterConfigError as exc:
         _fail(str(exc))
-        return EXIT_CONFIG
+        return EX_CONFIG
     except EnrollmentRejected as exc:
         # Already revoked or unknown there: nothing left to undo on the router.
         _say(f"the router no longer knows this identity ({exc.code}); removing it here")
     except RouterUnreachable as exc:
         _fail(f"{exc}; the identity was kept: run `ximd unenroll` again, or delete "
               f"{identity_path(state_dir)} to forget it here only")
-        return EXIT_UNAVAILABLE
+        return EX_UNAVAILABLE
     removed = remove_identity(state_dir)
     _say(f"unenrolled agent {identity.agent_id}; removed {removed}")
-    return EXIT_OK
+    return EX_OK

@@ -9,7 +9,7 @@ import sys
 import time
 
 from tests.mesh.helpers import write_agent_config
-from ximd import enrollment
+from ximd import enrollment, exitcodes
 
 
 def ps_args() -> str:
@@ -84,7 +84,7 @@ def test_refused_key_is_not_echoed(router, tmp_path):
     assert ximd_enroll(first, stdin=subprocess.DEVNULL).wait(30) == 0
     proc = ximd_enroll(second, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == enrollment.EXIT_REFUSED
+    assert proc.returncode == exitcodes.EX_REFUSED
     assert "join_key_used" in err and "Traceback" not in err
     assert_key_absent(key, out, err, router.log())
 

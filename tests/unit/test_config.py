@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ximd import cli, config, configdoc
-from ximd.config import AUTO, EX_CONFIG, ConfigError, load
+from ximd.config import AUTO, ConfigError, load
+from ximd.exitcodes import EX_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 
