@@ -205,7 +205,7 @@ class Agent:
 
     async def identity_revoked(self, reason: str) -> None:
         """The router refused this identity for good: stop serving, keep the file as evidence."""
-        from ximd.enrollment import identity_path
+        from ximd.identity import identity_path
         node, self.node = self.node, None
         if node is not None:
             await node.stop(drain_s=0)

@@ -167,17 +167,17 @@ def cmd_plan(args) -> int:
 
 
 def cmd_enroll(args) -> int:
-    from ximd import enrollment
+    from ximd.commands import enroll
     cfg = load_config(args)
     setup_logging(cfg.agent.log_level)
-    return asyncio.run(enrollment.main_enroll(cfg, join_key_file=args.join_key_file, force=args.force))
+    return asyncio.run(enroll.main_enroll(cfg, join_key_file=args.join_key_file, force=args.force))
 
 
 def cmd_unenroll(args) -> int:
-    from ximd import enrollment
+    from ximd.commands import enroll
     cfg = load_config(args)
     setup_logging(cfg.agent.log_level)
-    return asyncio.run(enrollment.main_unenroll(cfg))
+    return asyncio.run(enroll.main_unenroll(cfg))
 
 
 COMMANDS = {
