@@ -162,8 +162,8 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from ximd import autoconfig
-    return autoconfig.main(load_config(args), args.format)
+    from ximd.commands import plan
+    return plan.main(load_config(args), args.format)
 
 
 def cmd_enroll(args) -> int:
