@@ -157,7 +157,7 @@ def render_status(reply: dict) -> str:
 
 
 def cmd_doctor(args) -> int:
-    from ximd import doctor
+    from ximd.commands import doctor
     return doctor.main(load_config(args), args.format)
 
 
