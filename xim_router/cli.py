@@ -1,4 +1,8 @@
-"""`xim-router`: serve, join-key create, agents, revoke."""
+"""`xim-router`: serve, join-key create, agents, revoke.
+
+The router's only argv parser and the only place it prints: the modules
+below take values, return results and raise.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from pathlib import Path
 
 from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import fingerprint
-from xim_router import keys, openai_api
+from xim_router import dataplane, keys, openai_api, server
 from xim_router import store as store_mod
+from xim_router.mesh import RouterSettings
+from xim_router.server import Bound, ServeOptions, StartupError
 
 DEFAULT_STATE_DIR = "/var/lib/xim-router"
 
@@ -43,6 +49,19 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving flags of ``xim-router serve``."""
+    group = parser.add_argument_group("OpenAI API")
+    group.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="accept this API key (repeatable; prefer --api-key-file: argv is "
+                            "visible to other users)")
+    group.add_argument("--api-key-file", metavar="PATH",
+                       help="accept the API keys in PATH, one per line ('#' comments)")
+    group.add_argument("--request-timeout", type=float, default=dataplane.Settings.request_timeout_s,
+                       metavar="SECONDS", help="deadline of one request (default %(default)g)")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lifetime of an agent's bearer token (default 24h)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
-    openai_api.add_arguments(serve)
+    add_api_arguments(serve)
 
     join_key = sub.add_parser("join-key", help="manage join keys")
     jk_sub = join_key.add_subparsers(dest="join_key_command", required=True)
@@ -99,7 +118,7 @@ def open_store(state_dir: str) -> store_mod.Store:
     return store_mod.Store(Path(state_dir))
 
 
-def cmd_join_key_create(args) -> int:
+def cmd_join_key_create(args: argparse.Namespace) -> int:
     store = open_store(args.state_dir)
     key = store.create_join_key(ttl_s=args.ttl, uses=args.uses, model=args.model)
     print(key)
@@ -140,13 +159,13 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cmd_agents(args) -> int:
+def cmd_agents(args: argparse.Namespace) -> int:
     rows = agent_rows(open_store(args.state_dir).agents(), time.time())
     print(json.dumps(rows, indent=2) if args.format == "json" else render_table(rows))
     return 0
 
 
-def cmd_revoke(args) -> int:
+def cmd_revoke(args: argparse.Namespace) -> int:
     store = open_store(args.state_dir)
     if store.agent(args.agent_id) is None:
         print(f"xim-router: no agent {args.agent_id!r} (see `xim-router agents`)", file=sys.stderr)
@@ -158,13 +177,54 @@ def cmd_revoke(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from xim_router import server
+def api_settings_from(args: argparse.Namespace) -> openai_api.ApiSettings:
+    """The OpenAI API's settings from the serving flags; ValueError with a message for the operator."""
+    return openai_api.api_settings(args.api_key, args.api_key_file, args.request_timeout)
+
+
+def router_settings_from(args: argparse.Namespace) -> RouterSettings:
+    """The mesh's lease timing from the flags; StartupError when they contradict each other."""
+    if args.lease_timeout <= args.lease_interval:
+        raise StartupError("--lease-timeout must be longer than --lease-interval")
+    return RouterSettings(lease_interval_s=args.lease_interval, lease_timeout_s=args.lease_timeout,
+                          dead_after_s=args.dead_after, token_ttl_s=args.token_ttl,
+                          sweep_interval_s=min(1.0, args.lease_interval / 2))
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """What `server.start` needs, checked in the order the operator reads the flags."""
+    settings = router_settings_from(args)
+    ssl_context = server.tls_context(args.tls_cert, args.tls_key)
+    try:
+        api = api_settings_from(args)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    return ServeOptions(state_dir=Path(args.state_dir), http=args.http, mesh=args.mesh,
+                        advertise=tuple(args.advertise), settings=settings, api=api,
+                        ssl_context=ssl_context)
+
+
+def serving_line(bound: Bound) -> str:
+    """The one line on stdout that scripts and tests parse (tests/support/router.py READY_LINE)."""
+    return (f"xim-router serving http={bound.http_url} mesh={bound.mesh_endpoint} "
+            f"public_key={bound.public_key} state_dir={bound.state_dir}")
+
+
+async def serve(options: ServeOptions) -> int:
+    running = await server.start(options)
+    # The same facts go to the log when serving starts.
+    print(serving_line(running.bound), flush=True)
+    status = await running.serve_until_signalled()
+    sys.stdout.flush()
+    return status
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(server.serve(args))
-    except server.StartupError as exc:
+        return asyncio.run(serve(serve_options(args)))
+    except StartupError as exc:
         print(f"xim-router: {exc}", file=sys.stderr)
         return 1
 

@@ -21,13 +21,13 @@ What an OpenAI client sees, built on `xim_router.dataplane`:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import hmac
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,18 +57,6 @@ class ApiSettings:
 # ---------------------------------------------------------------- configuration
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The serving flags of ``xim-router serve``."""
-    group = parser.add_argument_group("OpenAI API")
-    group.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                       help="accept this API key (repeatable; prefer --api-key-file: argv is "
-                            "visible to other users)")
-    group.add_argument("--api-key-file", metavar="PATH",
-                       help="accept the API keys in PATH, one per line ('#' comments)")
-    group.add_argument("--request-timeout", type=float, default=dataplane.Settings.request_timeout_s,
-                       metavar="SECONDS", help="deadline of one request (default %(default)g)")
-
-
 def read_key_file(path: str) -> list[str]:
     try:
         text = Path(path).read_text()
@@ -81,15 +69,15 @@ def read_key_file(path: str) -> list[str]:
     return keys
 
 
-def settings_from(args: argparse.Namespace) -> ApiSettings:
-    """ApiSettings from parsed flags; ValueError with a message for the operator."""
-    keys = [k.strip() for k in getattr(args, "api_key", []) or [] if k.strip()]
-    if getattr(args, "api_key_file", None):
-        keys += read_key_file(args.api_key_file)
-    timeout = getattr(args, "request_timeout", dataplane.Settings.request_timeout_s)
-    if not timeout > 0:
+def api_settings(api_keys: Iterable[str] = (), api_key_file: str | None = None,
+                 request_timeout_s: float = dataplane.Settings.request_timeout_s) -> ApiSettings:
+    """ApiSettings from the operator's values; ValueError with a message for the operator."""
+    keys = [k.strip() for k in api_keys if k.strip()]
+    if api_key_file:
+        keys += read_key_file(api_key_file)
+    if not request_timeout_s > 0:
         raise ValueError("--request-timeout must be > 0")
-    return ApiSettings(api_keys=frozenset(keys), dataplane=dataplane.Settings(request_timeout_s=timeout))
+    return ApiSettings(api_keys=frozenset(keys), dataplane=dataplane.Settings(request_timeout_s=request_timeout_s))
 
 
 def configure(app: web.Application, settings: ApiSettings) -> None:

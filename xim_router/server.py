@@ -1,4 +1,8 @@
-"""`xim-router serve`: the store, the mesh and the HTTP app, started and stopped together."""
+"""`xim-router serve`: the store, the mesh and the HTTP app, started and stopped together.
+
+The flags, and the line that announces where the router listens, are
+xim_router.cli's; `start` returns what it bound.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import asyncio
 import logging
 import signal
 import ssl
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -37,39 +41,73 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return context
 
 
-def settings_from(args) -> RouterSettings:
-    if args.lease_timeout <= args.lease_interval:
-        raise StartupError("--lease-timeout must be longer than --lease-interval")
-    return RouterSettings(lease_interval_s=args.lease_interval, lease_timeout_s=args.lease_timeout,
-                          dead_after_s=args.dead_after, token_ttl_s=args.token_ttl,
-                          sweep_interval_s=min(1.0, args.lease_interval / 2))
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything `start` needs, as values (the CLI builds it from the flags)."""
+
+    state_dir: Path
+    http: tuple[str, int]                    # host, port (0 = any free)
+    mesh: str                                # tcp://HOST:PORT to bind
+    advertise: tuple[str, ...]               # mesh endpoints given to agents (empty: the bound one)
+    settings: RouterSettings
+    api: openai_api.ApiSettings
+    ssl_context: ssl.SSLContext | None = None
 
 
-async def serve(args) -> int:
-    state_dir = Path(args.state_dir)
-    settings = settings_from(args)
-    ssl_context = tls_context(args.tls_cert, args.tls_key)
-    try:
-        api_settings = openai_api.settings_from(args)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+@dataclass(frozen=True)
+class Bound:
+    """Where a started router listens (ports resolved): what `xim-router serve` announces."""
+
+    http_url: str
+    mesh_endpoint: str
+    public_key: str
+    state_dir: Path
+
+
+@dataclass
+class Running:
+    """A started router: where it listens, and what `serve_until_signalled` stops."""
+
+    bound: Bound
+    store: store_mod.Store
+    router: Router
+    runner: web.AppRunner
+
+    async def serve_until_signalled(self) -> int:
+        """Serve until SIGTERM or SIGINT, then stop everything; the exit status."""
+        log.info("enrollment API on %s, mesh on %s", self.bound.http_url, self.bound.mesh_endpoint)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        await self.runner.cleanup()
+        await self.router.stop()
+        self.store.close()
+        return 0
+
+
+async def start(options: ServeOptions) -> Running:
+    """Open the store, bind the mesh and the HTTP app; StartupError says what is in the way."""
+    state_dir = options.state_dir
     try:
         store = store_mod.Store(state_dir)
         keypair = keys.load_or_create_keypair(state_dir)
     except OSError as exc:
         raise StartupError(f"cannot use the state directory {state_dir}: {exc}") from None
-    router = Router(store, keypair, mesh_bind=args.mesh, settings=settings,
-                    advertise=tuple(args.advertise))
+    router = Router(store, keypair, mesh_bind=options.mesh, settings=options.settings,
+                    advertise=options.advertise)
     try:
         await router.start()
     except zmq.ZMQError as exc:
-        raise StartupError(f"cannot listen on {args.mesh}: {exc}") from None
+        raise StartupError(f"cannot listen on {options.mesh}: {exc}") from None
     app = build_app(router)
-    openai_api.configure(app, api_settings)
+    openai_api.configure(app, options.api)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, port = args.http
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    host, port = options.http
+    site = web.TCPSite(runner, host, port, ssl_context=options.ssl_context)
     try:
         await site.start()
     except OSError as exc:
@@ -77,21 +115,8 @@ async def serve(args) -> int:
         await router.stop()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound_host, bound_port = runner.addresses[0][:2]
-    scheme = "https" if ssl_context else "http"
+    scheme = "https" if options.ssl_context else "http"
     http_url = f"{scheme}://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
-    # One line on stdout that scripts and tests parse; the same facts go to the log.
-    print(f"xim-router serving http={http_url} mesh={router.mesh_endpoint} "
-          f"public_key={keypair.public} state_dir={state_dir}", flush=True)
-    log.info("enrollment API on %s, mesh on %s", http_url, router.mesh_endpoint)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    await runner.cleanup()
-    await router.stop()
-    store.close()
-    sys.stdout.flush()
-    return 0
+    bound = Bound(http_url=http_url, mesh_endpoint=router.mesh_endpoint, public_key=keypair.public,
+                  state_dir=state_dir)
+    return Running(bound=bound, store=store, router=router, runner=runner)

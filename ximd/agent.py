@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ximd import __version__, tuning
-from ximd.config import EX_CONFIG, Config, ConfigError
+from ximd.config import Config, ConfigError
 from ximd.control import ControlServer, socket_path
+from ximd.exitcodes import EX_CONFIG, EX_OK
 from ximd.identity import Identity
 from ximd.logs import phase_fields, set_level, setup_logging
 from ximd.systemd import Notifier
@@ -63,7 +64,7 @@ class Agent:
         self.started_at = time.time()
         self.stop_reason: str | None = None
         self.ready_sent = False
-        self.exit_code = 0
+        self.exit_code = EX_OK
         self.node: Node | None = None     # once enrolled
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -209,7 +210,7 @@ class Agent:
 
     async def identity_revoked(self, reason: str) -> None:
         """The router refused this identity for good: stop serving, keep the file as evidence."""
-        from ximd.enrollment import identity_path
+        from ximd.identity import identity_path
         node, self.node = self.node, None
         if node is not None:
             await node.stop(drain_s=0)

@@ -1,10 +1,11 @@
 """The plan: hardware + configuration + model facts → engine settings, each with its reason.
 
-Everything here except `load_model_facts` and `main` is pure. The numbers are
-estimates made before the engine starts (vLLM measures the real KV-cache size
-while it loads); they exist so that admission, batch size and context length
-are sane from the first request and so that impossible settings are refused
-with a message instead of a crashed engine.
+Everything here except `load_model_facts` is pure; `ximd plan` shows the
+result (ximd.commands.plan). The numbers are estimates made before the engine
+starts (vLLM measures the real KV-cache size while it loads); they exist so
+that admission, batch size and context length are sane from the first request
+and so that impossible settings are refused with a message instead of a
+crashed engine.
 
 Rules (what an operator sets explicitly always wins, unless it is impossible):
 - accelerator: NVIDIA GPUs → cuda, else AMD → rocm, else cpu.
@@ -24,20 +25,15 @@ Rules (what an operator sets explicitly always wins, unless it is impossible):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ximd.config import AUTO, FALLBACK_MAX_CONCURRENT
 from ximd.hardware import Gpu, Hardware, apply_mask
 from ximd.units import GIB, MIB
 from ximd.units import gib_text as _gib
-
-EX_CONFIG = 78
 
 # A chat turn with some history plus its answer. Used to turn KV capacity in
 # tokens into a number of requests; capped by max_model_len for short models.
@@ -63,7 +59,7 @@ CPU_RUNTIME_RESERVE_BYTES = 2 * GIB  # torch + three Python processes (measured 
 
 
 class PlanError(ValueError):
-    """A setting the hardware or model makes impossible; the CLI exits 78 naming `key`."""
+    """A setting the hardware or model makes impossible; `ximd plan` and the daemon exit 78 naming `key`."""
 
     def __init__(self, key: str, message: str):
         self.key, self.message = key, message
@@ -545,7 +541,7 @@ def cpu_list(cpus: tuple[int, ...]) -> str:
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
 
 
-# ---------------------------------------------------------------- adapters and output
+# ---------------------------------------------------------------- adapters
 
 
 def knobs_from_config(cfg) -> Knobs:
@@ -564,50 +560,3 @@ def plan_from_config(cfg, hw: Hardware, facts: ModelFacts | None, model_note: st
 
 
 plan = plan_from_config  # the name docs/architecture.md gives the contract
-
-_FIELD_ORDER = ("accelerator", "visible_devices", "tensor_parallel_size", "gpu_memory_utilization",
-                "kv_capacity_tokens", "max_model_len", "max_concurrent", "max_num_seqs",
-                "cpu_kvcache_space_gb", "cpu_threads")
-
-
-def plan_to_dict(p: Plan) -> dict[str, Any]:
-    out = dataclasses.asdict(p)
-    out["visible_devices"] = list(p.visible_devices)
-    out["warnings"] = list(p.warnings)
-    out["engine_env_remove"] = list(p.engine_env_remove)
-    return out
-
-
-def render_plan(p: Plan) -> str:
-    """One line per decision: the value and why."""
-    lines = []
-    if "model" in p.reasons:
-        lines.append(f"{'model':<24}{p.reasons['model']}")
-    for name in _FIELD_ORDER:
-        value = getattr(p, name)
-        if value is None and name not in p.reasons:
-            continue
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        shown = "model default" if (name == "max_model_len" and value is None) else shown
-        shown = "-" if value in (None, ()) and name != "max_model_len" else shown
-        lines.append(f"{name:<24}{shown!s:<16}{p.reasons.get(name, '')}")
-    env = " ".join(f"{k}={v}" for k, v in p.engine_env.items())
-    lines.append(f"{'engine_env':<24}{env}")
-    unset = f"; unset: {' '.join(p.engine_env_remove)}" if p.engine_env_remove else ""
-    lines.append(f"{'':<24}{p.reasons.get('engine_env', '')}{unset}")
-    lines += [f"warning: {w}" for w in p.warnings]
-    return "\n".join(lines)
-
-
-def main(cfg, fmt: str = "text", hw: Hardware | None = None) -> int:
-    """`ximd plan [--format json]`: detect, plan, print. 78 on an impossible setting."""
-    from ximd import hardware
-    hw = hw or hardware.detect()
-    facts, note = load_model_facts(cfg.engine.model)
-    try:
-        result = plan_from_config(cfg, hw, facts, note)
-    except PlanError as exc:
-        print(f"ximd plan: invalid configuration: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    print(json.dumps(plan_to_dict(result), indent=2) if fmt == "json" else render_plan(result))
-    return 0

@@ -1,24 +1,22 @@
-"""`ximd` command line: a thin layer that parses, loads config and delegates.
+"""`ximd` command line: the front door that parses argv, loads config and dispatches.
 
-Heavy modules are imported inside the commands that need them so that
-`ximd --help` and `ximd status` stay instant.
+What each command prints, and its exit status, is ximd.commands'. Heavy
+modules are imported inside the commands that need them so that `ximd --help`
+and `ximd status` stay instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 
 from ximd import __version__
 from ximd import config as configmod
-from ximd.config import EX_CONFIG, ConfigError
-from ximd.configdoc import literal
+from ximd.commands import config as config_cmd
+from ximd.config import ConfigError
+from ximd.exitcodes import EX_INTERRUPTED
 from ximd.logs import setup_logging
-
-EX_UNAVAILABLE = 69
-EX_NOT_RUNNING = 3  # what `systemctl status` says for an inactive unit
 
 
 def setting_flags() -> argparse.ArgumentParser:
@@ -98,88 +96,46 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from ximd.agent import run_daemon
     return run_daemon(lambda: load_config(args))
 
 
-def cmd_config_show(args) -> int:
-    cfg = load_config(args)
-    print(render_config(cfg, origin=args.origin, fmt=args.format))
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return 0
+def cmd_config_show(args: argparse.Namespace) -> int:
+    return config_cmd.show(load_config(args), origin=args.origin, fmt=args.format)
 
 
-def render_config(cfg: configmod.Config, *, origin: bool, fmt: str) -> str:
-    if fmt == "json":
-        shown = {name: ({"value": configmod.shown_value(name, value), "origin": where} if origin
-                        else configmod.shown_value(name, value))
-                 for name, value, where in cfg.items()}
-        return json.dumps(shown, indent=2)
-    lines, section = [], None
-    for name, value, where in cfg.items():
-        sec, key = name.split(".", 1)
-        if sec != section:
-            lines += ([""] if section else []) + [f"[{sec}]"]
-            section = sec
-        line = f"{key} = {literal(configmod.shown_value(name, value))}"
-        lines.append(f"{line:<56} # {where}" if origin else line)
-    return "\n".join(lines)
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    return config_cmd.validate(args.path)
 
 
-def cmd_config_validate(args) -> int:
-    path = args.path or configmod.DEFAULT_CONFIG_PATH
-    cfg = configmod.load(path, use_env=False)
-    print(f"{path}: OK ({len(cfg.sources)} file(s): {', '.join(cfg.sources) or 'defaults only'})")
-    return 0
+def cmd_status(args: argparse.Namespace) -> int:
+    from ximd.commands import status
+    return status.main(load_config(args), args.format)
 
 
-def cmd_status(args) -> int:
-    from ximd import control
-    cfg = load_config(args)
-    try:
-        reply = control.query(control.socket_path(cfg.runtime_dir))
-    except control.NotRunning as exc:
-        print(str(exc), file=sys.stderr)
-        return EX_NOT_RUNNING
-    print(json.dumps(reply, indent=2) if args.format == "json" else render_status(reply))
-    return 0
-
-
-def render_status(reply: dict) -> str:
-    lines = []
-    for key, value in reply.items():
-        if isinstance(value, dict):
-            lines.append(f"{key}:")
-            lines += [f"  {k}: {v}" for k, v in value.items()]
-        else:
-            lines.append(f"{key}: {value}")
-    return "\n".join(lines)
-
-
-def cmd_doctor(args) -> int:
-    from ximd import doctor
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ximd.commands import doctor
     return doctor.main(load_config(args), args.format)
 
 
-def cmd_plan(args) -> int:
-    from ximd import autoconfig
-    return autoconfig.main(load_config(args), args.format)
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ximd.commands import plan
+    return plan.main(load_config(args), args.format)
 
 
-def cmd_enroll(args) -> int:
-    from ximd import enrollment
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from ximd.commands import enroll
     cfg = load_config(args)
     setup_logging(cfg.agent.log_level)
-    return asyncio.run(enrollment.main_enroll(cfg, join_key_file=args.join_key_file, force=args.force))
+    return asyncio.run(enroll.main_enroll(cfg, join_key_file=args.join_key_file, force=args.force))
 
 
-def cmd_unenroll(args) -> int:
-    from ximd import enrollment
+def cmd_unenroll(args: argparse.Namespace) -> int:
+    from ximd.commands import enroll
     cfg = load_config(args)
     setup_logging(cfg.agent.log_level)
-    return asyncio.run(enrollment.main_unenroll(cfg))
+    return asyncio.run(enroll.main_unenroll(cfg))
 
 
 COMMANDS = {
@@ -200,12 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print("ximd: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EX_CONFIG
+        return config_cmd.invalid(exc)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":

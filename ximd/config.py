@@ -7,7 +7,7 @@ parsing, `config show --origin` and the shipped agent.toml cannot drift apart.
 Layers, lowest first: built-in default < systemd's directories
 (STATE_DIRECTORY & co.) < agent.toml < agent.toml.d/*.toml (name order) <
 environment < command-line flags. Every error names its source and key; the
-daemon turns them into exit 78 (EX_CONFIG).
+daemon turns them into exit 78 (EX_CONFIG, owned by ximd.exitcodes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/xerotier/agent.toml")
 CONFIG_PATH_ENV = "XEROTIER_AGENT_CONFIG"
 ENV_PREFIX = "XEROTIER_AGENT_"
 AUTO = "auto"
-EX_CONFIG = 78
 # The seed's defaults that other modules also need (the model to serve when
 # nothing chose one; admission when the plan cannot tell the KV-cache size).
 SEED_DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"

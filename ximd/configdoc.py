@@ -2,7 +2,7 @@
 
 Generating the file keeps it from drifting from the code: a test checks the
 committed etc/agent.toml equals `render()`. Regenerate with
-`python -m ximd.configdoc > etc/agent.toml`.
+`python -m ximd.commands.configdoc > etc/agent.toml`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,3 @@ def render() -> str:
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
-
-if __name__ == "__main__":
-    print(render(), end="")

@@ -4,7 +4,8 @@ Each check is a pure function of facts gathered once by `collect` (hardware,
 stat results, a subprocess, a PING), so its ok/warn/fail boundaries are tested
 without the host having to match. "warn" is below what is recommended or
 something ximd works around; "fail" is something that stops ximd from serving
-as configured. The exit code is 1 only when a check failed.
+as configured. `ximd doctor` (ximd.commands.doctor) shows the checks and
+exits 1 only when one failed.
 
 Sizes follow the seed: "16GB VRAM", "32GB RAM" and "100GB disk" are decimal
 gigabytes (10^9 bytes), so a card sold as 16 GB that reports 15360 MiB
@@ -13,13 +14,12 @@ gigabytes (10^9 bytes), so a card sold as 16 GB that reports 15360 MiB
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import stat
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ximd import autoconfig, hardware, tuning
@@ -335,7 +335,7 @@ def check_plan(make_plan) -> Check:
     return Check("plan", "ok", summary)
 
 
-# ---------------------------------------------------------------- collecting and showing
+# ---------------------------------------------------------------- collecting and judging
 
 
 def free_bytes_at(path: Path) -> tuple[Path, int | None]:
@@ -398,24 +398,3 @@ def summary(checks: list[Check]) -> dict[str, int]:
     return {s: sum(c.status == s for c in checks) for s in STATUSES}
 
 
-def render_table(checks: list[Check]) -> str:
-    width = max(len(c.name) for c in checks) if checks else 0
-    lines = []
-    for c in checks:
-        lines.append(f"{c.status.upper():<5} {c.name:<{width}}  {c.detail}")
-        if c.fix and c.status in ("warn", "fail"):
-            lines.append(f"{'':<5} {'':<{width}}  fix: {c.fix}")
-    counts = summary(checks)
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()) + (" — FAILED" if failed(checks) else ""))
-    return "\n".join(lines)
-
-
-def to_json(checks: list[Check]) -> str:
-    return json.dumps({"ok": not failed(checks), "summary": summary(checks),
-                       "checks": [asdict(c) for c in checks]}, indent=2)
-
-
-def main(cfg, fmt: str = "text", hw: Hardware | None = None) -> int:
-    checks = collect(cfg, hw)
-    print(to_json(checks) if fmt == "json" else render_table(checks))
-    return 1 if failed(checks) else 0

@@ -5,6 +5,9 @@ xim_proto.enroll); the identity it produces and its file: ximd.identity. The joi
 systemd credential — never from argv — and only its source and fingerprint
 are ever logged.
 
+What `ximd enroll` / `ximd unenroll` print, and their exit statuses, are
+ximd.commands.enroll's; this module only returns identities and raises.
+
 Token refresh: the mesh link calls the function from ``token_refresher(cfg)``
 before the token lapses and whenever the router answers ``token_expired``
 (docs/protocol.md §3.2).
@@ -38,11 +41,8 @@ from ximd.identity import (
     EnrollmentError,
     EnrollmentRejected,
     Identity,
-    IdentityError,
     TokenRefresher,
-    identity_path,
     load_identity,
-    remove_identity,
     save_identity,
 )
 
@@ -50,13 +50,6 @@ log = logging.getLogger("ximd.enrollment")
 
 CREDENTIAL_NAME = "join-key"
 HTTP_TIMEOUT_S = 30.0
-
-# Exit codes of `ximd enroll` / `ximd unenroll` (sysexits.h where one fits).
-EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 69, 78
-
-NO_KEY_HINT = ("no join key: pass one with --join-key-file PATH (or - for standard input), or set "
-               "router.join_key / router.join_key_file in /etc/xerotier/agent.toml, "
-               "XEROTIER_AGENT_JOIN_KEY, or the systemd credential 'join-key'")
 
 
 # ---------------------------------------------------------------- errors
@@ -273,9 +266,14 @@ def token_refresher(cfg) -> TokenRefresher:
     async def refresh_and_save(identity: Identity) -> Identity:
         renewed = await refresh(cfg, identity)
         save_identity(cfg.agent.state_dir, renewed)
-        log.info("token renewed; valid until %s", _when(renewed.token_expires_at))
+        log.info("token renewed; valid until %s", local_time(renewed.token_expires_at))
         return renewed
     return refresh_and_save
+
+
+def local_time(epoch: float) -> str:
+    """An epoch as the operator's local wall-clock time, for logs and the enroll command."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
 
 
 # ---------------------------------------------------------------- policy
@@ -331,105 +329,3 @@ async def ensure_identity(cfg, *, stdin: IO[str] | None = None) -> EnrollmentSta
     log.info("enrolled as agent %s (worker %s); identity in %s", identity.agent_id,
              identity.worker_id, path)
     return EnrollmentStatus(identity)
-
-
-# ---------------------------------------------------------------- CLI entry points
-
-
-def _when(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
-def _fail(text: str) -> None:
-    print(f"ximd: {text}", file=sys.stderr, flush=True)
-
-
-async def main_enroll(cfg, *, join_key_file: str | None = None, force: bool = False,
-                      stdin: IO[str] | None = None) -> int:
-    """`ximd enroll [--join-key-file PATH|-] [--force]`; returns the exit code."""
-    state_dir = cfg.agent.state_dir
-    try:
-        current = load_identity(state_dir)
-    except IdentityError as exc:
-        if not force:
-            _fail(f"{exc} (or run `ximd enroll --force` to replace it)")
-            return EXIT_CONFIG
-        current = None
-    try:
-        found = read_join_key(cfg, join_key_file=join_key_file, stdin=stdin)
-    except JoinKeyError as exc:
-        _fail(str(exc))
-        return EXIT_CONFIG
-    if current is not None and not force:
-        if found is None or fingerprint(found[0]) == current.join_key_fingerprint:
-            _say(f"already enrolled as agent {current.agent_id} (worker {current.worker_id}) with "
-                 f"{current.router_url} since {_when(current.enrolled_at)}")
-            return EXIT_OK
-        _fail(key_policy(current, fingerprint(found[0]), found[1])[1])
-        return EXIT_REFUSED
-    if found is None:
-        _fail(NO_KEY_HINT)
-        return EXIT_CONFIG
-    key, source = found
-    log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
-             fingerprint(key))
-    try:
-        identity = await enroll(cfg, key)
-    except RouterConfigError as exc:
-        _fail(str(exc))
-        return EXIT_CONFIG
-    except EnrollmentRejected as exc:
-        _fail(f"enrollment refused by {cfg.router.url}: {exc.message} ({exc.code}); "
-              "ask for a new join key (`xim-router join-key create`)")
-        return EXIT_REFUSED
-    except RouterUnreachable as exc:
-        _fail(f"{exc}; nothing was changed, try again later")
-        return EXIT_UNAVAILABLE
-    path = save_identity(state_dir, identity)
-    _say(f"enrolled as agent {identity.agent_id} (worker {identity.worker_id}) with "
-         f"{identity.router_url}; identity saved in {path}")
-    if current is not None:
-        await _leave_quietly(cfg, current)
-    return EXIT_OK
-
-
-async def _leave_quietly(cfg, old: Identity) -> None:
-    """After --force: tell the router the old identity is gone (best effort)."""
-    try:
-        await unenroll(cfg, old)
-        _say(f"the previous identity (agent {old.agent_id}) was unenrolled")
-    except EnrollmentError as exc:
-        _say(f"the previous identity (agent {old.agent_id}) could not be unenrolled ({exc}); "
-             "revoke it on the router with `xim-router revoke`")
-
-
-async def main_unenroll(cfg) -> int:
-    """`ximd unenroll`: tell the router, then remove the identity."""
-    state_dir = cfg.agent.state_dir
-    try:
-        identity = load_identity(state_dir)
-    except IdentityError as exc:
-        _fail(str(exc))
-        return EXIT_CONFIG
-    if identity is None:
-        _say("not enrolled; nothing to do")
-        return EXIT_OK
-    try:
-        await unenroll(cfg, identity)
-    except RouterConfigError as exc:
-        _fail(str(exc))
-        return EXIT_CONFIG
-    except EnrollmentRejected as exc:
-        # Already revoked or unknown there: nothing left to undo on the router.
-        _say(f"the router no longer knows this identity ({exc.code}); removing it here")
-    except RouterUnreachable as exc:
-        _fail(f"{exc}; the identity was kept: run `ximd unenroll` again, or delete "
-              f"{identity_path(state_dir)} to forget it here only")
-        return EXIT_UNAVAILABLE
-    removed = remove_identity(state_dir)
-    _say(f"unenrolled agent {identity.agent_id}; removed {removed}")
-    return EXIT_OK

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.daemon import Daemon
 from ximd.agent import NOT_ENROLLED_HINT
-from ximd.config import EX_CONFIG
+from ximd.exitcodes import EX_CONFIG
 
 
 @pytest.fixture

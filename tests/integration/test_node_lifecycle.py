@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.daemon import Daemon
 from tests.support.router import RouterProcess, wait_for
-from ximd.enrollment import identity_path
+from ximd.identity import identity_path
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN_PYTHON = REPO / "bench" / "standin-python"

@@ -15,8 +15,10 @@ import trustme
 
 from tests.mesh.helpers import enroll_fresh, load_config, write_agent_config
 from tests.support.router import RouterProcess
-from ximd import enrollment
+from ximd import enrollment, exitcodes
+from ximd.commands import enroll as enroll_cmd
 from ximd.enrollment import EnrollmentRejected, RouterConfigError, RouterUnreachable
+from ximd.identity import IdentityError, identity_path
 
 
 def enroll(cfg, key):
@@ -26,7 +28,7 @@ def enroll(cfg, key):
 def test_fresh_key_gives_an_identity_file_0600_in_a_0700_directory(router, agent_cfg):
     cfg = agent_cfg()
     identity = enroll_fresh(router, cfg, model="tiny")
-    path = enrollment.identity_path(cfg.agent.state_dir)
+    path = identity_path(cfg.agent.state_dir)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert enrollment.load_identity(cfg.agent.state_dir) == identity
@@ -84,7 +86,7 @@ def test_main_enroll_with_a_used_key_exits_1_with_one_clear_line(router, agent_c
     key_file = tmp_path / "key"
     key_file.write_text(key + "\n")
     cfg = agent_cfg("second", join_key_file=str(key_file))
-    assert asyncio.run(enrollment.main_enroll(cfg)) == enrollment.EXIT_REFUSED
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == exitcodes.EX_REFUSED
     err = capsys.readouterr().err
     assert "already been used (join_key_used)" in err
     assert "Traceback" not in err and key not in err
@@ -95,7 +97,7 @@ def test_plain_http_needs_the_insecure_switch(router, agent_cfg, capsys):
     cfg = agent_cfg(insecure=False, join_key=router.join_key())
     with pytest.raises(RouterConfigError, match="router.insecure"):
         enroll(cfg, cfg.router.join_key)
-    assert asyncio.run(enrollment.main_enroll(cfg)) == enrollment.EXIT_CONFIG
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == exitcodes.EX_CONFIG
     assert "router.insecure = true" in capsys.readouterr().err
 
 
@@ -111,7 +113,7 @@ def test_unreachable_router_is_retry_later(tmp_path, capsys):
                                          join_key="xjk_" + "B" * 43))
     with pytest.raises(RouterUnreachable, match="cannot reach the router"):
         enroll(cfg, cfg.router.join_key)
-    assert asyncio.run(enrollment.main_enroll(cfg)) == enrollment.EXIT_UNAVAILABLE
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == exitcodes.EX_UNAVAILABLE
     assert "try again later" in capsys.readouterr().err
 
 
@@ -196,15 +198,15 @@ def test_root_writes_files_owned_by_the_state_directory_owner(tmp_path):
     ('{"format": 1, "agent_id": "a"}', "is missing"),
 ])
 def test_corrupt_identity_is_a_clear_error(tmp_path, content, detail, capsys):
-    path = enrollment.identity_path(tmp_path)
+    path = identity_path(tmp_path)
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    with pytest.raises(enrollment.IdentityError, match=detail) as info:
+    with pytest.raises(IdentityError, match=detail) as info:
         enrollment.load_identity(tmp_path)
     assert "ximd enroll" in str(info.value)
     cfg = load_config(write_agent_config(tmp_path / "a.toml", url="http://127.0.0.1:9",
                                          state_dir=tmp_path))
-    assert asyncio.run(enrollment.main_enroll(cfg)) == enrollment.EXIT_CONFIG
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == exitcodes.EX_CONFIG
     assert "--force" in capsys.readouterr().err
 
 
@@ -276,11 +278,11 @@ def test_unreadable_join_key_file(tmp_path, capsys):
     cfg = cfg_with(tmp_path, join_key_file=str(tmp_path / "absent"))
     with pytest.raises(enrollment.JoinKeyError, match="cannot read the join key file"):
         enrollment.read_join_key(cfg, environ={})
-    assert asyncio.run(enrollment.main_enroll(cfg)) == enrollment.EXIT_CONFIG
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == exitcodes.EX_CONFIG
 
 
 def test_no_key_at_all_says_where_to_put_one(tmp_path, capsys):
-    assert asyncio.run(enrollment.main_enroll(cfg_with(tmp_path))) == enrollment.EXIT_CONFIG
+    assert asyncio.run(enroll_cmd.main_enroll(cfg_with(tmp_path))) == exitcodes.EX_CONFIG
     err = capsys.readouterr().err
     assert "--join-key-file" in err and "router.join_key" in err
 
@@ -291,21 +293,21 @@ def test_no_key_at_all_says_where_to_put_one(tmp_path, capsys):
 def test_same_key_again_is_fine_and_a_different_one_needs_force(router, agent_cfg, tmp_path, capsys):
     key = router.join_key()
     cfg = agent_cfg(join_key=key)
-    assert asyncio.run(enrollment.main_enroll(cfg)) == 0
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == 0
     first = enrollment.load_identity(cfg.agent.state_dir)
     capsys.readouterr()
     # The same key still in the config: nothing to do, exit 0.
-    assert asyncio.run(enrollment.main_enroll(cfg)) == 0
+    assert asyncio.run(enroll_cmd.main_enroll(cfg)) == 0
     assert "already enrolled as agent " + first.agent_id in capsys.readouterr().out
     # A different key: said plainly, names --force, changes nothing.
     new_key = router.join_key()
     cfg2 = agent_cfg(join_key=new_key)
-    assert asyncio.run(enrollment.main_enroll(cfg2)) == enrollment.EXIT_REFUSED
+    assert asyncio.run(enroll_cmd.main_enroll(cfg2)) == exitcodes.EX_REFUSED
     err = capsys.readouterr().err
     assert "ximd enroll --force" in err and new_key not in err
     assert enrollment.load_identity(cfg.agent.state_dir) == first
     # --force enrolls anew and unenrolls the old identity on the router.
-    assert asyncio.run(enrollment.main_enroll(cfg2, force=True)) == 0
+    assert asyncio.run(enroll_cmd.main_enroll(cfg2, force=True)) == 0
     second = enrollment.load_identity(cfg.agent.state_dir)
     assert second.agent_id != first.agent_id
     assert router.agent(first.agent_id)["state"] == "unenrolled"
@@ -370,10 +372,10 @@ def test_refresh_then_revoke(router, agent_cfg):
 def test_unenroll(router, agent_cfg, capsys):
     cfg = agent_cfg()
     identity = enroll_fresh(router, cfg)
-    assert asyncio.run(enrollment.main_unenroll(cfg)) == 0
+    assert asyncio.run(enroll_cmd.main_unenroll(cfg)) == 0
     assert enrollment.load_identity(cfg.agent.state_dir) is None
     assert router.agent(identity.agent_id)["state"] == "unenrolled"
-    assert asyncio.run(enrollment.main_unenroll(cfg)) == 0
+    assert asyncio.run(enroll_cmd.main_unenroll(cfg)) == 0
     assert "nothing to do" in capsys.readouterr().out
 
 
@@ -386,6 +388,6 @@ def test_unenroll_keeps_the_identity_when_the_router_is_unreachable(tmp_path, ca
         agent_public_key="p" * 40, agent_secret_key="s" * 40, token="xat_t",
         token_expires_at=2.0, enrolled_at=1.0)
     enrollment.save_identity(cfg.agent.state_dir, identity)
-    assert asyncio.run(enrollment.main_unenroll(cfg)) == enrollment.EXIT_UNAVAILABLE
+    assert asyncio.run(enroll_cmd.main_unenroll(cfg)) == exitcodes.EX_UNAVAILABLE
     assert enrollment.load_identity(cfg.agent.state_dir) == identity
     assert "identity was kept" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from tests.mesh.helpers import (
 from tests.support.router import RouterProcess
 from xim_proto import codec, transport
 from ximd import enrollment
+from ximd.commands import enroll as enroll_cmd
 from ximd.mesh.state import LinkState
 
 RUN_LINK = Path(__file__).with_name("run_link.py")
@@ -65,7 +66,7 @@ def test_restart_without_the_key_uses_the_same_identity(router, tmp_path):
     state = tmp_path / "state"
     with_key = load_config(write_agent_config(tmp_path / "a.toml", url=router.http_url,
                                               state_dir=state, join_key=key))
-    assert asyncio.run(enrollment.main_enroll(with_key)) == 0
+    assert asyncio.run(enroll_cmd.main_enroll(with_key)) == 0
     # "Restart": the key is gone from the config; the identity on disk is enough.
     without_key = load_config(write_agent_config(tmp_path / "a.toml", url=router.http_url,
                                                  state_dir=state))

@@ -9,7 +9,9 @@ import sys
 import time
 
 from tests.mesh.helpers import write_agent_config
-from ximd import enrollment
+from ximd import enrollment, exitcodes
+from ximd.commands import enroll as enroll_cmd
+from ximd.identity import identity_path
 
 
 def ps_args() -> str:
@@ -49,7 +51,7 @@ def test_key_from_stdin_is_never_in_ps_or_logs(router, tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert any("ximd.cli enroll" in s for s in seen)       # we did look while it ran
-    identity_text = enrollment.identity_path(tmp_path / "state").read_text()
+    identity_text = identity_path(tmp_path / "state").read_text()
     assert_key_absent(key, *seen, out, err, router.log(), identity_text)
     assert enrollment.fingerprint(key) in router.log()     # logs name it by fingerprint
     assert json.loads(identity_text)["join_key_fingerprint"] == enrollment.fingerprint(key)
@@ -84,7 +86,7 @@ def test_refused_key_is_not_echoed(router, tmp_path):
     assert ximd_enroll(first, stdin=subprocess.DEVNULL).wait(30) == 0
     proc = ximd_enroll(second, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == enrollment.EXIT_REFUSED
+    assert proc.returncode == exitcodes.EX_REFUSED
     assert "join_key_used" in err and "Traceback" not in err
     assert_key_absent(key, out, err, router.log())
 
@@ -101,7 +103,7 @@ def test_debug_logs_of_an_enrollment_never_hold_the_key(router, tmp_path, caplog
     key = router.join_key()
     cfg = load_config(write_agent_config(tmp_path / "agent.toml", url=router.http_url,
                                          state_dir=tmp_path / "state"))
-    assert asyncio.run(enrollment.main_enroll(cfg, join_key_file="-", stdin=io.StringIO(key))) == 0
+    assert asyncio.run(enroll_cmd.main_enroll(cfg, join_key_file="-", stdin=io.StringIO(key))) == 0
     out, err = capsys.readouterr()
     assert "enrolling with" in caplog.text and "standard input" in caplog.text
     assert_key_absent(key, caplog.text, out, err)

@@ -1,4 +1,4 @@
-"""The OpenAI API's settings from `xim-router serve` flags, and what the operator sees when they are wrong."""
+"""The OpenAI API's settings from `xim-router serve` flags (xim_router.cli), and what the operator sees when they are wrong."""
 
 from __future__ import annotations
 
@@ -8,26 +8,26 @@ import sys
 
 import pytest
 
-from xim_router import openai_api
+from xim_router import cli
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    openai_api.add_arguments(parser)
+    cli.add_api_arguments(parser)
     return parser.parse_args(argv)
 
 
 def test_keys_come_from_flags_and_a_file(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one key per line\nsk-from-file\n\n  sk-second  \n")
-    settings = openai_api.settings_from(parse("--api-key", "sk-flag", "--api-key-file", str(keys),
-                                              "--request-timeout", "30"))
+    settings = cli.api_settings_from(parse("--api-key", "sk-flag", "--api-key-file", str(keys),
+                                           "--request-timeout", "30"))
     assert settings.api_keys == {"sk-flag", "sk-from-file", "sk-second"}
     assert settings.dataplane.request_timeout_s == 30
 
 
 def test_no_keys_means_no_check():
-    assert openai_api.settings_from(parse()).api_keys == frozenset()
+    assert cli.api_settings_from(parse()).api_keys == frozenset()
 
 
 @pytest.mark.parametrize("content, problem", [(None, "cannot read the API key file"),
@@ -37,12 +37,12 @@ def test_a_bad_key_file_is_a_clear_error(tmp_path, content, problem):
     if content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=problem):
-        openai_api.settings_from(parse("--api-key-file", str(path)))
+        cli.api_settings_from(parse("--api-key-file", str(path)))
 
 
 def test_a_non_positive_timeout_is_refused():
     with pytest.raises(ValueError, match="--request-timeout must be > 0"):
-        openai_api.settings_from(parse("--request-timeout", "0"))
+        cli.api_settings_from(parse("--request-timeout", "0"))
 
 
 def test_xim_router_serve_refuses_a_missing_key_file_without_a_traceback(tmp_path):

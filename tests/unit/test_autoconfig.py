@@ -11,6 +11,7 @@ import pytest
 
 from ximd import autoconfig, config, hardware
 from ximd.autoconfig import GIB, Knobs, ModelFacts, PlanError
+from ximd.commands import plan as plan_cmd
 from ximd.hardware import Gpu, Hardware
 from ximd.units import MIB
 
@@ -390,7 +391,7 @@ def test_facts_of_a_broken_directory_or_a_hub_id_are_none_with_the_reason(tmp_pa
 
 def test_render_plan_has_one_line_per_decision_with_its_reason():
     p = autoconfig.build_plan(Knobs(cuda_visible_devices="2,3"), nvidia_host(4), LLAMA_1B, "model note")
-    text = autoconfig.render_plan(p)
+    text = plan_cmd.render_plan(p)
     for name in ("accelerator", "visible_devices", "tensor_parallel_size", "gpu_memory_utilization",
                  "max_model_len", "max_concurrent", "max_num_seqs"):
         line = next(line for line in text.splitlines() if line.startswith(name))
@@ -401,13 +402,13 @@ def test_render_plan_has_one_line_per_decision_with_its_reason():
 
 
 def test_render_plan_shows_warnings():
-    text = autoconfig.render_plan(autoconfig.build_plan(Knobs(max_concurrent=500), nvidia_host(1), BIG))
+    text = plan_cmd.render_plan(autoconfig.build_plan(Knobs(max_concurrent=500), nvidia_host(1), BIG))
     assert "warning: agent.max_concurrent 500" in text
 
 
 def test_plan_to_dict_is_json():
     p = autoconfig.build_plan(Knobs(), cpu_host(), TINY)
-    data = json.loads(json.dumps(autoconfig.plan_to_dict(p)))
+    data = json.loads(json.dumps(plan_cmd.plan_to_dict(p)))
     assert data["accelerator"] == "cpu" and data["visible_devices"] == [] and data["warnings"] == []
     assert data["engine_env"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert set(data["reasons"]) >= {"accelerator", "max_concurrent", "cpu_kvcache_space_gb", "cpu_threads"}
@@ -429,20 +430,20 @@ def test_plan_from_config_reads_the_documented_keys(tmp_path):
 def test_main_prints_the_plan_as_json(tmp_path, capsys):
     cfg = _cfg(tmp_path, f'[engine]\nmodel = "{tmp_path}"\n')
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_1B_CONFIG))
-    assert autoconfig.main(cfg, "json", hw=nvidia_host(2)) == 0
+    assert plan_cmd.main(cfg, "json", hw=nvidia_host(2)) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tensor_parallel_size"] == 2 and "16 layers" in data["reasons"]["model"]
 
 
 def test_main_text_on_this_machine(tmp_path, capsys):
-    assert autoconfig.main(_cfg(tmp_path), "text") == 0
+    assert plan_cmd.main(_cfg(tmp_path), "text") == 0
     out = capsys.readouterr().out
     assert "max_concurrent" in out and "engine_env" in out
 
 
 def test_main_reports_an_impossible_setting_as_exit_78(tmp_path, capsys):
     cfg = _cfg(tmp_path, "[engine]\ntensor_parallel_size = 8\n")
-    assert autoconfig.main(cfg, "text", hw=nvidia_host(2)) == 78
+    assert plan_cmd.main(cfg, "text", hw=nvidia_host(2)) == 78
     err = capsys.readouterr().err
     assert "invalid configuration: engine.tensor_parallel_size: 8 needs 8 GPUs, but only 2 are visible" in err
     assert "Traceback" not in err

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ximd import cli, config, configdoc
-from ximd.config import AUTO, EX_CONFIG, ConfigError, load
+from ximd.config import AUTO, ConfigError, load
+from ximd.exitcodes import EX_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -250,7 +251,7 @@ def test_cli_validate(tmp_path, capsys):
 
 def test_shipped_agent_toml_is_generated_from_the_schema_and_valid():
     shipped = REPO / "etc" / "agent.toml"
-    assert shipped.read_text() == configdoc.render(), "regenerate: python -m ximd.configdoc > etc/agent.toml"
+    assert shipped.read_text() == configdoc.render(), "regenerate: python -m ximd.commands.configdoc > etc/agent.toml"
     for name in config.SCHEMA:
         assert f"#{name.split('.', 1)[1]} = " in shipped.read_text()
     assert load(shipped, env={}).origins["agent.log_level"] == "default"

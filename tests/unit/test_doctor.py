@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ximd import autoconfig, config, doctor, hardware, tuning
+from ximd.commands import doctor as doctor_cmd
 from ximd.doctor import GB, GIB, Check, DirState
 from ximd.hardware import Gpu, Hardware, Probe
 
@@ -308,7 +309,7 @@ CHECKS = [Check("gpus", "ok", "1 × H100"), Check("ram", "warn", "low", "add mem
 
 
 def test_render_table_shows_each_check_the_fixes_and_the_summary():
-    text = doctor.render_table(CHECKS)
+    text = doctor_cmd.render_table(CHECKS)
     lines = text.splitlines()
     assert lines[0].startswith("OK    gpus") and "WARN  ram" in text and "FAIL  disk" in text
     assert "fix: add memory" in text and "fix: free space" in text
@@ -316,11 +317,11 @@ def test_render_table_shows_each_check_the_fixes_and_the_summary():
 
 
 def test_to_json_shape():
-    data = json.loads(doctor.to_json(CHECKS))
+    data = json.loads(doctor_cmd.to_json(CHECKS))
     assert data["ok"] is False and data["summary"] == {"ok": 1, "warn": 1, "fail": 1, "skip": 1}
     assert data["checks"][1] == {"name": "ram", "status": "warn", "detail": "low", "fix": "add memory"}
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in data["checks"])
-    assert json.loads(doctor.to_json(CHECKS[:2]))["ok"] is True
+    assert json.loads(doctor_cmd.to_json(CHECKS[:2]))["ok"] is True
 
 
 def _cfg(tmp_path: Path, python: Path, extra: str = ""):
@@ -334,7 +335,7 @@ def _cfg(tmp_path: Path, python: Path, extra: str = ""):
 
 def test_main_exit_code_follows_failures(tmp_path, capsys):
     cfg = _cfg(tmp_path, stand_in_engine(tmp_path, "0.32.0"))
-    assert doctor.main(cfg, "json", hw=h100_host()) == 0
+    assert doctor_cmd.main(cfg, "json", hw=h100_host()) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True
     names = [c["name"] for c in data["checks"]]
@@ -347,7 +348,7 @@ def test_main_exit_code_follows_failures(tmp_path, capsys):
 def test_main_fails_without_vllm_and_with_an_old_driver(tmp_path, capsys):
     cfg = _cfg(tmp_path, stand_in_engine(tmp_path, None))
     old = h100_host(gpus=(dataclasses.replace(H100, driver_version="525.147.05"),))
-    assert doctor.main(cfg, "text", hw=old) == 1
+    assert doctor_cmd.main(cfg, "text", hw=old) == 1
     out = capsys.readouterr().out
     assert "FAIL  gpu driver" in out and "FAIL  engine" in out and out.rstrip().endswith("FAILED")
 
@@ -355,7 +356,7 @@ def test_main_fails_without_vllm_and_with_an_old_driver(tmp_path, capsys):
 def test_main_on_this_machine_reports_everything_even_without_a_gpu(tmp_path, capsys):
     cfg = _cfg(tmp_path, stand_in_engine(tmp_path, "0.32.0"),
                f'[lmcache]\nredis_url = "redis://127.0.0.1:{closed_loopback_port()}"\n')
-    rc = doctor.main(cfg, "text")
+    rc = doctor_cmd.main(cfg, "text")
     out = capsys.readouterr().out
     assert len(out.splitlines()) >= 13 and "Traceback" not in out
     if not hardware.detect().gpus:
