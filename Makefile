@@ -44,9 +44,11 @@ compat: venv-bookworm
 	$(BOOKWORM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not engine and not system" \
 		tests/unit tests/integration $(wildcard tests/mesh)
 
-# ruff (pyproject.toml [tool.ruff]) over everything Python in the tree.
+# ruff over everything Python in the tree, mypy over the three packages
+# (both configured in pyproject.toml).
 lint: venv
 	$(VENV)/bin/ruff check ximd xim_router xim_proto bench tools tests
+	$(VENV)/bin/mypy
 
 test: host venv lint engine compat
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -146,8 +146,8 @@ def settings_of(request: web.Request) -> ApiSettings:
 def authorized(request: web.Request, keys: frozenset[str]) -> bool:
     if not keys:
         return True
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip().encode()
+    scheme, _, text = request.headers.get("Authorization", "").partition(" ")
+    token = text.strip().encode()
     # Compare with every key in constant time, so timing tells nothing.
     return scheme.lower() == "bearer" and bool(token) and \
         sum(hmac.compare_digest(token, key.encode()) for key in keys) > 0
@@ -271,7 +271,7 @@ async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first
                 await response.write(b"".join(b"data: " + p + b"\n\n" for p in msg.data))
                 exchange.written()
                 msg = await exchange.next()
-            if call.wants_usage:
+            if call.wants_usage and isinstance(msg, codec.Done):
                 # ximd passes the engine's own usage chunk in done.body; from an
                 # agent that only fills done.usage, build the chunk from that.
                 body = msg.body or (usage_chunk(call, ENDPOINTS[request.path], exchange.id, msg.usage)

@@ -143,8 +143,8 @@ def model_facts_from_hf_config(config_json: dict, weights_bytes: int | None) -> 
     if kv_heads is None:
         kv_heads = 1 if cfg.get("multi_query") else heads
     mla = None
-    if _first_int(cfg, "kv_lora_rank"):
-        mla = _first_int(cfg, "kv_lora_rank") + (_first_int(cfg, "qk_rope_head_dim") or 0)
+    if lora_rank := _first_int(cfg, "kv_lora_rank"):
+        mla = lora_rank + (_first_int(cfg, "qk_rope_head_dim") or 0)
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
     return ModelFacts(
         num_layers=_first_int(cfg, "num_hidden_layers", "n_layer", "num_layers"),

@@ -97,8 +97,9 @@ def check_driver(gpus: tuple[Gpu, ...]) -> Check:
         versions = sorted({g.driver_version or "unknown" for g in gpus})
         return Check("gpu driver", "ok", f"amdgpu {', '.join(versions)} (the seed sets no minimum for AMD)")
     versions = sorted({g.driver_version for g in nvidia})
-    majors = [_driver_major(v) for v in versions]
-    if None in majors:
+    parsed = [_driver_major(v) for v in versions]
+    majors = [m for m in parsed if m is not None]
+    if len(majors) < len(parsed):
         return Check("gpu driver", "warn", f"NVIDIA driver version not understood: {', '.join(versions)}",
                      f"check `nvidia-smi`; ximd needs {MIN_NVIDIA_DRIVER} or later")
     if min(majors) < MIN_NVIDIA_DRIVER:

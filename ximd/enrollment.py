@@ -95,14 +95,14 @@ def _credential_text(environ: Mapping[str, str], stdin: IO[str] | None) -> str:
 
 
 def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | None = None,
-                  environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+                  environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """(key, source) from the first source that is set, or None when none is.
 
     Order: ``join_key_file`` (the --join-key-file flag; "-" = stdin), then
     router.join_key (config file, drop-ins or XEROTIER_AGENT_JOIN_KEY, folded
     by ximd.config), router.join_key_file, $CREDENTIALS_DIRECTORY/join-key.
     """
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     origins = getattr(cfg, "origins", {})
     if join_key_file:
         source = "standard input" if join_key_file == "-" else f"--join-key-file {join_key_file}"
@@ -113,7 +113,7 @@ def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | Non
     elif cfg.router.join_key_file:
         source = f"router.join_key_file {cfg.router.join_key_file}"
         text = _read_source(cfg.router.join_key_file, stdin)
-    elif credential := _credential_text(environ, stdin):
+    elif credential := _credential_text(env, stdin):
         source = f"systemd credential {CREDENTIAL_NAME}"
         text = credential
     else:
