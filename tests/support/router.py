@@ -126,11 +126,24 @@ class RouterProcess:
             raise AssertionError(f"xim-router {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def join_key(self, *, ttl: str = "1h", uses: int = 1, model: str | None = None) -> str:
+    def join_key(self, *, ttl: str = "1h", uses: int = 1, model: str | None = None,
+                 allow_models: tuple[str, ...] = (), max_concurrent: int | None = None) -> str:
+        """A fresh join key. Without ``model`` or ``allow_models`` its nodes may serve any
+        model (--allow-any-model): the tests that do not exercise the policy pick their own."""
         args = ["join-key", "create", "--ttl", ttl, "--uses", str(uses)]
         if model:
             args += ["--model", model]
+        for name in allow_models:
+            args += ["--allow-model", name]
+        if not model and not allow_models:
+            args.append("--allow-any-model")
+        if max_concurrent is not None:
+            args += ["--max-concurrent", str(max_concurrent)]
         return self.admin(*args).stdout.strip()
+
+    def set_agent(self, agent_id: str, *options: str) -> subprocess.CompletedProcess:
+        """`xim-router agents set AGENT OPTIONS…`: what the agent may serve, from now on."""
+        return self.admin("agents", "set", agent_id, *options)
 
     def agents(self) -> list[dict]:
         return json.loads(self.admin("agents", "--format", "json").stdout)
