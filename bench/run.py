@@ -161,7 +161,8 @@ class Stack:
         self.router_url = wait_for("the router", lambda: (m := pattern.search(router_log.read_text()))
                                    and m.group(1), 30, [self.router])
         key = subprocess.run([*ROUTER_CMD, "join-key", "create", "--state-dir",
-                              str(self.dir / "router")], capture_output=True, text=True, check=True)
+                              str(self.dir / "router"), "--allow-model", MODEL],
+                             capture_output=True, text=True, check=True)
         join_key = key.stdout.split()[0]
         if self.setup.engine == "standin":
             python = str(REPO / "bench" / "standin-python")

@@ -185,7 +185,8 @@ def start_router(demo: Demo) -> tuple[Started, str]:
 
 def mint_join_key() -> str:
     done = subprocess.run([str(VENV_BIN / "xim-router"), "join-key", "create", "--state-dir",
-                           str(DEMO / "router"), "--ttl", "1h"], capture_output=True, text=True)
+                           str(DEMO / "router"), "--ttl", "1h", "--allow-model", SERVED_MODEL],
+                          capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip().startswith("xjk_"):
         raise DemoFailed(f"xim-router join-key create failed: {done.stderr.strip()}")
     return done.stdout.strip().splitlines()[0]

@@ -1,4 +1,4 @@
-"""`xim-router`: serve, join-key create, agents, revoke.
+"""`xim-router`: serve, join-key create, agents (list, set), revoke.
 
 The router's only argv parser and the only place it prints: the modules
 below take values, return results and raise.
@@ -20,6 +20,7 @@ from xim_proto.joinkey import fingerprint
 from xim_router import dataplane, keys, openai_api, server
 from xim_router import store as store_mod
 from xim_router.mesh import RouterSettings
+from xim_router.policy import MAX_CONCURRENT_LIMIT, NodePolicy, check_max_concurrent, check_model_name
 from xim_router.server import Bound, ServeOptions, StartupError
 
 DEFAULT_STATE_DIR = "/var/lib/xim-router"
@@ -51,6 +52,39 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _model_name(text: str) -> str:
+    try:
+        return check_model_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_concurrent(text: str) -> int:
+    try:
+        return check_max_concurrent(int(text) if text.isdigit() else 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser, *, replacing: bool) -> None:
+    """What nodes may serve: on a join key (for the nodes it enrolls) or on one agent."""
+    group = parser.add_argument_group("what the node may serve")
+    models = group.add_mutually_exclusive_group()
+    models.add_argument("--allow-model", action="append", type=_model_name, metavar="NAME",
+                        help="a model it may serve (repeatable" + ("; replaces the list)" if replacing else ")"))
+    models.add_argument("--allow-any-model", action="store_true",
+                        help="it may serve any model it declares: only for nodes you trust with every "
+                             "model's traffic")
+    ceiling = group.add_mutually_exclusive_group()
+    ceiling.add_argument("--max-concurrent", type=_max_concurrent, metavar="N",
+                         help="give it at most N requests at once, whatever it declares "
+                              f"(1 to {MAX_CONCURRENT_LIMIT}; default: what it declares, at most "
+                              f"{MAX_CONCURRENT_LIMIT})")
+    if replacing:
+        ceiling.add_argument("--no-max-concurrent", action="store_true",
+                             help="remove the ceiling: what it declares counts again")
+
+
 def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     """The serving flags of ``xim-router serve``."""
     group = parser.add_argument_group("OpenAI API")
@@ -72,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument("--state-dir", default=os.environ.get("XIM_ROUTER_STATE_DIR", DEFAULT_STATE_DIR),
                        help="keys and the SQLite store (default: $XIM_ROUTER_STATE_DIR or %(default)s)")
+    # For a subcommand under a command that takes --state-dir too: given on either side
+    # of the subcommand's name, without the subcommand's default overwriting it.
+    state_again = argparse.ArgumentParser(add_help=False)
+    state_again.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[state], help="run the router")
@@ -99,15 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_arguments(serve)
 
     join_key = sub.add_parser("join-key", help="manage join keys")
-    jk_sub = join_key.add_subparsers(dest="join_key_command", required=True)
-    create = jk_sub.add_parser("create", parents=[state], help="mint a join key; prints it on stdout")
+    jk_sub = join_key.add_subparsers(dest="subcommand", required=True)
+    create = jk_sub.add_parser(
+        "create", parents=[state], help="mint a join key; prints it on stdout",
+        description="Mint a join key. Say what the nodes it enrolls may serve: --model, "
+                    "--allow-model or --allow-any-model (there is no silent default).")
     create.add_argument("--ttl", type=_duration, default=86400.0, metavar="DURATION",
                         help="valid for (default 24h)")
     create.add_argument("--uses", type=_positive_int, default=1, help="how many agents may use it (default 1)")
-    create.add_argument("--model", help="model assigned to agents that enroll with it")
+    create.add_argument("--model", type=_model_name,
+                        help="model assigned to agents that enroll with it (and allowed to them)")
+    add_policy_arguments(create, replacing=False)
 
-    agents = sub.add_parser("agents", parents=[state], help="list enrolled agents")
+    agents = sub.add_parser("agents", parents=[state], help="list enrolled agents; set what one may serve")
     agents.add_argument("--format", choices=["table", "json"], default="table")
+    agents_sub = agents.add_subparsers(dest="subcommand")
+    agent_set = agents_sub.add_parser(
+        "set", parents=[state_again], help="change what an agent may serve",
+        description="Change what an enrolled agent may serve; a running router applies it "
+                    "within a second. Options not given stay as they are.")
+    agent_set.add_argument("agent_id")
+    add_policy_arguments(agent_set, replacing=True)
 
     revoke = sub.add_parser("revoke", parents=[state], help="revoke an agent's identity")
     revoke.add_argument("agent_id")
@@ -118,20 +168,72 @@ def open_store(state_dir: str) -> store_mod.Store:
     return store_mod.Store(Path(state_dir))
 
 
+NO_POLICY = ("xim-router: join-key create: say what the nodes it enrolls may serve: --model NAME "
+             "(assigns and allows it), --allow-model NAME (repeatable), or --allow-any-model (any model "
+             "a node declares: only for nodes you trust with every model's traffic)")
+
+
+def join_key_policy(args: argparse.Namespace) -> NodePolicy | None:
+    """The policy a new key gives its nodes; None when the operator did not say (no guessing:
+    "any" would let every key holder claim every model, "none" would enroll nodes that serve nothing)."""
+    if args.allow_any_model:
+        return NodePolicy(None, args.max_concurrent)
+    names = set(args.allow_model or ()) | ({args.model} if args.model else set())
+    return NodePolicy(frozenset(names), args.max_concurrent) if names else None
+
+
 def cmd_join_key_create(args: argparse.Namespace) -> int:
+    policy = join_key_policy(args)
+    if policy is None:
+        print(NO_POLICY, file=sys.stderr)
+        return 2
     store = open_store(args.state_dir)
-    key = store.create_join_key(ttl_s=args.ttl, uses=args.uses, model=args.model)
+    key = store.create_join_key(ttl_s=args.ttl, uses=args.uses, model=args.model,
+                                allowed_models=policy.allowed_models,
+                                max_concurrent_ceiling=policy.max_concurrent)
     print(key)
     print(f"join key {fingerprint(key)}: {args.uses} use(s), valid until "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(time.time() + args.ttl))}",
-          file=sys.stderr)
+          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(time.time() + args.ttl))}; "
+          f"its nodes {policy.describe()}", file=sys.stderr)
+    return 0
+
+
+def updated_policy(current: NodePolicy, args: argparse.Namespace) -> NodePolicy:
+    """``current`` with what `agents set` was told to change."""
+    models = current.allowed_models
+    if args.allow_any_model:
+        models = None
+    elif args.allow_model:
+        models = frozenset(args.allow_model)
+    ceiling = None if args.no_max_concurrent else (args.max_concurrent or current.max_concurrent)
+    return NodePolicy(models, ceiling)
+
+
+def cmd_agents_set(args: argparse.Namespace) -> int:
+    if not (args.allow_model or args.allow_any_model or args.max_concurrent or args.no_max_concurrent):
+        print("xim-router: agents set: nothing to change: give --allow-model, --allow-any-model, "
+              "--max-concurrent or --no-max-concurrent", file=sys.stderr)
+        return 2
+    store = open_store(args.state_dir)
+    agent = store.agent(args.agent_id)
+    if agent is None:
+        print(f"xim-router: no agent {args.agent_id!r} (see `xim-router agents`)", file=sys.stderr)
+        return 1
+    policy = updated_policy(agent.policy, args)
+    store.set_policy(agent.agent_id, policy)
+    print(f"agent {agent.agent_id} {policy.describe()}; a running router applies it within a second")
     return 0
 
 
 def agent_rows(agents: list[store_mod.Agent], now: float) -> list[dict]:
+    """What `agents` shows: the node's own declarations (models, declared_max_concurrent,
+    from its last lease) beside what the operator allows and what the router uses."""
     rows = []
     for a in agents:
         lease = a.last_lease or {}
+        declared = [m["name"] for m in lease.get("models", [])]
+        declared_max = lease.get("max_concurrent", a.max_concurrent)
+        policy = a.policy
         rows.append({
             "agent_id": a.agent_id, "worker_id": a.worker_id, "hostname": a.hostname,
             "state": a.state, "state_since": a.state_since, "enrolled_at": a.enrolled_at,
@@ -142,17 +244,40 @@ def agent_rows(agents: list[store_mod.Agent], now: float) -> list[dict]:
             "running": lease.get("running"), "waiting": lease.get("waiting"),
             "kv_cache_usage": lease.get("kv_cache_usage"),
             "models": [m["name"] + ":" + m["state"] for m in lease.get("models", [])],
+            "allowed_models": None if policy.allowed_models is None else sorted(policy.allowed_models),
+            "refused_models": sorted({name for name in declared if not policy.allows(name)}),
+            "declared_max_concurrent": declared_max,
+            "max_concurrent_ceiling": policy.max_concurrent,
+            "effective_max_concurrent": policy.capacity(declared_max),
         })
     return rows
+
+
+def printable(text: str) -> str:
+    """A node-chosen string made safe for a terminal: control characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def table_cells(row: dict) -> dict[str, str]:
+    """One agent's row as the table shows it."""
+    def text(value) -> str:
+        if isinstance(value, list):
+            return ", ".join(value) if value else "-"
+        return "-" if value is None else str(value)
+    cells = {c: printable(text(v)) for c, v in row.items()}
+    cells["allowed"] = "any" if row["allowed_models"] is None else printable(text(row["allowed_models"]))
+    cells["refused"] = cells.pop("refused_models")
+    effective, declared = row["effective_max_concurrent"], row["declared_max_concurrent"]
+    cells["max_concurrent"] = f"{effective}" + (f" (declares {declared})" if declared != effective else "")
+    return cells
 
 
 def render_table(rows: list[dict]) -> str:
     if not rows:
         return "no agents enrolled"
     columns = ["agent_id", "worker_id", "hostname", "state", "last_seen_ago_s", "running",
-               "waiting", "models"]
-    cells = [[", ".join(r[c]) if isinstance(r[c], list) else ("-" if r[c] is None else str(r[c]))
-              for c in columns] for r in rows]
+               "waiting", "models", "allowed", "refused", "max_concurrent"]
+    cells = [[table_cells(r)[c] for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -233,13 +358,14 @@ COMMANDS = {
     ("serve", None): cmd_serve,
     ("join-key", "create"): cmd_join_key_create,
     ("agents", None): cmd_agents,
+    ("agents", "set"): cmd_agents_set,
     ("revoke", None): cmd_revoke,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = COMMANDS[(args.command, getattr(args, "join_key_command", None))]
+    handler = COMMANDS[(args.command, getattr(args, "subcommand", None))]
     try:
         return handler(args)
     except KeyboardInterrupt:

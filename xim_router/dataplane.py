@@ -5,8 +5,10 @@ error, credit, cancel) and nothing of HTTP; `xim_router.openai_api` turns
 what it yields into OpenAI responses.
 
 - **Choosing.** Among the active, non-draining agents whose last report says
-  the model is ready, the least loaded by the router's own in-flight count
-  (fresher than any lease) over its ``max_concurrent``; full agents are
+  the model is ready and whose policy allows it (xim_router.policy: a node's
+  own claims count only within what the operator allows), the least loaded
+  by the router's own in-flight count (fresher than any lease) over its
+  ``max_concurrent`` — capped by the policy's ceiling; full agents are
   skipped. No agent for the model at all → 404; agents that serve it exist
   (draining, loading, reconnecting) but none can take it now → 429 when
   all are full, 503 otherwise.
@@ -79,11 +81,10 @@ def load_of(in_flight: int, max_concurrent: int) -> float:
 
 
 def served_models(router: Router) -> list[str]:
-    """Models some connected agent reports ready, sorted."""
+    """Models some connected agent reports ready and may serve, sorted."""
     names: set[str] = set()
     for session in router.sessions.values():
-        models = session.lease.models if session.lease else session.hello.models
-        names.update(m.name for m in models if m.state == "ready")
+        names.update(m.name for m in session.models() if m.state == "ready")
     return sorted(names)
 
 
@@ -96,7 +97,9 @@ def models_of_absent_agents(router: Router) -> set[str]:
     names: set[str] = set()
     for agent in router.store.agents():
         if agent.state in (store_mod.PENDING, store_mod.DISCONNECTED) and agent.last_lease:
-            names.update(m.get("name") for m in agent.last_lease.get("models", ()))
+            policy = agent.policy
+            names.update(name for m in agent.last_lease.get("models", ())
+                         if policy.allows(name := m.get("name")))
     return names
 
 
@@ -104,9 +107,7 @@ def choose(router: Router, model: str) -> list[Session]:
     """Agents to try for ``model``, least loaded first; RequestFailed when there is none."""
     ready = router.candidates(model)
     if not ready:
-        known = any(m.name == model
-                    for s in router.sessions.values()
-                    for m in (s.lease.models if s.lease else s.hello.models))
+        known = any(m.name == model for s in router.sessions.values() for m in s.models())
         if known or model in models_of_absent_agents(router):
             raise RequestFailed("engine_unavailable",
                                 f"no agent has model '{model}' ready right now; try again shortly", 503)

@@ -15,6 +15,7 @@ from xim_router import keys
 from xim_router import store as store_mod
 from xim_router.api_common import ROUTER_KEY, ApiError, bearer_token, read_json
 from xim_router.mesh import Router
+from xim_router.policy import MAX_CONCURRENT_LIMIT
 
 log = logging.getLogger("xim_router.enroll")
 
@@ -54,8 +55,8 @@ def parse_enroll_request(body: dict) -> EnrollRequest:
     if not 0 < len(hostname) <= 255:
         raise ApiError(400, "bad_request", "field 'hostname' must be 1 to 255 characters")
     max_concurrent = _field(body, "max_concurrent", int)
-    if max_concurrent < 1:
-        raise ApiError(400, "bad_request", "field 'max_concurrent' must be at least 1")
+    if not 1 <= max_concurrent <= MAX_CONCURRENT_LIMIT:     # 2**63 would overflow SQLite's INTEGER
+        raise ApiError(400, "bad_request", f"field 'max_concurrent' must be 1 to {MAX_CONCURRENT_LIMIT}")
     versions = _field(body, "protocol_versions", list, required=False, default=[1])
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
         raise ApiError(400, "bad_request", "field 'protocol_versions' must be a list of integers")

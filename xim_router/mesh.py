@@ -25,6 +25,7 @@ from xim_proto.ratelimit import RateLimitedLog
 from xim_router import __version__, zap
 from xim_router import store as store_mod
 from xim_router.keys import CurveKeypair
+from xim_router.policy import NodePolicy, shown
 
 log = logging.getLogger("xim_router.mesh")
 
@@ -63,14 +64,30 @@ class Session:
     lease: codec.Lease | None = None
     lease_at: float | None = None               # wall clock of the last lease
     draining: bool = False
+    # What the operator lets this node serve (the store; the sweep applies changes):
+    # its own declarations count only within it (xim_router.policy).
+    policy: NodePolicy = field(default_factory=NodePolicy)
+    refused: tuple[str, ...] = ()               # declared models last logged as not allowed
+
+    @property
+    def declared_models(self) -> list[codec.Model]:
+        return self.lease.models if self.lease else self.hello.models
+
+    @property
+    def declared_max_concurrent(self) -> int:
+        return self.lease.max_concurrent if self.lease else self.hello.max_concurrent
 
     @property
     def max_concurrent(self) -> int:
-        return self.lease.max_concurrent if self.lease else self.hello.max_concurrent
+        return self.policy.capacity(self.declared_max_concurrent)
+
+    def models(self) -> list[codec.Model]:
+        """The declared models this node may serve."""
+        return self.policy.permitted(self.declared_models)
 
     def serves(self, model: str) -> bool:
-        models = self.lease.models if self.lease else self.hello.models
-        return any(m.name == model and m.state == "ready" for m in models)
+        return self.policy.allows(model) and any(m.name == model and m.state == "ready"
+                                                 for m in self.declared_models)
 
 
 @dataclass
@@ -347,7 +364,7 @@ class Router:
             self._end_session(old, "replaced by a new hello", store_mod.DISCONNECTED)
         session = Session(agent_id=agent_id, worker_id=worker_id, session_id=uuid.uuid4().hex,
                           version=common[-1], hello=hello, connected_at=time.time(),
-                          last_seen=time.monotonic())
+                          last_seen=time.monotonic(), policy=agent.policy)
         self.sessions[worker_id] = session
         self.store.set_state(agent_id, store_mod.ACTIVE)
         s = self.settings
@@ -359,12 +376,14 @@ class Router:
         log.info("agent %s (%s, %s) connected: protocol v%d, %d model(s), max_concurrent %d",
                  worker_id, hello.hostname, hello.agent_version, session.version,
                  len(hello.models), hello.max_concurrent)
+        self._ignore_refused(session)
 
     def _on_session_message(self, session: Session, msg: codec.Message) -> None:
         if isinstance(msg, codec.Lease):
             self.stats.leases += 1
             session.lease, session.lease_at = msg, time.time()
             self.store.record_lease(session.agent_id, _summary(msg))
+            self._ignore_refused(session)
             mine = {rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id}
             stale = [rid for rid in msg.in_flight if rid not in mine]
             self._reply(session.worker_id, codec.LeaseAck(seq=msg.seq, stale=stale or None),
@@ -392,6 +411,28 @@ class Router:
             # here, so it can close without TCP resetting frames still on their way.
             self._reply(session.worker_id, codec.Bye(reason="bye acknowledged"), session.version)
             self._end_session(session, f"bye: {msg.reason}", store_mod.DISCONNECTED)
+
+    def _ignore_refused(self, session: Session) -> None:
+        """Say (once per change, rate-limited) which declared models the node may not serve:
+        they are ignored; the operator allows them with `xim-router agents set`."""
+        refused = session.policy.refused(session.declared_models)
+        if refused == session.refused:
+            return
+        session.refused = refused
+        if refused:
+            allowed = session.policy.allowed_models or ()
+            self._limited(logging.WARNING, f"refused:{session.agent_id}",
+                          "agent %s declares model(s) it may not serve, ignored: %s (allowed: %s)",
+                          session.worker_id, shown(refused), shown(sorted(allowed)) or "none")
+
+    def _apply_policies(self, agents: list[store_mod.Agent]) -> None:
+        """Give live sessions the policies `xim-router agents set` wrote since."""
+        for agent in agents:
+            session = self.sessions.get(agent.worker_id)
+            if session is not None and session.agent_id == agent.agent_id and session.policy != agent.policy:
+                session.policy = agent.policy
+                log.info("agent %s now %s", session.worker_id, agent.policy.describe())
+                self._ignore_refused(session)
 
     # ------------------------------------------------------------ ending sessions
 
@@ -450,7 +491,9 @@ class Router:
             if session.agent_id in ended:
                 self.end_agent(session.agent_id, "revoked", "this agent's identity was revoked",
                                store_mod.REVOKED)
-        for agent in self.store.agents():
+        agents = self.store.agents()
+        self._apply_policies(agents)
+        for agent in agents:
             if agent.state == store_mod.DISCONNECTED and now - agent.state_since > self.settings.dead_after_s:
                 log.warning("agent %s disconnected for %.0f s: dead", agent.worker_id,
                             now - agent.state_since)

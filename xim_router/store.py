@@ -1,9 +1,12 @@
 """The router's persistent state: join keys, agents, tokens (SQLite in the state dir).
 
 Secrets are stored as SHA-256 digests only. Every write is one short
-transaction, so the `xim-router` admin commands (join-key create, revoke) can
-run beside a live `xim-router serve`: the server re-reads revocations from
-here (docs/protocol.md §7).
+transaction, so the `xim-router` admin commands (join-key create, agents set,
+revoke) can run beside a live `xim-router serve`: the server re-reads
+revocations and node policies from here (docs/protocol.md §7).
+
+The schema grows by numbered migrations (``MIGRATIONS``, counted in SQLite's
+``user_version``), so a state directory made by an older router opens as is.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from xim_proto.joinkey import fingerprint
 from xim_router import keys
+from xim_router.policy import NodePolicy
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS join_keys (
@@ -53,6 +57,17 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
+# Each entry moves the schema one version on (PRAGMA user_version); never edit one
+# that has shipped, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: what the operator lets a node serve. NULL allowed_models means any model: what
+    # every key and node had before, so an upgrade changes nothing that was running.
+    ("ALTER TABLE join_keys ADD COLUMN allowed_models TEXT",
+     "ALTER TABLE join_keys ADD COLUMN max_concurrent_ceiling INTEGER",
+     "ALTER TABLE agents ADD COLUMN allowed_models TEXT",
+     "ALTER TABLE agents ADD COLUMN max_concurrent_ceiling INTEGER"),
+)
+
 # Agent states (docs/protocol.md §7). revoked and unenrolled are final: the
 # CURVE key is refused at the handshake from then on.
 PENDING, ACTIVE, DISCONNECTED, DEAD, REVOKED, UNENROLLED = (
@@ -69,6 +84,14 @@ class StoreError(Exception):
         super().__init__(f"{code}: {message}")
 
 
+def _models_to_db(models: frozenset[str] | None) -> str | None:
+    return None if models is None else json.dumps(sorted(models))
+
+
+def _models_from_db(text: str | None) -> frozenset[str] | None:
+    return None if text is None else frozenset(json.loads(text))
+
+
 @dataclass(frozen=True)
 class JoinKey:
     fingerprint: str
@@ -76,6 +99,14 @@ class JoinKey:
     expires_at: float
     uses_left: int
     model: str | None
+    allowed_models: frozenset[str] | None        # None: any model
+    max_concurrent_ceiling: int | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JoinKey:
+        data = dict(row)
+        data["allowed_models"] = _models_from_db(data["allowed_models"])
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -94,13 +125,20 @@ class Agent:
     state_since: float
     last_seen_at: float | None
     last_lease: dict | None
+    allowed_models: frozenset[str] | None        # None: any model
+    max_concurrent_ceiling: int | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Agent:
         data = dict(row)
         data["hardware"] = json.loads(data["hardware"])
         data["last_lease"] = json.loads(data["last_lease"]) if data["last_lease"] else None
+        data["allowed_models"] = _models_from_db(data["allowed_models"])
         return cls(**data)
+
+    @property
+    def policy(self) -> NodePolicy:
+        return NodePolicy(self.allowed_models, self.max_concurrent_ceiling)
 
 
 @dataclass(frozen=True)
@@ -122,6 +160,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")   # WAL: durable across crashes, cheaper per lease
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._migrate()
 
     def close(self) -> None:
         self.db.close()
@@ -137,21 +176,36 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    def _migrate(self) -> None:
+        """Bring an older store up to date; in one transaction, so two processes opening
+        it at once (serve and an admin command) migrate it once."""
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number:d}")
+
     # ------------------------------------------------------------ join keys
 
     def create_join_key(self, *, ttl_s: float, uses: int, model: str | None,
-                        now: float | None = None) -> str:
+                        allowed_models: frozenset[str] | None = None,
+                        max_concurrent_ceiling: int | None = None, now: float | None = None) -> str:
+        """A new key; the agents it enrolls get its policy (``allowed_models`` None: any model)."""
         now = time.time() if now is None else now
         key = keys.new_join_key()
         with self._write() as db:
-            db.execute("INSERT INTO join_keys VALUES (?, ?, ?, ?, ?, ?)",
-                       (keys.digest(key), fingerprint(key), now, now + ttl_s, uses, model))
+            db.execute("INSERT INTO join_keys (digest, fingerprint, created_at, expires_at, uses_left, "
+                       "model, allowed_models, max_concurrent_ceiling) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (keys.digest(key), fingerprint(key), now, now + ttl_s, uses, model,
+                        _models_to_db(allowed_models), max_concurrent_ceiling))
         return key
 
     def join_keys(self) -> list[JoinKey]:
-        rows = self.db.execute("SELECT fingerprint, created_at, expires_at, uses_left, model "
+        rows = self.db.execute("SELECT fingerprint, created_at, expires_at, uses_left, model, "
+                               "allowed_models, max_concurrent_ceiling "
                                "FROM join_keys ORDER BY created_at").fetchall()
-        return [JoinKey(**dict(r)) for r in rows]
+        return [JoinKey.from_row(r) for r in rows]
 
     # ------------------------------------------------------------ enrollment
 
@@ -175,10 +229,13 @@ class Store:
                        (row["digest"],))
             agent_id = str(uuid.uuid4())
             worker_id = "worker-" + agent_id.replace("-", "")[:12]
-            db.execute("INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO agents (agent_id, worker_id, public_key, hostname, hardware, "
+                       "max_concurrent, agent_version, assigned_model, join_key_fingerprint, "
+                       "enrolled_at, state, state_since, allowed_models, max_concurrent_ceiling) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        (agent_id, worker_id, public_key, hostname, json.dumps(hardware),
                         max_concurrent, agent_version, row["model"], row["fingerprint"], now,
-                        PENDING, now, None, None))
+                        PENDING, now, row["allowed_models"], row["max_concurrent_ceiling"]))
             token, expires_at = self._issue_token(db, agent_id, token_ttl_s, now)
         enrolled = self.agent(agent_id)
         assert enrolled is not None          # inserted above, in the same transaction
@@ -240,6 +297,15 @@ class Store:
             db.execute("UPDATE agents SET state = ?, state_since = ? "
                        "WHERE agent_id = ? AND state != ? AND state NOT IN (?, ?)",
                        (state, now, agent_id, state, *FINAL_STATES))
+
+    def set_policy(self, agent_id: str, policy: NodePolicy) -> bool:
+        """What the agent may serve from now on; False when there is no such agent.
+        A running router applies it at its next sweep."""
+        with self._write() as db:
+            cur = db.execute("UPDATE agents SET allowed_models = ?, max_concurrent_ceiling = ? "
+                             "WHERE agent_id = ?",
+                             (_models_to_db(policy.allowed_models), policy.max_concurrent, agent_id))
+        return cur.rowcount == 1
 
     def record_lease(self, agent_id: str, lease: dict, now: float | None = None) -> None:
         now = time.time() if now is None else now

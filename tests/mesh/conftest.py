@@ -8,6 +8,7 @@ import pytest
 
 from tests.mesh.helpers import load_config, write_agent_config
 from tests.support.router import RouterProcess
+from xim_router import store as store_mod
 from ximd import config as configmod
 
 
@@ -18,6 +19,16 @@ def router(tmp_path):
         yield proc.start()
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A router store in a fresh state directory."""
+    s = store_mod.Store(tmp_path / "state")
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture

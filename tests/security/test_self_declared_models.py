@@ -21,7 +21,7 @@ import re
 import openai
 import pytest
 
-from tests.mesh.helpers import enroll_fresh, until, wait_for
+from tests.mesh.helpers import enroll_fresh, load_config, until, wait_for, write_agent_config
 from tests.support.router import RouterProcess
 from xim_proto import codec
 from ximd.mesh.link import Backoff, MeshLink
@@ -142,8 +142,6 @@ def router(tmp_path):
 
 @pytest.fixture
 def agent_cfg(tmp_path, router):
-    from tests.mesh.helpers import load_config, write_agent_config
-
     def make(name: str):
         return load_config(write_agent_config(tmp_path / f"{name}.toml", url=router.http_url,
                                               state_dir=tmp_path / f"{name}-state"))

@@ -202,7 +202,8 @@ def start_router(guest: Guest) -> str:
         except GuestError:
             return False
     wait_until(healthy, 60, "xim-router's /healthz", interval=0.5)
-    return guest.run(["xim-router", "join-key", "create", "--state-dir", ROUTER_STATE]).stdout.strip()
+    return guest.run(["xim-router", "join-key", "create", "--state-dir", ROUTER_STATE,
+                      "--allow-model", MODEL]).stdout.strip()
 
 
 def router_agent(guest: Guest, agent_id: str) -> dict | None:
