@@ -224,6 +224,11 @@ def test_model_names_from_a_node_are_escaped_in_the_log_and_the_table(router, ag
         try:
             await connected(router, node)
             await in_thread(wait_for, lambda: refusal_lines(router, node), TIMEOUT_S, "the refusal line")
+            # Nor does the router offer its clients a model only a refused claim names.
+            client = openai.AsyncOpenAI(base_url=router.http_url + "/v1", api_key="unused", max_retries=0)
+            listed = [m.id async for m in client.models.list()]
+            await client.close()
+            assert listed == []
         finally:
             await node.link.close()
             await asyncio.wait_for(task, 10)
