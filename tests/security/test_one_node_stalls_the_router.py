@@ -21,8 +21,7 @@ import zmq
 
 from tests.security.rawnode import MODEL, RawNode, get, in_thread, serve_whole_answer, start_request
 from tests.support.router import RouterProcess
-from xim_proto import codec, transport
-from xim_proto import ratelimit
+from xim_proto import codec, ratelimit, transport
 
 MILLION = 1_000_000
 PEER_QUEUE_BYTES = 64 * 1024 * 1024     # per peer and direction (docs/protocol.md §4.1)
@@ -180,13 +179,17 @@ def test_node_supplied_strings_reach_the_log_escaped_and_rate_limited(tmp_path):
             hostile.hello(hostname="evil" + INJECTED, agent_version="1.0" + INJECTED,
                           models=("m" + INJECTED,))
             hostile.lease(models=("m" + INJECTED,))
-            for i in range(200):
-                hostile.send(codec.Error(code="internal" + INJECTED, message=f"boom {i}" + INJECTED,
-                                         retryable=False, http_status=500))
             hostile.send(codec.Drain(reason="drain" + INJECTED))
             hostile.send(codec.Bye(reason="bye" + INJECTED))
             hostile.expect(codec.Bye)
-            hostile.hello(hostname="x" * 255 + INJECTED)      # over the hostname limit: refused
+            hostile.send(codec.Hello(token=hostile.token, versions=[1], agent_version="a",
+                                     hostname="x" * 255 + INJECTED, capabilities=[], hardware={},
+                                     models=[], max_concurrent=1))     # over the hostname limit: refused
+            assert hostile.expect(codec.Error).code == "too_large"
+            hostile.hello()
+            for i in range(200):
+                hostile.send(codec.Error(code="internal" + INJECTED, message=f"boom {i}" + INJECTED,
+                                         retryable=False, http_status=500))
             honest_node_serves(proc, honest)
             hostile.drain_inbox(1.0)
             log = proc.log()
@@ -246,3 +249,56 @@ def test_one_peer_cannot_queue_gigabytes_in_the_transport():
         receiver.close(0)
         sender.close(0)
         ctx.term()
+
+
+# ---------------------------------------------------------------- per-field limits
+
+
+def hello_map(**fields) -> dict:
+    base = {"v": 1, "type": "hello", "token": "t", "versions": [1], "agent_version": "a",
+            "hostname": "h", "capabilities": [], "hardware": {}, "models": [], "max_concurrent": 1}
+    return {**base, **fields}
+
+
+def model(name: str) -> dict:
+    return {"name": name, "state": "ready"}
+
+
+# (the frame at a field's limit, the same frame one over it, the field named in the refusal)
+LIMIT_CASES = {
+    "hello.hostname": (hello_map(hostname="h" * 255), hello_map(hostname="h" * 256)),
+    "hello.capabilities": (hello_map(capabilities=["c"] * 32), hello_map(capabilities=["c"] * 33)),
+    "hello.hardware": (hello_map(hardware={f"k{i}": i for i in range(64)}),
+                       hello_map(hardware={f"k{i}": i for i in range(65)})),
+    "hello.models": (hello_map(models=[model("m")] * 64), hello_map(models=[model("m")] * 65)),
+    "hello.models.name": (hello_map(models=[model("m" * 256)]), hello_map(models=[model("m" * 257)])),
+    "lease.in_flight": (lease_map(in_flight=["xim-0"] * 4096), lease_map(in_flight=["xim-0"] * 4097)),
+    "lease.in_flight (an id)": (lease_map(in_flight=["i" * 256]), lease_map(in_flight=["i" * 257])),
+    "lease.engine_state": (lease_map(engine_state="s" * 256), lease_map(engine_state="s" * 257)),
+    "chunk.data": ({"v": 1, "type": "chunk", "id": "x", "seq": 0, "data": [b"{}"] * 8192},
+                   {"v": 1, "type": "chunk", "id": "x", "seq": 0, "data": [b"{}"] * 8193}),
+    "error.message": (
+        {"v": 1, "type": "error", "code": "internal", "message": "m" * 65536, "retryable": False,
+         "http_status": 500},
+        {"v": 1, "type": "error", "code": "internal", "message": "m" * 65537, "retryable": False,
+         "http_status": 500}),
+}
+
+
+@pytest.mark.parametrize("name", list(LIMIT_CASES))
+def test_each_field_is_held_to_its_documented_limit(name):
+    at_limit, over = LIMIT_CASES[name]
+    codec.decode(msgpack.packb(at_limit), sender=codec.AGENT)          # an honest maximum passes
+    with pytest.raises(codec.ProtocolError) as refused:
+        codec.decode(msgpack.packb(over), sender=codec.AGENT)
+    assert refused.value.code == "too_large"
+    # The field is named, unless msgpack's own cap (the largest any field allows) stopped it first.
+    field = name.split(" ")[0].rsplit(".", 1)[-1]
+    assert field in refused.value.detail or "exceeds max_" in refused.value.detail, refused.value.detail
+
+
+def test_a_frame_with_more_fields_than_a_map_may_hold_is_refused():
+    crowded = lease_map(**{f"x{i}": 0 for i in range(64)})
+    with pytest.raises(codec.ProtocolError) as refused:
+        codec.decode(msgpack.packb(crowded), sender=codec.AGENT)
+    assert refused.value.code == "too_large"
