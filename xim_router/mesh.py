@@ -54,11 +54,15 @@ class RouterSettings:
     token_ttl_s: float = 86400.0
     token_grace_s: float = 7 * 86400.0   # an expired token may still be refreshed this long
     sweep_interval_s: float = 1.0
-    # Frames an agent sends unasked (leases, hello, drain, bye, errors about the link,
-    # answers to requests it does not have): an honest one sends one every lease
-    # interval or so. The excess is dropped and counted.
+    # Frames an agent sends unasked (leases, hello, drain, bye, errors about the link):
+    # an honest one sends one every lease interval or so. The excess is dropped and counted.
     unsolicited_per_s: float = 10.0
     unsolicited_burst: int = 30
+    # Answers about requests the router does not know (or outside a session) are
+    # ignored; each would cost an answer (cancel, no_session), which stops past this.
+    # An honest agent sends some after a cancel, up to its credit per request.
+    stray_answers_per_s: float = 100.0
+    stray_answers_burst: int = 300
 
 
 @dataclass
@@ -330,17 +334,18 @@ class Router:
             self._malformed(worker_id, str(exc), exc.code)
             return
         self.stats.counts_by_type[msg.TYPE] = self.stats.counts_by_type.get(msg.TYPE, 0) + 1
-        session = self.sessions.get(worker_id)
         answer = isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None
-        if (session is None or not answer) and not self._allowed(agent_id, worker_id):
+        if not answer and not self._allowed(agent_id, worker_id):
             return
         if isinstance(msg, codec.Hello):
             self._check_hello(worker_id, agent_id, msg)
             return
+        session = self.sessions.get(worker_id)
         if session is None:
             self.stats.no_session += 1
-            self._reply(worker_id, codec.Reject(code="no_session",
-                                                message="no session: send hello first"))
+            if self._may_answer_stray(agent_id or worker_id):
+                self._reply(worker_id, codec.Reject(code="no_session",
+                                                    message="no session: send hello first"))
             return
         session.last_seen = time.monotonic()
         self._on_session_message(session, msg)
@@ -356,18 +361,30 @@ class Router:
             self._workers[agent_id] = agent.worker_id
         return self._workers[agent_id]
 
+    def _allowance(self, key: str) -> _Allowance:
+        allowance = self._allowances.get(key)
+        if allowance is None:
+            s = self.settings
+            allowance = self._allowances[key] = _Allowance(
+                TokenBucket(s.unsolicited_per_s, s.unsolicited_burst),
+                TokenBucket(s.stray_answers_per_s, s.stray_answers_burst))
+        return allowance
+
+    def _may_answer_stray(self, key: str) -> bool:
+        """Whether an answer about an unknown request (or outside a session) gets a reply."""
+        if self._allowance(key).strays.take():
+            return True
+        self.stats.rate_limited += 1
+        return False
+
     def _allowed(self, agent_id: str | None, worker_id: str) -> bool:
         """Spend one of the peer's allowance of unsolicited frames; False: drop this one.
 
         Such frames cost the router work (a store write, an answer) that nobody
         asked for. The peer is told once in a while why frames vanish.
         """
-        key = agent_id or worker_id
-        allowance = self._allowances.get(key)
-        if allowance is None:
-            allowance = self._allowances[key] = _Allowance(TokenBucket(
-                self.settings.unsolicited_per_s, self.settings.unsolicited_burst))
-        if allowance.bucket.take():
+        allowance = self._allowance(agent_id or worker_id)
+        if allowance.unsolicited.take():
             return True
         self.stats.rate_limited += 1
         allowance.dropped += 1
@@ -457,7 +474,7 @@ class Router:
             request_id = msg.id                 # an error without one is about the link (below)
             entry = self._requests.get(request_id)
             if entry is None or entry[0] != session.worker_id:
-                if self._allowed(session.agent_id, session.worker_id):     # nobody asked for this
+                if self._may_answer_stray(session.agent_id):
                     self._reply(session.worker_id, codec.Cancel(id=request_id, reason="unknown request"),
                                 session.version)
                 return
@@ -613,9 +630,10 @@ class Router:
 
 @dataclass
 class _Allowance:
-    """One peer's budget of unsolicited frames."""
+    """One peer's budgets: frames nobody asked for, answers to requests nobody has."""
 
-    bucket: TokenBucket
+    unsolicited: TokenBucket
+    strays: TokenBucket
     dropped: int = 0
     told_at: float = -math.inf
 

@@ -15,12 +15,15 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import zmq
+
 from tests.security.rawnode import (
     MODEL,
     RawNode,
     chunk_payload,
     get,
     in_thread,
+    post_json,
     serve_whole_answer,
     start_request,
 )
@@ -148,3 +151,23 @@ def test_a_failed_state_write_at_session_end_still_fails_the_requests_over(tmp_p
             assert answered.result(30).status == 200
         finally:
             node.close()
+
+
+def test_an_enrollment_waiting_for_the_store_does_not_stall_the_router(tmp_path):
+    with router(tmp_path) as proc:
+        key = proc.join_key()
+        public = zmq.curve_keypair()[0].decode()
+        with store_locked(proc.state_dir / "router.db"):
+            enrolling = in_thread(post_json, proc.http_url + "/v1/enroll", {
+                "join_key": key, "curve_public_key": public, "hostname": "late",
+                "max_concurrent": 1, "agent_version": "test"})
+            healthz = in_thread(get, proc.http_url + "/healthz", UNDER_LOCK_S)
+            try:
+                status, _ = healthz.result(UNDER_LOCK_S + 1)
+            except (TimeoutError, OSError) as exc:
+                raise AssertionError("/healthz did not answer while an enrollment waited for the "
+                                     f"store's lock ({exc!r})") from None
+            assert status == 200
+            assert not enrolling.done()              # it waits for the store, as it must
+        status, body = enrolling.result(30)
+        assert status == 200 and body["worker_id"].startswith("worker-")
