@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,13 +162,16 @@ def test_an_enrollment_waiting_for_the_store_does_not_stall_the_router(tmp_path)
             enrolling = in_thread(post_json, proc.http_url + "/v1/enroll", {
                 "join_key": key, "curve_public_key": public, "hostname": "late",
                 "max_concurrent": 1, "agent_version": "test"})
-            healthz = in_thread(get, proc.http_url + "/healthz", UNDER_LOCK_S)
-            try:
-                status, _ = healthz.result(UNDER_LOCK_S + 1)
-            except (TimeoutError, OSError) as exc:
-                raise AssertionError("/healthz did not answer while an enrollment waited for the "
-                                     f"store's lock ({exc!r})") from None
-            assert status == 200
+            # Ask over a while: the enrollment reaches the store (and waits) meanwhile.
+            for _ in range(10):
+                healthz = in_thread(get, proc.http_url + "/healthz", UNDER_LOCK_S)
+                try:
+                    status, _ = healthz.result(UNDER_LOCK_S + 1)
+                except (TimeoutError, OSError) as exc:
+                    raise AssertionError("/healthz did not answer while an enrollment waited for "
+                                         f"the store's lock ({exc!r})") from None
+                assert status == 200
+                time.sleep(0.2)
             assert not enrolling.done()              # it waits for the store, as it must
         status, body = enrolling.result(30)
         assert status == 200 and body["worker_id"].startswith("worker-")
