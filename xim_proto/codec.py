@@ -14,6 +14,7 @@ what fails and keep serving.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -29,6 +30,24 @@ PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
 # The largest frame either side sends or accepts. The transport enforces the
 # same limit (ZMQ_MAXMSGSIZE), so an oversized frame never reaches Python.
 MAX_FRAME_BYTES = 1 << 20
+
+# What one frame may hold (docs/protocol.md §4.6), sized from what an honest
+# peer sends: a frame that unpacks into a million values, or a lease listing a
+# million request ids, is refused while it is being unpacked, before it costs
+# the receiver more than a few hundred kilobytes. MAX_VALUES counts array items
+# and map entries (keys and values) at every depth.
+MAX_VALUES = 20_000
+DEFAULT_LIMITS: dict[str, int] = {
+    "str": 256,                  # characters
+    "bin": MAX_FRAME_BYTES,      # bytes
+    "list": 64,                  # items
+    "map": 64,                   # entries at its own level (deeper ones count in MAX_VALUES)
+}
+
+
+def at_most(limit: int) -> dict[str, int]:
+    """Field metadata: this field's limit, where the default of its wire type does not fit."""
+    return {"limit": limit}
 
 AGENT = "agent"
 ROUTER = "router"
@@ -91,11 +110,11 @@ class Message:
 class Hello(Message):
     TYPE: ClassVar[str] = "hello"
     SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
-    token: str = field(repr=False)
-    versions: list[int]
+    token: str = field(repr=False, metadata=at_most(1024))
+    versions: list[int] = field(metadata=at_most(16))
     agent_version: str
-    hostname: str
-    capabilities: list[str]
+    hostname: str = field(metadata=at_most(255))
+    capabilities: list[str] = field(metadata=at_most(32))
     hardware: dict
     models: list[Model]
     max_concurrent: int
@@ -111,7 +130,7 @@ class Welcome(Message):
     lease_interval_s: float
     lease_timeout_s: float
     max_frame_bytes: int
-    capabilities: list[str]
+    capabilities: list[str] = field(metadata=at_most(32))
     assigned_model: str | None = None
 
 
@@ -120,7 +139,7 @@ class Reject(Message):
     TYPE: ClassVar[str] = "reject"
     SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
     code: str
-    message: str
+    message: str = field(metadata=at_most(1024))
     retry_after_s: float | None = None
 
 
@@ -134,7 +153,7 @@ class Lease(Message):
     kv_cache_usage: float
     engine_state: str
     models: list[Model]
-    in_flight: list[str]
+    in_flight: list[str] = field(metadata=at_most(4096))
     max_concurrent: int
     draining: bool
 
@@ -144,7 +163,7 @@ class LeaseAck(Message):
     TYPE: ClassVar[str] = "lease_ack"
     SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
     seq: int
-    stale: list[str] | None = None
+    stale: list[str] | None = field(default=None, metadata=at_most(4096))
 
 
 @dataclass(frozen=True)
@@ -166,7 +185,7 @@ class Chunk(Message):
     SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
     id: str
     seq: int
-    data: list[bytes]
+    data: list[bytes] = field(metadata=at_most(8192))
 
 
 @dataclass(frozen=True)
@@ -184,7 +203,7 @@ class Error(Message):
     TYPE: ClassVar[str] = "error"
     SENDERS: ClassVar[tuple[str, ...]] = BOTH
     code: str
-    message: str
+    message: str = field(metadata=at_most(65536))    # an engine's own error text
     retryable: bool
     http_status: int
     id: str | None = None
@@ -256,7 +275,8 @@ ERROR_CODES: dict[str, ErrorCode] = {e.code: e for e in (
     ErrorCode("cancelled", False, 499, "the request was cancelled"),
     ErrorCode("internal", False, 500, "an unexpected failure on the sender"),
     ErrorCode("malformed", False, 400, "a frame that does not follow this document"),
-    ErrorCode("too_large", False, 413, "a frame over max_frame_bytes"),
+    ErrorCode("too_large", False, 413, "a frame over max_frame_bytes or a limit of §4.6"),
+    ErrorCode("rate_limited", True, 429, "more unsolicited frames than the receiver takes: the excess is dropped"),
     ErrorCode("unsupported_version", False, 400, "no protocol version in common"),
     ErrorCode("unknown_type", False, 400, "a message type this side does not know"),
     ErrorCode("unexpected_type", False, 400, "a message the sender's role may not send"),
@@ -282,6 +302,7 @@ class FieldSpec:
     name: str
     wire_type: str          # str int float bool bin map list[T] or a record name
     required: bool
+    limit: int | None = None     # set where DEFAULT_LIMITS of its wire type does not apply
 
 
 _SCALARS = {str: "str", int: "int", float: "float", bool: "bool", bytes: "bin", dict: "map"}
@@ -307,7 +328,7 @@ def _schema(cls: type) -> tuple[FieldSpec, ...]:
     specs = []
     for f in dataclasses.fields(cls):
         wire, required = _wire_type(hints[f.name])
-        specs.append(FieldSpec(f.name, wire, required))
+        specs.append(FieldSpec(f.name, wire, required, f.metadata.get("limit")))
     return tuple(specs)
 
 
@@ -321,6 +342,12 @@ def catalogue() -> dict[str, list[tuple[str, str, bool]]]:
     """Every message and record as ``{name: [(field, wire type, required)]}``."""
     return {name: [(s.name, s.wire_type, s.required) for s in specs]
             for name, specs in SCHEMAS.items()}
+
+
+def field_limits() -> dict[str, int]:
+    """The fields whose limit is not their wire type's default, as ``{"message.field": limit}``."""
+    return {f"{name}.{s.name}": s.limit for name, specs in SCHEMAS.items()
+            for s in specs if s.limit is not None}
 
 
 # ---------------------------------------------------------------- validation
@@ -341,8 +368,16 @@ def _wrong(where: str, wire_type: str, value: Any) -> ProtocolError:
     return ProtocolError("malformed", f"{where}: expected {wire_type}, got {_describe(value)}")
 
 
-def _checker(wire_type: str, encoding: bool):
-    """A function (value, where) -> converted value for ``wire_type``."""
+def _too_long(where: str, size: int, limit: int, unit: str) -> ProtocolError:
+    return ProtocolError("too_large", f"{where}: {size} {unit}, at most {limit}")
+
+
+def _checker(wire_type: str, encoding: bool, limit: int | None = None):
+    """A function (value, where) -> converted value for ``wire_type``.
+
+    Decoding also holds sized values to ``limit`` (or their type's default):
+    our own output is trusted to stay within them, a peer's is not.
+    """
     if wire_type == "int":
         def check(value, where):
             if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
@@ -359,25 +394,36 @@ def _checker(wire_type: str, encoding: bool):
                 return value
             raise _wrong(where, wire_type, value)
     elif wire_type == "map":
+        most = _limit("map", limit, encoding)
+
         def check(value, where):
             if not isinstance(value, dict):
                 raise _wrong(where, wire_type, value)
+            if len(value) > most:
+                raise _too_long(where, len(value), most, "entries")
             if not all(isinstance(k, str) for k in value):
                 raise ProtocolError("malformed", f"{where}: map keys must be strings")
             return value
     elif wire_type in _PY_TYPES:
         py_type = _PY_TYPES[wire_type]
+        most = _limit(wire_type, limit, encoding)
+        unit = "characters" if wire_type == "str" else "bytes"
 
         def check(value, where):
-            if isinstance(value, py_type):
-                return value
-            raise _wrong(where, wire_type, value)
+            if not isinstance(value, py_type):
+                raise _wrong(where, wire_type, value)
+            if len(value) > most:
+                raise _too_long(where, len(value), most, unit)
+            return value
     elif wire_type.startswith("list["):
         inner = _checker(wire_type[5:-1], encoding)
+        most = _limit("list", limit, encoding)
 
         def check(value, where):
             if not isinstance(value, list):
                 raise _wrong(where, wire_type, value)
+            if len(value) > most:
+                raise _too_long(where, len(value), most, "items")
             return [inner(item, where) for item in value]
     elif wire_type in RECORDS:
         record = RECORDS[wire_type]
@@ -393,10 +439,16 @@ def _checker(wire_type: str, encoding: bool):
     return check
 
 
+def _limit(kind: str, limit: int | None, encoding: bool) -> float:
+    if encoding:
+        return math.inf
+    return DEFAULT_LIMITS[kind] if limit is None else limit
+
+
 _DECODERS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
 _ENCODERS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
 for _name, _specs in SCHEMAS.items():
-    _DECODERS[_name] = tuple((s.name, _checker(s.wire_type, False), s.required) for s in _specs)
+    _DECODERS[_name] = tuple((s.name, _checker(s.wire_type, False, s.limit), s.required) for s in _specs)
     _ENCODERS[_name] = tuple((s.name, _checker(s.wire_type, True), s.required) for s in _specs)
 
 
@@ -445,6 +497,42 @@ def encode(msg: Message, *, version: int = PROTOCOL_VERSION) -> bytes:
     return frame
 
 
+class _OverBudget(Exception):
+    pass
+
+
+class _ValueBudget:
+    """Counts the values msgpack builds for one frame and stops it past MAX_VALUES.
+
+    msgpack calls the hooks as each array or map is complete, innermost first,
+    so at most MAX_VALUES values and one container's items exist when it stops.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_VALUES
+
+    def array(self, items: list) -> list:
+        self.left -= len(items)
+        if self.left < 0:
+            raise _OverBudget
+        return items
+
+    def map(self, entries: dict) -> dict:
+        self.left -= 2 * len(entries)
+        if self.left < 0:
+            raise _OverBudget
+        return entries
+
+
+# msgpack's own limits stop a single oversized array or map before it is
+# allocated: none may be longer than the longest one a field allows.
+_MAX_ARRAY_LEN = max(s.limit or DEFAULT_LIMITS["list"] for specs in SCHEMAS.values()
+                     for s in specs if s.wire_type.startswith("list["))
+_MAX_MAP_LEN = DEFAULT_LIMITS["map"]
+
+
 def decode(frame: bytes, *, sender: str | None = None) -> Message:
     """The message in ``frame``; ProtocolError for anything else.
 
@@ -453,8 +541,19 @@ def decode(frame: bytes, *, sender: str | None = None) -> Message:
     """
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("too_large", f"frame is {len(frame)} bytes, over {MAX_FRAME_BYTES}")
+    budget = _ValueBudget()
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
+                              list_hook=budget.array, object_hook=budget.map,
+                              max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN,
+                              max_ext_len=0)      # no extension types in this protocol
+    except _OverBudget:
+        raise ProtocolError("too_large", f"frame holds more than {MAX_VALUES} values") from None
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):   # msgpack's "N exceeds max_array_len(M)"
+            raise ProtocolError("too_large", f"frame holds more values in one array, map or "
+                                             f"string than any field allows: {exc}") from None
+        raise ProtocolError("malformed", f"not one MessagePack value ({type(exc).__name__})") from None
     except Exception as exc:   # arbitrary bytes: msgpack raises several unrelated types
         raise ProtocolError("malformed", f"not one MessagePack value ({type(exc).__name__})") from None
     if not isinstance(raw, dict):

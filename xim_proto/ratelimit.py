@@ -1,10 +1,34 @@
-"""Log lines about what a peer sent, rate-limited: a peer must not be able to flood the journal."""
+"""What a peer may cost us in log lines and work: escaped, rate-limited log lines; token buckets.
+
+A peer must not be able to flood the journal, forge lines in it or drive the
+operator's terminal, nor buy unbounded work with frames nobody asked for.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
+
+# C0 and C1 controls, DEL, the Unicode line/paragraph separators and the bidi
+# overrides and isolates ("Trojan Source"): what can end a log line, move the
+# cursor, recolour or retitle a terminal, or make text read other than it is.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(text: str, limit: int = 200) -> str:
+    """``text`` from a peer, safe inside one log line: controls as ``\\xNN``, at most ``limit``
+    characters of it (then its length, so a truncated value is seen as one)."""
+    shown = _UNSAFE.sub(_escaped, text[:limit])
+    if len(text) > limit:
+        shown += f"… ({len(text)} characters)"
+    return shown
 
 
 class RateLimitedLog:
@@ -34,3 +58,22 @@ class RateLimitedLog:
             msg += f" ({suppressed} more like it suppressed)"
         self.log.log(level, msg, *args)
         return True
+
+
+class TokenBucket:
+    """``rate`` events per second on average, ``burst`` of them at once."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spend one token: True when there was one (the event may go ahead)."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False

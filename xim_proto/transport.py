@@ -22,9 +22,17 @@ from xim_proto.codec import MAX_FRAME_BYTES
 # SO_SNDBUF/SO_RCVBUF request at net.core.wmem_max/rmem_max.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
-# Messages queued per peer before ZeroMQ pushes back. Credits keep real
-# queues far shorter; this only bounds memory when a peer stops reading.
-HIGH_WATER_MARK = 10_000
+# What libzmq may queue for one peer in each direction before it pushes back
+# (stops reading that peer's TCP connection, or refuses our send with EAGAIN).
+# High-water marks count messages, so the byte bound is HWM x MAXMSGSIZE: 64
+# frames of the 1 MiB limit. Credits keep real queues far shorter; this bounds
+# what a peer that floods us, or stops reading, can pin in our memory.
+PEER_QUEUE_BYTES = 64 * MAX_FRAME_BYTES
+HIGH_WATER_MARK = PEER_QUEUE_BYTES // MAX_FRAME_BYTES
+
+# Frames an Outbox holds in Python while the socket pushes back (the sender's own
+# memory; the link waits for room beyond it).
+OUTBOX_LIMIT = 10_000
 
 # ZMTP heartbeats notice a peer that vanished without closing TCP (power
 # loss, cable) long before the application lease would.
@@ -183,7 +191,7 @@ class Outbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket, after_send: Callable[[], None],
-                 *, interval_s: float = FLUSH_INTERVAL_S, limit: int = HIGH_WATER_MARK):
+                 *, interval_s: float = FLUSH_INTERVAL_S, limit: int = OUTBOX_LIMIT):
         self._loop, self._sock, self._after_send = loop, sock, after_send
         self.interval_s, self.limit = interval_s, limit
         self._frames: list[bytes] = []

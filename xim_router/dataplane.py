@@ -29,7 +29,6 @@ import uuid
 from dataclasses import dataclass
 
 from xim_proto import codec
-from xim_router import store as store_mod
 from xim_router.mesh import AgentUnavailable, Router, Session
 
 log = logging.getLogger("xim_router.dataplane")
@@ -95,11 +94,8 @@ def models_of_absent_agents(router: Router) -> set[str]:
     worth a retry (503), not a "no such model" (404).
     """
     names: set[str] = set()
-    for agent in router.store.agents():
-        if agent.state in (store_mod.PENDING, store_mod.DISCONNECTED) and agent.last_lease:
-            policy = agent.policy
-            names.update(name for m in agent.last_lease.get("models", ())
-                         if policy.allows(name := m.get("name")))
+    for models in router.absent_models.values():       # in memory: routing never reads the store
+        names.update(models)
     return names
 
 

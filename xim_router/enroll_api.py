@@ -11,6 +11,7 @@ from aiohttp import web
 from xim_proto import codec
 from xim_proto.enroll import ENROLL_PATH, REFRESH_PATH, REFUSAL_STATUS, UNENROLL_PATH
 from xim_proto.joinkey import fingerprint, is_join_key
+from xim_proto.ratelimit import escape
 from xim_router import keys
 from xim_router import store as store_mod
 from xim_router.api_common import ROUTER_KEY, ApiError, bearer_token, read_json
@@ -93,16 +94,16 @@ async def enroll(request: web.Request) -> web.Response:
         raise ApiError(400, "unsupported_version",
                        f"this router speaks protocol {list(codec.PROTOCOL_VERSIONS)}")
     try:
-        enrolled = router.store.enroll(
-            join_key=req.join_key, public_key=req.curve_public_key, hostname=req.hostname,
+        enrolled = await router.store_worker.call(
+            router.store.enroll, join_key=req.join_key, public_key=req.curve_public_key, hostname=req.hostname,
             hardware=req.hardware, max_concurrent=req.max_concurrent,
             agent_version=req.agent_version, token_ttl_s=router.settings.token_ttl_s)
     except store_mod.StoreError as exc:
-        log.warning("refused enrollment of %s from %s with join key %s: %s", req.hostname,
+        log.warning("refused enrollment of %s from %s with join key %s: %s", escape(req.hostname),
                     request.remote, fingerprint(req.join_key), exc.code)
         raise _refusal(exc) from None
     agent = enrolled.agent
-    log.info("enrolled %s as agent %s (%s) with join key %s", req.hostname, agent.agent_id,
+    log.info("enrolled %s as agent %s (%s) with join key %s", escape(req.hostname), agent.agent_id,
              agent.worker_id, agent.join_key_fingerprint)
     return web.json_response({
         "agent_id": agent.agent_id,
@@ -120,8 +121,8 @@ async def enroll(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
     try:
-        token, expires_at = router.store.refresh_token(
-            bearer_token(request), ttl_s=router.settings.token_ttl_s,
+        token, expires_at = await router.store_worker.call(
+            router.store.refresh_token, bearer_token(request), ttl_s=router.settings.token_ttl_s,
             grace_s=router.settings.token_grace_s)
     except store_mod.StoreError as exc:
         raise _refusal(exc) from None
@@ -131,10 +132,11 @@ async def refresh(request: web.Request) -> web.Response:
 async def unenroll(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
     try:
-        agent = router.store.check_token(bearer_token(request), grace_s=router.settings.token_grace_s)
+        agent = await router.store_worker.call(router.store.check_token, bearer_token(request),
+                                               grace_s=router.settings.token_grace_s)
     except store_mod.StoreError as exc:
         raise _refusal(exc) from None
-    router.store.final_state(agent.agent_id, store_mod.UNENROLLED)
+    await router.store_worker.call(router.store.final_state, agent.agent_id, store_mod.UNENROLLED)
     router.end_agent(agent.agent_id, "revoked", "this agent unenrolled", store_mod.UNENROLLED)
     log.info("agent %s (%s) unenrolled", agent.agent_id, agent.worker_id)
     return web.json_response({"agent_id": agent.agent_id, "state": store_mod.UNENROLLED})

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from xim_proto import codec, transport
-from xim_proto.ratelimit import RateLimitedLog
+from xim_proto.ratelimit import RateLimitedLog, TokenBucket, escape
 from xim_router import __version__, zap
 from xim_router import store as store_mod
 from xim_router.keys import CurveKeypair
@@ -34,6 +36,11 @@ SEND_TIMEOUT_S = 2.0
 # Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)            # how long send() waits on a peer queue at its high-water mark
+# The receive loop yields to the HTTP side after this many frames or this long.
+RECEIVE_BATCH = 256
+RECEIVE_SLICE_S = 0.02
+# A peer over its rate of unsolicited frames hears about it at most this often.
+TELL_INTERVAL_S = 10.0
 
 
 class AgentUnavailable(Exception):
@@ -48,6 +55,15 @@ class RouterSettings:
     token_ttl_s: float = 86400.0
     token_grace_s: float = 7 * 86400.0   # an expired token may still be refreshed this long
     sweep_interval_s: float = 1.0
+    # Frames an agent sends unasked (leases, hello, drain, bye, errors about the link):
+    # an honest one sends one every lease interval or so. The excess is dropped and counted.
+    unsolicited_per_s: float = 10.0
+    unsolicited_burst: int = 30
+    # Answers about requests the router does not know (or outside a session) are
+    # ignored; each would cost an answer (cancel, no_session), which stops past this.
+    # An honest agent sends some after a cancel, up to its credit per request.
+    stray_answers_per_s: float = 100.0
+    stray_answers_burst: int = 300
 
 
 @dataclass
@@ -100,6 +116,7 @@ class RouterStats:
     handshake_failed: int = 0
     disconnects: int = 0
     leases: int = 0
+    rate_limited: int = 0
     counts_by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -123,6 +140,16 @@ class Router:
         self._zap: zap.ZapHandler | None = None
         self._workers: dict[str, str] = {}          # agent id -> worker id
         self._limited = RateLimitedLog(log, interval_s=5.0)
+        # The store's calls run on its own thread: the loop never waits for SQLite.
+        self.store_worker = store_mod.StoreWorker(store)
+        # Enrolled agents without a live session (pending, disconnected) -> the models of
+        # their last report: a request for one is worth a retry, not a 404. Kept here so
+        # that routing never reads the store.
+        self.absent_models: dict[str, frozenset[str]] = {}
+        self._background: set[asyncio.Task] = set()
+        self._latest_lease: dict[str, tuple[codec.Lease, float]] = {}   # agent id -> not yet stored
+        self._hellos_checking: set[str] = set()      # worker ids whose hello waits on the store
+        self._allowances: dict[str, _Allowance] = {}  # agent id -> its unsolicited-frame budget
 
     # ------------------------------------------------------------ lifecycle
 
@@ -160,9 +187,11 @@ class Router:
         self._watch = transport.ReadyWatch(asyncio.get_running_loop(), sock, monitor)
         transport.log_socket_buffers(log)
         # Sessions did not survive a restart: agents that were active must say hello again.
-        for agent in self.store.agents():
+        agents = await self.store_worker.call(self.store.agents)
+        for agent in agents:
             if agent.state == store_mod.ACTIVE:
-                self.store.set_state(agent.agent_id, store_mod.DISCONNECTED)
+                await self.store_worker.call(self.store.set_state, agent.agent_id, store_mod.DISCONNECTED)
+        self.absent_models.update(absent_models_of(agents))
         self._tasks = [zap_task, asyncio.ensure_future(self._receive_loop()),
                        asyncio.ensure_future(self._sweep_loop())]
         log.info("mesh listening on %s (CURVE public key %s)", self.mesh_endpoint,
@@ -176,6 +205,8 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._background:          # hellos being checked, store writes on their way
+            await asyncio.gather(*list(self._background), return_exceptions=True)
         if self._sock is not None and self._watch is not None:
             self._watch.close()
             # The monitor socket must still be open here: libzmq delivers
@@ -187,6 +218,7 @@ class Router:
             self._zap.close()
         if self._ctx is not None:
             self._ctx.term()
+        self.store_worker.close()
 
     @property
     def zap_denied(self) -> int:
@@ -245,7 +277,8 @@ class Router:
         """Best-effort answer on the receive path: never block it, never fail it."""
         try:
             if not self._send_now(worker_id, msg, version):
-                log.warning("dropped %s to %s: its queue is full", msg.TYPE, worker_id)
+                self._limited(logging.WARNING, f"full:{worker_id}", "dropped %s to %s: its queue is full",
+                              msg.TYPE, worker_id)
         except AgentUnavailable:
             pass
 
@@ -258,10 +291,11 @@ class Router:
             watch.clear()            # before looking: a later edge wakes the wait below
             if transport.readable(monitor):
                 self._on_monitor_events(monitor)
-            handled = 0
             # Take what is ready, but yield now and then so a busy mesh
             # cannot starve the HTTP side.
-            while handled < 256 and transport.readable(sock):
+            handled, until = 0, time.monotonic() + RECEIVE_SLICE_S
+            busy = False
+            while transport.readable(sock):
                 parts = self._recv_parts(sock)
                 handled += 1
                 self.stats.frames_in += 1
@@ -269,7 +303,10 @@ class Router:
                     self._on_frames(*parts)
                 except Exception:   # one agent's bad frame must never stop the mesh
                     log.exception("error handling a frame; dropped")
-            if handled == 256:
+                if handled >= RECEIVE_BATCH or time.monotonic() > until:
+                    busy = True
+                    break
+            if busy:
                 await asyncio.sleep(0)
                 continue
             await watch.wait(None)
@@ -309,14 +346,18 @@ class Router:
             self._malformed(worker_id, str(exc), exc.code)
             return
         self.stats.counts_by_type[msg.TYPE] = self.stats.counts_by_type.get(msg.TYPE, 0) + 1
+        answer = isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None
+        if not answer and not self._allowed(agent_id, worker_id):
+            return
         if isinstance(msg, codec.Hello):
-            self._on_hello(worker_id, agent_id, msg)
+            self._check_hello(worker_id, agent_id, msg)
             return
         session = self.sessions.get(worker_id)
         if session is None:
             self.stats.no_session += 1
-            self._reply(worker_id, codec.Reject(code="no_session",
-                                                message="no session: send hello first"))
+            if self._may_answer_stray(agent_id or worker_id):
+                self._reply(worker_id, codec.Reject(code="no_session",
+                                                    message="no session: send hello first"))
             return
         session.last_seen = time.monotonic()
         self._on_session_message(session, msg)
@@ -332,22 +373,76 @@ class Router:
             self._workers[agent_id] = agent.worker_id
         return self._workers[agent_id]
 
+    def _allowance(self, key: str) -> _Allowance:
+        allowance = self._allowances.get(key)
+        if allowance is None:
+            s = self.settings
+            allowance = self._allowances[key] = _Allowance(
+                TokenBucket(s.unsolicited_per_s, s.unsolicited_burst),
+                TokenBucket(s.stray_answers_per_s, s.stray_answers_burst))
+        return allowance
+
+    def _may_answer_stray(self, key: str) -> bool:
+        """Whether an answer about an unknown request (or outside a session) gets a reply."""
+        if self._allowance(key).strays.take():
+            return True
+        self.stats.rate_limited += 1
+        return False
+
+    def _allowed(self, agent_id: str | None, worker_id: str) -> bool:
+        """Spend one of the peer's allowance of unsolicited frames; False: drop this one.
+
+        Such frames cost the router work (a store write, an answer) that nobody
+        asked for. The peer is told once in a while why frames vanish.
+        """
+        allowance = self._allowance(agent_id or worker_id)
+        if allowance.unsolicited.take():
+            return True
+        self.stats.rate_limited += 1
+        allowance.dropped += 1
+        now = time.monotonic()
+        if now - allowance.told_at >= TELL_INTERVAL_S:
+            allowance.told_at = now
+            log.warning("agent %s is over its rate of %g unsolicited frames/s: dropping the excess "
+                        "(%d dropped so far)", escape(worker_id), self.settings.unsolicited_per_s,
+                        allowance.dropped)
+            self._reply(worker_id, codec.error_for(
+                "rate_limited", f"over {self.settings.unsolicited_per_s:g} unsolicited frames/s "
+                                f"(leases, hello, drain, errors without id): the excess is dropped"))
+        return False
+
     def _malformed(self, worker_id: str, detail: str, code: str = "malformed") -> None:
         self.stats.malformed += 1
         if self._limited(logging.WARNING, f"malformed:{worker_id}",
-                         "dropped a malformed frame from %s: %s", worker_id, detail):
+                         "dropped a malformed frame from %s: %s", escape(worker_id), escape(detail)):
             # Tell the agent once in a while, so its own log shows the cause.
             self._reply(worker_id, codec.error_for(code if code in codec.ERROR_CODES else "malformed",
                                                    detail[:200]))
 
-    def _on_hello(self, worker_id: str, agent_id: str, hello: codec.Hello) -> None:
+    def _check_hello(self, worker_id: str, agent_id: str, hello: codec.Hello) -> None:
+        """Check the hello's token on the store's thread, then answer it."""
+        if worker_id in self._hellos_checking:      # one at a time: a flood of hellos waits for none
+            return
+        self._hellos_checking.add(worker_id)
+        self._in_background(self._checked_hello(worker_id, agent_id, hello))
+
+    async def _checked_hello(self, worker_id: str, agent_id: str, hello: codec.Hello) -> None:
         try:
-            agent = self.store.check_token(hello.token)
+            agent = await self.store_worker.call(self.store.check_token, hello.token)
         except store_mod.StoreError as exc:
             code = {"invalid_token": "unauthorized"}.get(exc.code, exc.code)
             log.warning("refused hello from %s: %s", worker_id, exc.message)
             self._reply(worker_id, codec.Reject(code=code, message=exc.message))
             return
+        except Exception as exc:         # the store failed: no answer, the agent says hello again
+            self._limited(logging.ERROR, "store:hello", "could not check the token of a hello from "
+                          "%s in the store: %s", worker_id, exc)
+            return
+        finally:
+            self._hellos_checking.discard(worker_id)
+        self._on_hello(worker_id, agent_id, hello, agent)
+
+    def _on_hello(self, worker_id: str, agent_id: str, hello: codec.Hello, agent: store_mod.Agent) -> None:
         if agent.agent_id != agent_id:
             log.warning("refused hello from %s: its token belongs to another agent", worker_id)
             self._reply(worker_id, codec.Reject(code="unauthorized",
@@ -366,7 +461,8 @@ class Router:
                           version=common[-1], hello=hello, connected_at=time.time(),
                           last_seen=time.monotonic(), policy=agent.policy)
         self.sessions[worker_id] = session
-        self.store.set_state(agent_id, store_mod.ACTIVE)
+        self.absent_models.pop(agent_id, None)
+        self._record_later(f"agent {worker_id} as active", self.store.set_state, agent_id, store_mod.ACTIVE)
         s = self.settings
         self._reply(worker_id, codec.Welcome(
             version=session.version, session=session.session_id, router_version=__version__,
@@ -374,7 +470,7 @@ class Router:
             max_frame_bytes=codec.MAX_FRAME_BYTES, capabilities=["credit", "cancel", "drain"],
             assigned_model=agent.assigned_model), session.version)
         log.info("agent %s (%s, %s) connected: protocol v%d, %d model(s), max_concurrent %d",
-                 worker_id, hello.hostname, hello.agent_version, session.version,
+                 worker_id, escape(hello.hostname), escape(hello.agent_version), session.version,
                  len(hello.models), hello.max_concurrent)
         self._ignore_refused(session)
 
@@ -382,7 +478,7 @@ class Router:
         if isinstance(msg, codec.Lease):
             self.stats.leases += 1
             session.lease, session.lease_at = msg, time.time()
-            self.store.record_lease(session.agent_id, _summary(msg))
+            self._record_lease(session.agent_id, msg, session.lease_at)
             self._ignore_refused(session)
             mine = {rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id}
             stale = [rid for rid in msg.in_flight if rid not in mine]
@@ -392,25 +488,28 @@ class Router:
             request_id = msg.id                 # an error without one is about the link (below)
             entry = self._requests.get(request_id)
             if entry is None or entry[0] != session.worker_id:
-                self._reply(session.worker_id, codec.Cancel(id=request_id, reason="unknown request"),
-                            session.version)
+                if self._may_answer_stray(session.agent_id):
+                    self._reply(session.worker_id, codec.Cancel(id=request_id, reason="unknown request"),
+                                session.version)
                 return
             entry[1].put_nowait(msg)
             if not isinstance(msg, codec.Chunk):
                 self._requests.pop(request_id, None)
         elif isinstance(msg, codec.Error):
-            log.warning("agent %s reports %s: %s", session.worker_id, msg.code, msg.message)
+            self._limited(logging.WARNING, f"reports:{session.worker_id}", "agent %s reports %s: %s",
+                          session.worker_id, escape(msg.code), escape(msg.message))
         elif isinstance(msg, codec.Drain):
+            if not session.draining:
+                log.info("agent %s is draining (%s)", session.worker_id, escape(msg.reason))
             session.draining = True
-            log.info("agent %s is draining (%s)", session.worker_id, msg.reason)
             self._reply(session.worker_id, codec.DrainAck(in_flight=self.in_flight(session.worker_id)),
                         session.version)
         elif isinstance(msg, codec.Bye):
-            log.info("agent %s said bye: %s", session.worker_id, msg.reason)
+            log.info("agent %s said bye: %s", session.worker_id, escape(msg.reason))
             # The answer tells the agent that everything it sent before its bye was read
             # here, so it can close without TCP resetting frames still on their way.
             self._reply(session.worker_id, codec.Bye(reason="bye acknowledged"), session.version)
-            self._end_session(session, f"bye: {msg.reason}", store_mod.DISCONNECTED)
+            self._end_session(session, f"bye: {escape(msg.reason)}", store_mod.DISCONNECTED)
 
     def _ignore_refused(self, session: Session) -> None:
         """Say (once per change, rate-limited) which declared models the node may not serve:
@@ -448,12 +547,19 @@ class Router:
         if self.sessions.get(session.worker_id) is not session:
             return
         del self.sessions[session.worker_id]
-        self.store.set_state(session.agent_id, state)
+        # Fail the requests over first: a store that cannot record the new state
+        # must not keep them waiting.
         failed = [rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id]
         for rid in failed:
             _, queue = self._requests.pop(rid)
             queue.put_nowait(codec.error_for("agent_unavailable", f"agent link ended: {why}",
                                              request_id=rid))
+        if state == store_mod.DISCONNECTED:
+            self.absent_models[session.agent_id] = frozenset(m.name for m in session.models())
+        else:
+            self.absent_models.pop(session.agent_id, None)
+        self._record_later(f"agent {session.worker_id} as {state}", self.store.set_state,
+                           session.agent_id, state)
         log.info("agent %s session ended (%s); %d request(s) failed over", session.worker_id,
                  why, len(failed))
 
@@ -463,7 +569,7 @@ class Router:
             await asyncio.sleep(self.settings.sweep_interval_s)
             self.forgive_pause(transport.paused_for(wake_at, time.monotonic()))
             try:
-                self.sweep()
+                await self.sweep()
             except Exception:
                 log.exception("sweep failed")
 
@@ -477,7 +583,7 @@ class Router:
         for session in self.sessions.values():
             session.last_seen += paused_s
 
-    def sweep(self, now_mono: float | None = None, now: float | None = None) -> None:
+    async def sweep(self, now_mono: float | None = None, now: float | None = None) -> None:
         """Apply the lease timing and revocations made by `xim-router revoke`."""
         now_mono = time.monotonic() if now_mono is None else now_mono
         now = time.time() if now is None else now
@@ -486,18 +592,60 @@ class Router:
                 log.warning("agent %s missed its lease for %.0f s: disconnected",
                             session.worker_id, now_mono - session.last_seen)
                 self._end_session(session, "lease expired", store_mod.DISCONNECTED)
-        ended = self.store.ended_agents()
-        for session in list(self.sessions.values()):
-            if session.agent_id in ended:
-                self.end_agent(session.agent_id, "revoked", "this agent's identity was revoked",
-                               store_mod.REVOKED)
-        agents = self.store.agents()
+        agents = await self.store_worker.call(self.store.agents)
         self._apply_policies(agents)
+        live = {s.agent_id for s in self.sessions.values()}       # as of now, after the read
         for agent in agents:
-            if agent.state == store_mod.DISCONNECTED and now - agent.state_since > self.settings.dead_after_s:
+            if agent.state in store_mod.FINAL_STATES:
+                self.absent_models.pop(agent.agent_id, None)
+                if agent.agent_id in live:
+                    self.end_agent(agent.agent_id, "revoked", "this agent's identity was revoked",
+                                   store_mod.REVOKED)
+            elif (agent.state == store_mod.DISCONNECTED and agent.agent_id not in live
+                  and now - agent.state_since > self.settings.dead_after_s):
                 log.warning("agent %s disconnected for %.0f s: dead", agent.worker_id,
                             now - agent.state_since)
-                self.store.set_state(agent.agent_id, store_mod.DEAD, now)
+                self.absent_models.pop(agent.agent_id, None)
+                await self._record(f"agent {agent.worker_id} as dead", self.store.set_state,
+                                   agent.agent_id, store_mod.DEAD, now)
+
+    # ------------------------------------------------------------ the store, off the loop
+
+    def _record_lease(self, agent_id: str, lease: codec.Lease, at: float) -> None:
+        """Store the agent's latest lease; leases that arrive while one is being written
+        replace each other, so a slow store holds one per agent, not a backlog."""
+        waiting = agent_id in self._latest_lease
+        self._latest_lease[agent_id] = (lease, at)
+        if not waiting:
+            self._in_background(self._write_latest_lease(agent_id))
+
+    async def _write_latest_lease(self, agent_id: str) -> None:
+        lease, at = self._latest_lease[agent_id]
+        try:
+            await self._record(f"the lease of agent {agent_id}", self.store.record_lease,
+                               agent_id, _summary(lease, at))
+        finally:
+            if self._latest_lease.get(agent_id, (None, 0.0))[0] is lease:
+                del self._latest_lease[agent_id]
+            elif agent_id in self._latest_lease:                   # a newer one came meanwhile
+                self._in_background(self._write_latest_lease(agent_id))
+
+    async def _record(self, what: str, write: Callable[..., object], *args: object) -> None:
+        """Run a store write on the store's thread; a failure is logged, and what the router
+        holds in memory stands (the next write of the same thing may succeed)."""
+        try:
+            await self.store_worker.call(write, *args)
+        except Exception as exc:
+            self._limited(logging.ERROR, f"store:{what}", "could not record %s in the store: %s",
+                          what, exc)
+
+    def _record_later(self, what: str, write: Callable[..., object], *args: object) -> None:
+        self._in_background(self._record(what, write, *args))
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)          # held until done: the loop keeps only weak references
+        task.add_done_callback(self._background.discard)
 
     def _on_monitor_events(self, monitor: zmq.Socket) -> None:
         while True:
@@ -517,8 +665,35 @@ class Router:
                          "rules, e.g. a frame over %d bytes)", codec.MAX_FRAME_BYTES)
 
 
-def _summary(lease: codec.Lease) -> dict:
+@dataclass
+class _Allowance:
+    """One peer's budgets: frames nobody asked for, answers to requests nobody has."""
+
+    unsolicited: TokenBucket
+    strays: TokenBucket
+    dropped: int = 0
+    told_at: float = -math.inf
+
+
+def _summary(lease: codec.Lease, at: float) -> dict:
     """A JSON-able view of a lease for the store."""
     data = dataclasses.asdict(lease)
-    data["at"] = time.time()
+    data["at"] = at
     return data
+
+
+def absent_models_of(agents: list[store_mod.Agent]) -> dict[str, frozenset[str]]:
+    """What each agent that may come back served at its last lease, as far as it is allowed:
+    a request for such a model is worth a retry (503), not a "no such model" (404)."""
+    return {agent.agent_id: frozenset(name for name in _stored_models(agent.last_lease)
+                                      if agent.policy.allows(name))
+            for agent in agents
+            if agent.state not in store_mod.FINAL_STATES and agent.state != store_mod.DEAD
+            and agent.last_lease}
+
+
+def _stored_models(last_lease: dict) -> frozenset[str]:
+    """The model names of a lease as the store keeps it (JSON from an older router: checked)."""
+    models = last_lease.get("models")
+    return frozenset(m["name"] for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)) \
+        if isinstance(models, list) else frozenset()

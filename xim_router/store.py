@@ -11,14 +11,20 @@ The schema grows by numbered migrations (``MIGRATIONS``, counted in SQLite's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from xim_proto.joinkey import fingerprint
 from xim_router import keys
@@ -148,22 +154,53 @@ class Enrolled:
     token_expires_at: float
 
 
+# How long a write waits for a lock another connection holds (an admin command,
+# a backup) before it fails. In `xim-router serve` only the store's own thread
+# waits (StoreWorker), never the event loop.
+BUSY_TIMEOUT_S = 10.0
+
+
 class Store:
+    """The database, with one SQLite connection per thread that uses it.
+
+    SQLite serialises the calls on one connection, so a thread waiting out a
+    lock on it would hold up every other thread using that connection; with a
+    connection each, WAL lets readers go on while a writer waits.
+    """
+
     def __init__(self, state_dir: Path):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = state_dir / "router.db"
-        if not path.exists():   # create it private before SQLite writes anything in it
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self.db.row_factory = sqlite3.Row
+        self.path = state_dir / "router.db"
+        if not self.path.exists():   # create it private before SQLite writes anything in it
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")   # WAL: durable across crashes, cheaper per lease
-        self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
         self._migrate()
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (opened on its first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # check_same_thread=False only so that close() may close every thread's connection.
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=NORMAL")   # WAL: durable across crashes, cheaper per lease
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
     def close(self) -> None:
-        self.db.close()
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
 
     @contextlib.contextmanager
     def _write(self):
@@ -329,3 +366,32 @@ class Store:
         rows = self.db.execute("SELECT agent_id FROM agents WHERE state IN (?, ?)",
                                FINAL_STATES).fetchall()
         return {r["agent_id"] for r in rows}
+
+
+# ---------------------------------------------------------------- off the event loop
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreWorker:
+    """Runs store calls on one thread of their own, for code on an event loop.
+
+    A lock held elsewhere (an operator's `xim-router revoke`, a backup) makes a
+    write wait up to BUSY_TIMEOUT_S: here that delays the write, never the loop
+    that serves requests. One thread keeps the writes in the order they were
+    asked for.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xim-store")
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the store's thread; its exception, if any, is raised here."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Finish what was asked for, then stop the thread."""
+        self._executor.shutdown(wait=True)

@@ -17,7 +17,7 @@ import zmq
 from xim_proto import codec
 from xim_router import dataplane, keys
 from xim_router import store as store_mod
-from xim_router.mesh import Router
+from xim_router.mesh import Router, absent_models_of
 from xim_router.policy import MAX_CONCURRENT_LIMIT, NodePolicy, check_max_concurrent, check_model_name, shown
 
 
@@ -136,6 +136,7 @@ def test_a_model_only_refused_nodes_declare_is_not_found(store, tmp_path):
                                                    {"name": "stolen", "state": "ready"}]})
     store.set_state(agent.agent_id, store_mod.DISCONNECTED)
     router = Router(store, keys.load_or_create_keypair(tmp_path / "state"), mesh_bind="tcp://127.0.0.1:0")
+    router.absent_models.update(absent_models_of(store.agents()))     # what start() loads
     with pytest.raises(dataplane.RequestFailed) as refused:
         dataplane.choose(router, "stolen")
     assert (refused.value.code, refused.value.http_status) == ("model_not_found", 404)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from xim_proto import codec
+from xim_proto import codec, transport
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 HEADING = re.compile(r"^#### (?:record )?`(\w+)`(?: \((A|R|A or R)\))?\s*$")
@@ -41,6 +41,15 @@ def documented_error_codes(text: str) -> dict[str, tuple[bool, int]]:
     return {code: (retry == "yes", int(status)) for code, retry, status in rows}
 
 
+def limits_section(text: str) -> str:
+    return text.split("### 4.6 Limits on what a frame holds", 1)[1].split("\n### ", 1)[0]
+
+
+def documented_field_limits(text: str) -> dict[str, int]:
+    rows = re.findall(r"^\|\s*`(\w+\.\w+)`\s*\|\s*(\d+)\s*\|", limits_section(text), re.M)
+    return {name: int(limit) for name, limit in rows}
+
+
 def test_every_message_and_record_matches_the_codec():
     tables, _ = documented_catalogue(DOC.read_text())
     assert tables == codec.catalogue()
@@ -62,10 +71,25 @@ def test_documented_limits_match_the_code():
     assert f"# The XIM open mesh protocol, version {codec.PROTOCOL_VERSION}" in text
 
 
+def test_documented_frame_limits_match_the_codec():
+    text = DOC.read_text()
+    assert documented_field_limits(text) == codec.field_limits()
+    section = limits_section(text)
+    defaults = codec.DEFAULT_LIMITS
+    for row in (f"| {codec.MAX_VALUES} |", f"| {codec._MAX_ARRAY_LEN} items |",
+                f"| {codec._MAX_MAP_LEN} entries |", f"| {defaults['str']} characters, unless below |",
+                f"| {defaults['list']} items, unless below |", f"| {defaults['map']} entries |"):
+        assert row in section, row
+    assert f"| `SNDHWM` / `RCVHWM` | {transport.HIGH_WATER_MARK} messages |" in text
+    assert f"{transport.PEER_QUEUE_BYTES >> 20} MiB" in text
+
+
 def test_the_walker_notices_drift():
     """The checks above can fail: a changed type or a dropped row is seen."""
     text = DOC.read_text()
     drifted = text.replace("| `n` | int | yes |", "| `n` | str | yes |")
     assert documented_catalogue(drifted)[0] != codec.catalogue()
     dropped = text.replace("| `at_capacity` | yes | 429 |", "")
+    assert documented_field_limits(text.replace("| `hello.hostname` | 255 |", "| `hello.hostname` | 256 |")) \
+        != codec.field_limits()
     assert "at_capacity" not in documented_error_codes(dropped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -100,10 +101,13 @@ def test_sweep_turns_disconnected_into_dead(store, tmp_path):
     store.set_state(agent.agent_id, store_mod.DISCONNECTED, now=1000.0)
     router = Router(store, keys.load_or_create_keypair(tmp_path / "state"), mesh_bind="tcp://127.0.0.1:0",
                     settings=RouterSettings(dead_after_s=60.0))
-    router.sweep(now=1030.0)
-    assert store.agent(agent.agent_id).state == store_mod.DISCONNECTED
-    router.sweep(now=1061.0)
-    assert store.agent(agent.agent_id).state == store_mod.DEAD
+    try:
+        asyncio.run(router.sweep(now=1030.0))
+        assert store.agent(agent.agent_id).state == store_mod.DISCONNECTED
+        asyncio.run(router.sweep(now=1061.0))
+        assert store.agent(agent.agent_id).state == store_mod.DEAD
+    finally:
+        router.store_worker.close()
 
 
 # ---------------------------------------------------------------- ZAP
