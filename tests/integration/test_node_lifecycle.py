@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from tests.support.daemon import Daemon
 from tests.support.router import RouterProcess, wait_for
@@ -26,11 +25,6 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
                "head_dim": 64, "max_position_embeddings": 2048, "torch_dtype": "float32"}
 
-
-@pytest.fixture
-def router(tmp_path):
-    with RouterProcess(tmp_path) as r:
-        yield r
 
 
 def node_config(router: RouterProcess, join_key: str | None) -> str:

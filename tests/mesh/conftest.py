@@ -7,18 +7,8 @@ import logging
 import pytest
 
 from tests.mesh.helpers import load_config, write_agent_config
-from tests.support.router import RouterProcess
 from xim_router import store as store_mod
 from ximd import config as configmod
-
-
-@pytest.fixture
-def router(tmp_path):
-    proc = RouterProcess(tmp_path)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import urllib.request
 import pytest
 import zmq
 
-from tests.support.router import RouterProcess
 from xim_router.policy import MAX_CONCURRENT_LIMIT
 
 
@@ -33,14 +32,6 @@ def enroll_body(join_key: str, max_concurrent) -> dict:
     return {"join_key": join_key, "curve_public_key": zmq.curve_keypair()[0].decode(),
             "hostname": "h", "max_concurrent": max_concurrent, "agent_version": "t"}
 
-
-@pytest.fixture
-def router(tmp_path):
-    proc = RouterProcess(tmp_path)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
 
 
 @pytest.mark.parametrize("value", [2**63, 2**64 + 1, 10**9, MAX_CONCURRENT_LIMIT + 1, 0, -1])

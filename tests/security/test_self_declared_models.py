@@ -131,14 +131,6 @@ def run_scenario(router: RouterProcess, honest: HoldingNode, hostile: HoldingNod
     return asyncio.run(scenario())
 
 
-@pytest.fixture
-def router(tmp_path):
-    proc = RouterProcess(tmp_path)
-    try:
-        yield proc.start()
-    finally:
-        proc.stop()
-
 
 @pytest.fixture
 def agent_cfg(tmp_path, router):
