@@ -83,12 +83,26 @@ class Session:
 
 
 @dataclass
+class PendingRequest:
+    """A request waiting on an agent: whose it is, where its answers go, what it may still send.
+
+    ``credit`` counts the chunk frames the router granted (infer.credit, then each
+    ``credit``) and has not received yet; it bounds ``queue`` (docs/protocol.md §5.4).
+    """
+
+    worker_id: str
+    queue: asyncio.Queue
+    credit: int
+
+
+@dataclass
 class RouterStats:
     frames_in: int = 0
     frames_out: int = 0
     malformed: int = 0
     no_session: int = 0
     spoofed: int = 0
+    credit_overruns: int = 0
     handshake_failed: int = 0
     disconnects: int = 0
     leases: int = 0
@@ -108,7 +122,7 @@ class Router:
         self._by_route: dict[bytes, Session] = {}   # the same sessions, by the routing id they are bound to
         self._by_fd: dict[int, Session] = {}        # and by their connection's file descriptor
         self.stats = RouterStats()
-        self._requests: dict[str, tuple[str, asyncio.Queue]] = {}   # id -> (worker id, queue)
+        self._requests: dict[str, PendingRequest] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.Socket | None = None        # plain socket, watched by _watch
         self._monitor: zmq.Socket | None = None
@@ -193,13 +207,20 @@ class Router:
         return [s for s in self.sessions.values() if not s.draining and s.serves(model)]
 
     def in_flight(self, worker_id: str) -> int:
-        return sum(1 for wid, _ in self._requests.values() if wid == worker_id)
+        return sum(1 for r in self._requests.values() if r.worker_id == worker_id)
 
-    def open_request(self, request_id: str, worker_id: str) -> asyncio.Queue:
-        """Register a request before sending its infer; its chunk/done/error land in the queue."""
+    def open_request(self, request_id: str, worker_id: str, credit: int) -> asyncio.Queue:
+        """Register a request before sending its infer (which grants ``credit`` chunk frames);
+        its chunk/done/error land in the queue."""
         queue: asyncio.Queue = asyncio.Queue()
-        self._requests[request_id] = (worker_id, queue)
+        self._requests[request_id] = PendingRequest(worker_id, queue, credit)
         return queue
+
+    def grant(self, request_id: str, n: int) -> None:
+        """Count ``n`` more chunk frames for the request; call before sending the ``credit``."""
+        pending = self._requests.get(request_id)
+        if pending is not None:
+            pending.credit += n
 
     def close_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -411,18 +432,23 @@ class Router:
             self.stats.leases += 1
             session.lease, session.lease_at = msg, time.time()
             self.store.record_lease(session.agent_id, _summary(msg))
-            mine = {rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id}
+            mine = {rid for rid, r in self._requests.items() if r.worker_id == session.worker_id}
             stale = [rid for rid in msg.in_flight if rid not in mine]
             self._reply(session.routing_id, codec.LeaseAck(seq=msg.seq, stale=stale or None),
                         session.version)
         elif isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None:
             request_id = msg.id                 # an error without one is about the link (below)
-            entry = self._requests.get(request_id)
-            if entry is None or entry[0] != session.worker_id:
+            pending = self._requests.get(request_id)
+            if pending is None or pending.worker_id != session.worker_id:
                 self._reply(session.routing_id, codec.Cancel(id=request_id, reason="unknown request"),
                             session.version)
                 return
-            entry[1].put_nowait(msg)
+            if isinstance(msg, codec.Chunk):
+                if pending.credit <= 0:
+                    self._credit_overrun(session, request_id)
+                    return
+                pending.credit -= 1
+            pending.queue.put_nowait(msg)
             if not isinstance(msg, codec.Chunk):
                 self._requests.pop(request_id, None)
         elif isinstance(msg, codec.Error):
@@ -439,6 +465,21 @@ class Router:
             self._reply(session.routing_id, codec.Bye(reason="bye acknowledged"), session.version)
             self._end_session(session, f"bye: {msg.reason}", store_mod.DISCONNECTED)
 
+    def _credit_overrun(self, session: Session, request_id: str) -> None:
+        """A chunk beyond the granted credit: the agent loses the request, the client gets an
+        error, and nothing more of it is buffered here."""
+        pending = self._requests.pop(request_id)
+        self.stats.credit_overruns += 1
+        self._limited(logging.WARNING, f"overrun:{session.worker_id}",
+                      "agent %s overran its credit on request %s; the request is cancelled",
+                      session.worker_id, request_id)
+        pending.queue.put_nowait(codec.Error(
+            code="agent_unavailable", retryable=False, http_status=502, id=request_id,
+            message=f"agent {session.worker_id} sent more stream chunks than the router granted "
+                    "(credit); the request was cancelled"))
+        self._reply(session.routing_id, codec.Cancel(id=request_id, reason="credit overrun"),
+                    session.version)
+
     # ------------------------------------------------------------ ending sessions
 
     def end_agent(self, agent_id: str, code: str, message: str, state: str) -> None:
@@ -454,11 +495,10 @@ class Router:
             return
         self._unbind(session)
         self.store.set_state(session.agent_id, state)
-        failed = [rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id]
+        failed = [rid for rid, r in self._requests.items() if r.worker_id == session.worker_id]
         for rid in failed:
-            _, queue = self._requests.pop(rid)
-            queue.put_nowait(codec.error_for("agent_unavailable", f"agent link ended: {why}",
-                                             request_id=rid))
+            self._requests.pop(rid).queue.put_nowait(codec.error_for(
+                "agent_unavailable", f"agent link ended: {why}", request_id=rid))
         log.info("agent %s session ended (%s); %d request(s) failed over", session.worker_id,
                  why, len(failed))
 
