@@ -78,7 +78,9 @@ def test_a_node_flooding_chunks_past_its_credit_loses_the_request_and_the_router
                     stream = await asyncio.wait_for(response.read(), CLIENT_TIMEOUT_S)
                 assert response.status == 200
                 events = [e for e in stream.split(b"\n\n") if e]
-                assert len(events) <= infer.credit + 1, f"{len(events)} events reached the client"
+                # What the client took in meanwhile earned the node more credit, nothing else did.
+                granted = infer.credit + sum(c.n for c in hostile.got(codec.Credit) if c.id == infer.id)
+                assert len(events) - 1 <= granted < BURSTS * FRAMES_PER_BURST, (len(events), granted)
                 assert b"credit" in events[-1] and b'"error"' in events[-1], events[-1][:300]
                 assert any(isinstance(m, codec.Cancel) and m.id == infer.id for m in hostile.received)
                 assert router.log().count("overran its credit") == 1
