@@ -18,7 +18,9 @@ what it yields into OpenAI responses.
 - **Credits.** The infer grants `initial_credit` chunk frames; every
   `credit_batch` frames the HTTP side has written out, one ``credit``
   message grants that many again. A client that stops reading stops the
-  grants, and the agent stops reading its engine.
+  grants, and the agent stops reading its engine. The router counts them
+  too (`Router.grant`): a chunk beyond them fails the request, so an agent
+  that ignores its credit cannot make the router buffer without bound.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class Exchange:
         self.settings = settings
         self.id = request_id
         self.worker_id = worker_id
-        self.queue = router.open_request(request_id, worker_id)
+        self.queue = router.open_request(request_id, worker_id, settings.initial_credit)
         self.finished = False
         self._written = 0
         # One timer per request, not one per chunk: when it fires, a marker
@@ -164,6 +166,7 @@ class Exchange:
         self._written += 1
         if self._written >= self.settings.credit_batch:
             n, self._written = self._written, 0
+            self.router.grant(self.id, n)    # counted before the agent can use it
             _in_background(self._send_quietly(codec.Credit(id=self.id, n=n)))
 
     def cancel(self, reason: str) -> None:

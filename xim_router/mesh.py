@@ -68,10 +68,19 @@ class RouterSettings:
 
 @dataclass
 class Session:
-    """One agent's live link, from welcome to its end."""
+    """One agent's live link, from welcome to its end.
+
+    A session is bound to the connection its authenticated hello came on: the
+    routing id libzmq gave that connection (``routing_id``, the only address
+    the router sends to) and its file descriptor (``connection_fd``, how the
+    monitor names the connection when it closes). ``worker_id`` is the node's
+    public name, never an address (docs/protocol.md §4.1).
+    """
 
     agent_id: str
     worker_id: str
+    routing_id: bytes
+    connection_fd: int | None
     session_id: str
     version: int
     hello: codec.Hello
@@ -107,12 +116,26 @@ class Session:
 
 
 @dataclass
+class PendingRequest:
+    """A request waiting on an agent: whose it is, where its answers go, what it may still send.
+
+    ``credit`` counts the chunk frames the router granted (infer.credit, then each
+    ``credit``) and has not received yet; it bounds ``queue`` (docs/protocol.md §5.4).
+    """
+
+    worker_id: str
+    queue: asyncio.Queue
+    credit: int
+
+
+@dataclass
 class RouterStats:
     frames_in: int = 0
     frames_out: int = 0
     malformed: int = 0
     no_session: int = 0
     spoofed: int = 0
+    credit_overruns: int = 0
     handshake_failed: int = 0
     disconnects: int = 0
     leases: int = 0
@@ -130,15 +153,16 @@ class Router:
         self.settings = settings or RouterSettings()
         self.mesh_endpoint = ""                     # the bound endpoint, known after start()
         self.sessions: dict[str, Session] = {}     # by worker id
+        self._by_route: dict[bytes, Session] = {}   # the same sessions, by the routing id they are bound to
+        self._by_fd: dict[int, Session] = {}        # and by their connection's file descriptor
         self.stats = RouterStats()
-        self._requests: dict[str, tuple[str, asyncio.Queue]] = {}   # id -> (worker id, queue)
+        self._requests: dict[str, PendingRequest] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.Socket | None = None        # plain socket, watched by _watch
         self._monitor: zmq.Socket | None = None
         self._watch: transport.ReadyWatch | None = None
         self._tasks: list[asyncio.Task] = []
         self._zap: zap.ZapHandler | None = None
-        self._workers: dict[str, str] = {}          # agent id -> worker id
         self._limited = RateLimitedLog(log, interval_s=5.0)
         # The store's calls run on its own thread: the loop never waits for SQLite.
         self.store_worker = store_mod.StoreWorker(store)
@@ -164,7 +188,8 @@ class Router:
         sock = zmq.Socket(self._ctx, zmq.ROUTER)
         transport.apply_common_options(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)     # unknown peer: an error, not a silent drop
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)      # a reconnecting agent takes over its id
+        # No ROUTER_HANDOVER: a routing id is peer-chosen, so a new connection must never take
+        # over the address of a live one; a reconnecting agent proves its key with a new hello.
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode())
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
@@ -200,7 +225,7 @@ class Router:
 
     async def stop(self) -> None:
         for session in list(self.sessions.values()):
-            self._reply(session.worker_id, codec.Bye(reason="router stopping"), session.version)
+            self._reply(session.routing_id, codec.Bye(reason="router stopping"), session.version)
             self._end_session(session, "router stopping", store_mod.DISCONNECTED)
         for task in self._tasks:
             task.cancel()
@@ -231,41 +256,59 @@ class Router:
         return [s for s in self.sessions.values() if not s.draining and s.serves(model)]
 
     def in_flight(self, worker_id: str) -> int:
-        return sum(1 for wid, _ in self._requests.values() if wid == worker_id)
+        return sum(1 for r in self._requests.values() if r.worker_id == worker_id)
 
-    def open_request(self, request_id: str, worker_id: str) -> asyncio.Queue:
-        """Register a request before sending its infer; its chunk/done/error land in the queue."""
+    def open_request(self, request_id: str, worker_id: str, credit: int) -> asyncio.Queue:
+        """Register a request before sending its infer (which grants ``credit`` chunk frames);
+        its chunk/done/error land in the queue."""
         queue: asyncio.Queue = asyncio.Queue()
-        self._requests[request_id] = (worker_id, queue)
+        self._requests[request_id] = PendingRequest(worker_id, queue, credit)
         return queue
+
+    def grant(self, request_id: str, n: int) -> None:
+        """Count ``n`` more chunk frames for the request; call before sending the ``credit``."""
+        pending = self._requests.get(request_id)
+        if pending is not None:
+            pending.credit += n
 
     def close_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
     async def send(self, worker_id: str, msg: codec.Message) -> None:
-        """Send to a connected agent; AgentUnavailable if it has no session or stays backlogged."""
-        session = self.sessions.get(worker_id)
-        if session is None:
-            raise AgentUnavailable(f"{worker_id} has no live session")
+        """Send to a connected agent; AgentUnavailable if it has no session or stays backlogged.
+
+        Only ever to the connection the agent's session is bound to.
+        """
         deadline = time.monotonic() + SEND_TIMEOUT_S
-        while not self._send_now(worker_id, msg, session.version):
-            if time.monotonic() > deadline or worker_id not in self.sessions:
+        while True:
+            # Connections that closed end their sessions before anything is addressed:
+            # another peer may since have connected under the same routing id.
+            self._read_monitor()
+            session = self.sessions.get(worker_id)
+            if session is None:
+                raise AgentUnavailable(f"{worker_id} has no live session")
+            try:
+                if self._send_now(session.routing_id, msg, session.version):
+                    return
+            except AgentUnavailable as exc:
+                raise AgentUnavailable(f"{worker_id}: {exc}") from None
+            if time.monotonic() > deadline:
                 raise AgentUnavailable(f"{worker_id} is not reading its queue")
             await asyncio.sleep(0.005)
 
-    def _send_now(self, worker_id: str, msg: codec.Message, version: int) -> bool:
+    def _send_now(self, routing_id: bytes, msg: codec.Message, version: int) -> bool:
         """True when queued; False when the peer's queue is full (try again)."""
         frame = codec.encode(msg, version=version)
         sock, watch = self._sock, self._watch
         if sock is None or watch is None:
             raise AgentUnavailable("the mesh socket is closed")
         try:
-            sock.send_multipart([worker_id.encode(), frame], flags=_DONTWAIT)
+            sock.send_multipart([routing_id, frame], flags=_DONTWAIT)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:       # ROUTER_MANDATORY: the peer is gone
-                raise AgentUnavailable(f"{worker_id} is not connected") from None
+                raise AgentUnavailable("not connected") from None
             raise
         finally:
             if transport.readable(sock):
@@ -273,12 +316,13 @@ class Router:
         self.stats.frames_out += 1
         return True
 
-    def _reply(self, worker_id: str, msg: codec.Message, version: int = codec.PROTOCOL_VERSION) -> None:
-        """Best-effort answer on the receive path: never block it, never fail it."""
+    def _reply(self, routing_id: bytes, msg: codec.Message, version: int = codec.PROTOCOL_VERSION) -> None:
+        """Best-effort answer on the receive path (to the connection a frame came on):
+        never block it, never fail it."""
         try:
-            if not self._send_now(worker_id, msg, version):
-                self._limited(logging.WARNING, f"full:{worker_id}", "dropped %s to %s: its queue is full",
-                              msg.TYPE, worker_id)
+            if not self._send_now(routing_id, msg, version):
+                self._limited(logging.WARNING, f"full:{routing_id.hex()}",
+                              "dropped %s to connection %s: its queue is full", msg.TYPE, routing_id.hex())
         except AgentUnavailable:
             pass
 
@@ -327,51 +371,52 @@ class Router:
         return routing_id, payload, parts
 
     def _on_frames(self, routing_id: bytes, payload: zmq.Frame, parts: int) -> None:
-        worker_id = routing_id.decode(errors="replace")
-        agent_id = cast(str, payload.get("User-Id"))   # set by our ZAP handler
+        # The ZAP handler set User-Id to the agent whose enrolled CURVE key opened this
+        # connection: that, not the peer-chosen routing id, says who is speaking.
+        agent_id = cast(str, payload.get("User-Id"))
         if parts != 1:
-            self._malformed(worker_id, f"{parts} frame parts, expected 1")
+            self._malformed(routing_id, agent_id, f"{parts} frame parts, expected 1")
             return
-        expected = self._workers.get(agent_id) or self._worker_of(agent_id)
-        if expected != worker_id:
-            # An enrolled key speaking under another worker's routing id.
-            self.stats.spoofed += 1
-            self._limited(logging.WARNING, f"spoof:{agent_id}",
-                          "dropped a frame from agent %s using routing id %r (its worker id is %r)",
-                          agent_id, worker_id, expected)
-            return
+        session = self._session_on(routing_id, agent_id)
         try:
             msg = codec.decode(payload.bytes, sender=codec.AGENT)
         except codec.ProtocolError as exc:
-            self._malformed(worker_id, str(exc), exc.code)
+            self._malformed(routing_id, agent_id, str(exc), exc.code)
             return
         self.stats.counts_by_type[msg.TYPE] = self.stats.counts_by_type.get(msg.TYPE, 0) + 1
         answer = isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None
-        if not answer and not self._allowed(agent_id, worker_id):
+        if not answer and not self._allowed(agent_id, routing_id):
             return
         if isinstance(msg, codec.Hello):
-            self._check_hello(worker_id, agent_id, msg)
+            self._check_hello(routing_id, _source_fd(payload), agent_id, msg)
             return
-        session = self.sessions.get(worker_id)
         if session is None:
             self.stats.no_session += 1
-            if self._may_answer_stray(agent_id or worker_id):
-                self._reply(worker_id, codec.Reject(code="no_session",
-                                                    message="no session: send hello first"))
+            if self._may_answer_stray(agent_id):
+                self._reply(routing_id, codec.Reject(code="no_session",
+                                                     message="no session: send hello first"))
             return
         session.last_seen = time.monotonic()
         self._on_session_message(session, msg)
 
-    def _worker_of(self, agent_id: str | None) -> str | None:
-        """The worker id enrolled with ``agent_id`` (cached: it never changes)."""
-        if not agent_id:
-            return None
-        if agent_id not in self._workers:
-            agent = self.store.agent(agent_id)
-            if agent is None:
-                return None
-            self._workers[agent_id] = agent.worker_id
-        return self._workers[agent_id]
+    def _session_on(self, routing_id: bytes, agent_id: str) -> Session | None:
+        """The session bound to the connection a frame came on, if the frame's key opened it.
+
+        Another key on a session's routing id means that connection is gone and a new
+        one took its address (possible only where the address is guessable: agents
+        that still use their worker id): that session ends before anything more is
+        sent there.
+        """
+        session = self._by_route.get(routing_id)
+        if session is None or session.agent_id == agent_id:
+            return session
+        self.stats.spoofed += 1
+        self._limited(logging.WARNING, f"spoof:{agent_id}",
+                      "agent %s spoke on the routing id of %s's session: that session ends",
+                      agent_id, session.worker_id)
+        self._end_session(session, "another agent's connection took its routing id",
+                          store_mod.DISCONNECTED)
+        return None
 
     def _allowance(self, key: str) -> _Allowance:
         allowance = self._allowances.get(key)
@@ -389,13 +434,13 @@ class Router:
         self.stats.rate_limited += 1
         return False
 
-    def _allowed(self, agent_id: str | None, worker_id: str) -> bool:
+    def _allowed(self, agent_id: str, routing_id: bytes) -> bool:
         """Spend one of the peer's allowance of unsolicited frames; False: drop this one.
 
         Such frames cost the router work (a store write, an answer) that nobody
         asked for. The peer is told once in a while why frames vanish.
         """
-        allowance = self._allowance(agent_id or worker_id)
+        allowance = self._allowance(agent_id)
         if allowance.unsolicited.take():
             return True
         self.stats.rate_limited += 1
@@ -404,67 +449,74 @@ class Router:
         if now - allowance.told_at >= TELL_INTERVAL_S:
             allowance.told_at = now
             log.warning("agent %s is over its rate of %g unsolicited frames/s: dropping the excess "
-                        "(%d dropped so far)", escape(worker_id), self.settings.unsolicited_per_s,
+                        "(%d dropped so far)", agent_id, self.settings.unsolicited_per_s,
                         allowance.dropped)
-            self._reply(worker_id, codec.error_for(
+            self._reply(routing_id, codec.error_for(
                 "rate_limited", f"over {self.settings.unsolicited_per_s:g} unsolicited frames/s "
                                 f"(leases, hello, drain, errors without id): the excess is dropped"))
         return False
 
-    def _malformed(self, worker_id: str, detail: str, code: str = "malformed") -> None:
+    def _malformed(self, routing_id: bytes, agent_id: str, detail: str, code: str = "malformed") -> None:
         self.stats.malformed += 1
-        if self._limited(logging.WARNING, f"malformed:{worker_id}",
-                         "dropped a malformed frame from %s: %s", escape(worker_id), escape(detail)):
+        if self._limited(logging.WARNING, f"malformed:{agent_id}",
+                         "dropped a malformed frame from agent %s: %s", agent_id, escape(detail)):
             # Tell the agent once in a while, so its own log shows the cause.
-            self._reply(worker_id, codec.error_for(code if code in codec.ERROR_CODES else "malformed",
-                                                   detail[:200]))
+            self._reply(routing_id, codec.error_for(code if code in codec.ERROR_CODES else "malformed",
+                                                    detail[:200]))
 
-    def _check_hello(self, worker_id: str, agent_id: str, hello: codec.Hello) -> None:
+    def _check_hello(self, routing_id: bytes, connection_fd: int | None, agent_id: str,
+                     hello: codec.Hello) -> None:
         """Check the hello's token on the store's thread, then answer it."""
-        if worker_id in self._hellos_checking:      # one at a time: a flood of hellos waits for none
+        if agent_id in self._hellos_checking:       # one at a time: a flood of hellos waits for none
             return
-        self._hellos_checking.add(worker_id)
-        self._in_background(self._checked_hello(worker_id, agent_id, hello))
+        self._hellos_checking.add(agent_id)
+        self._in_background(self._checked_hello(routing_id, connection_fd, agent_id, hello))
 
-    async def _checked_hello(self, worker_id: str, agent_id: str, hello: codec.Hello) -> None:
+    async def _checked_hello(self, routing_id: bytes, connection_fd: int | None, agent_id: str,
+                             hello: codec.Hello) -> None:
         try:
             agent = await self.store_worker.call(self.store.check_token, hello.token)
         except store_mod.StoreError as exc:
             code = {"invalid_token": "unauthorized"}.get(exc.code, exc.code)
-            log.warning("refused hello from %s: %s", worker_id, exc.message)
-            self._reply(worker_id, codec.Reject(code=code, message=exc.message))
+            log.warning("refused hello from agent %s: %s", agent_id, exc.message)
+            self._reply(routing_id, codec.Reject(code=code, message=exc.message))
             return
         except Exception as exc:         # the store failed: no answer, the agent says hello again
             self._limited(logging.ERROR, "store:hello", "could not check the token of a hello from "
-                          "%s in the store: %s", worker_id, exc)
+                          "agent %s in the store: %s", agent_id, exc)
             return
         finally:
-            self._hellos_checking.discard(worker_id)
-        self._on_hello(worker_id, agent_id, hello, agent)
+            self._hellos_checking.discard(agent_id)
+        self._on_hello(routing_id, connection_fd, agent_id, hello, agent)
 
-    def _on_hello(self, worker_id: str, agent_id: str, hello: codec.Hello, agent: store_mod.Agent) -> None:
+    def _on_hello(self, routing_id: bytes, connection_fd: int | None, agent_id: str, hello: codec.Hello,
+                  agent: store_mod.Agent) -> None:
         if agent.agent_id != agent_id:
-            log.warning("refused hello from %s: its token belongs to another agent", worker_id)
-            self._reply(worker_id, codec.Reject(code="unauthorized",
-                                                message="the token does not belong to this CURVE key"))
+            log.warning("refused hello from agent %s: its token belongs to another agent", agent_id)
+            self._reply(routing_id, codec.Reject(code="unauthorized",
+                                                 message="the token does not belong to this CURVE key"))
             return
         common = sorted(set(hello.versions) & set(codec.PROTOCOL_VERSIONS))
         if not common:
-            self._reply(worker_id, codec.Reject(
+            self._reply(routing_id, codec.Reject(
                 code="unsupported_version",
                 message=f"router speaks {list(codec.PROTOCOL_VERSIONS)}, agent {hello.versions}"))
             return
+        worker_id = agent.worker_id
         old = self.sessions.get(worker_id)
         if old is not None:
+            # The same key proved itself on this connection: it replaces the older one,
+            # which may be dead without the router having noticed yet.
             self._end_session(old, "replaced by a new hello", store_mod.DISCONNECTED)
-        session = Session(agent_id=agent_id, worker_id=worker_id, session_id=uuid.uuid4().hex,
+        session = Session(agent_id=agent_id, worker_id=worker_id, routing_id=routing_id,
+                          connection_fd=connection_fd, session_id=uuid.uuid4().hex,
                           version=common[-1], hello=hello, connected_at=time.time(),
                           last_seen=time.monotonic(), policy=agent.policy)
-        self.sessions[worker_id] = session
+        self._bind(session)
         self.absent_models.pop(agent_id, None)
         self._record_later(f"agent {worker_id} as active", self.store.set_state, agent_id, store_mod.ACTIVE)
         s = self.settings
-        self._reply(worker_id, codec.Welcome(
+        self._reply(routing_id, codec.Welcome(
             version=session.version, session=session.session_id, router_version=__version__,
             lease_interval_s=s.lease_interval_s, lease_timeout_s=s.lease_timeout_s,
             max_frame_bytes=codec.MAX_FRAME_BYTES, capabilities=["credit", "cancel", "drain"],
@@ -473,6 +525,23 @@ class Router:
                  worker_id, escape(hello.hostname), escape(hello.agent_version), session.version,
                  len(hello.models), hello.max_concurrent)
         self._ignore_refused(session)
+        if routing_id == worker_id.encode():
+            log.warning("agent %s uses its worker id as its routing id (an agent from before "
+                        "protocol revision 1.1): another enrolled node can claim that address once "
+                        "its connection drops; upgrade it", worker_id)
+
+    def _bind(self, session: Session) -> None:
+        self.sessions[session.worker_id] = session
+        self._by_route[session.routing_id] = session
+        if session.connection_fd is not None:
+            self._by_fd[session.connection_fd] = session
+
+    def _unbind(self, session: Session) -> None:
+        del self.sessions[session.worker_id]
+        if self._by_route.get(session.routing_id) is session:
+            del self._by_route[session.routing_id]
+        if session.connection_fd is not None and self._by_fd.get(session.connection_fd) is session:
+            del self._by_fd[session.connection_fd]
 
     def _on_session_message(self, session: Session, msg: codec.Message) -> None:
         if isinstance(msg, codec.Lease):
@@ -480,19 +549,24 @@ class Router:
             session.lease, session.lease_at = msg, time.time()
             self._record_lease(session.agent_id, msg, session.lease_at)
             self._ignore_refused(session)
-            mine = {rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id}
+            mine = {rid for rid, r in self._requests.items() if r.worker_id == session.worker_id}
             stale = [rid for rid in msg.in_flight if rid not in mine]
-            self._reply(session.worker_id, codec.LeaseAck(seq=msg.seq, stale=stale or None),
+            self._reply(session.routing_id, codec.LeaseAck(seq=msg.seq, stale=stale or None),
                         session.version)
         elif isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None:
             request_id = msg.id                 # an error without one is about the link (below)
-            entry = self._requests.get(request_id)
-            if entry is None or entry[0] != session.worker_id:
+            pending = self._requests.get(request_id)
+            if pending is None or pending.worker_id != session.worker_id:
                 if self._may_answer_stray(session.agent_id):
-                    self._reply(session.worker_id, codec.Cancel(id=request_id, reason="unknown request"),
+                    self._reply(session.routing_id, codec.Cancel(id=request_id, reason="unknown request"),
                                 session.version)
                 return
-            entry[1].put_nowait(msg)
+            if isinstance(msg, codec.Chunk):
+                if pending.credit <= 0:
+                    self._credit_overrun(session, request_id)
+                    return
+                pending.credit -= 1
+            pending.queue.put_nowait(msg)
             if not isinstance(msg, codec.Chunk):
                 self._requests.pop(request_id, None)
         elif isinstance(msg, codec.Error):
@@ -502,13 +576,13 @@ class Router:
             if not session.draining:
                 log.info("agent %s is draining (%s)", session.worker_id, escape(msg.reason))
             session.draining = True
-            self._reply(session.worker_id, codec.DrainAck(in_flight=self.in_flight(session.worker_id)),
+            self._reply(session.routing_id, codec.DrainAck(in_flight=self.in_flight(session.worker_id)),
                         session.version)
         elif isinstance(msg, codec.Bye):
             log.info("agent %s said bye: %s", session.worker_id, escape(msg.reason))
             # The answer tells the agent that everything it sent before its bye was read
             # here, so it can close without TCP resetting frames still on their way.
-            self._reply(session.worker_id, codec.Bye(reason="bye acknowledged"), session.version)
+            self._reply(session.routing_id, codec.Bye(reason="bye acknowledged"), session.version)
             self._end_session(session, f"bye: {escape(msg.reason)}", store_mod.DISCONNECTED)
 
     def _ignore_refused(self, session: Session) -> None:
@@ -533,27 +607,41 @@ class Router:
                 log.info("agent %s now %s", session.worker_id, agent.policy.describe())
                 self._ignore_refused(session)
 
+    def _credit_overrun(self, session: Session, request_id: str) -> None:
+        """A chunk beyond the granted credit: the agent loses the request, the client gets an
+        error, and nothing more of it is buffered here."""
+        pending = self._requests.pop(request_id)
+        self.stats.credit_overruns += 1
+        self._limited(logging.WARNING, f"overrun:{session.worker_id}",
+                      "agent %s overran its credit on request %s; the request is cancelled",
+                      session.worker_id, request_id)
+        pending.queue.put_nowait(codec.Error(
+            code="agent_unavailable", retryable=False, http_status=502, id=request_id,
+            message=f"agent {session.worker_id} sent more stream chunks than the router granted "
+                    "(credit); the request was cancelled"))
+        self._reply(session.routing_id, codec.Cancel(id=request_id, reason="credit overrun"),
+                    session.version)
+
     # ------------------------------------------------------------ ending sessions
 
     def end_agent(self, agent_id: str, code: str, message: str, state: str) -> None:
         """Tell a connected agent it is revoked/unenrolled and forget its session."""
         for session in list(self.sessions.values()):
             if session.agent_id == agent_id:
-                self._reply(session.worker_id, codec.Reject(code=code, message=message),
+                self._reply(session.routing_id, codec.Reject(code=code, message=message),
                             session.version)
                 self._end_session(session, message, state)
 
     def _end_session(self, session: Session, why: str, state: str) -> None:
         if self.sessions.get(session.worker_id) is not session:
             return
-        del self.sessions[session.worker_id]
+        self._unbind(session)
         # Fail the requests over first: a store that cannot record the new state
         # must not keep them waiting.
-        failed = [rid for rid, (wid, _) in self._requests.items() if wid == session.worker_id]
+        failed = [rid for rid, r in self._requests.items() if r.worker_id == session.worker_id]
         for rid in failed:
-            _, queue = self._requests.pop(rid)
-            queue.put_nowait(codec.error_for("agent_unavailable", f"agent link ended: {why}",
-                                             request_id=rid))
+            self._requests.pop(rid).queue.put_nowait(codec.error_for(
+                "agent_unavailable", f"agent link ended: {why}", request_id=rid))
         if state == store_mod.DISCONNECTED:
             self.absent_models[session.agent_id] = frozenset(m.name for m in session.models())
         else:
@@ -647,6 +735,11 @@ class Router:
         self._background.add(task)          # held until done: the loop keeps only weak references
         task.add_done_callback(self._background.discard)
 
+    def _read_monitor(self) -> None:
+        """Take in the connection events that are waiting (sessions end on their connection's close)."""
+        if self._monitor is not None and transport.readable(self._monitor):
+            self._on_monitor_events(self._monitor)
+
     def _on_monitor_events(self, monitor: zmq.Socket) -> None:
         while True:
             try:
@@ -663,6 +756,28 @@ class Router:
                 self.stats.disconnects += 1
                 log.info("a mesh connection closed (the peer left, or broke the transport "
                          "rules, e.g. a frame over %d bytes)", codec.MAX_FRAME_BYTES)
+                self._connection_closed(int(event["value"]))
+
+    def _connection_closed(self, fd: int) -> None:
+        """The connection on ``fd`` is gone: so is the session bound to it.
+
+        Its routing id is free again, and a new connection (of any enrolled key)
+        may take it; nothing more is sent there for this session. The monitor
+        reports the close before the descriptor is released for reuse, and this
+        runs before the frames of any later connection are read.
+        """
+        session = self._by_fd.get(fd)
+        if session is not None:
+            self._end_session(session, "connection lost", store_mod.DISCONNECTED)
+
+
+def _source_fd(payload: zmq.Frame) -> int | None:
+    """The file descriptor of the connection a frame came on (how monitor events name it)."""
+    try:
+        fd = int(payload.get(zmq.SRCFD))
+    except (zmq.ZMQError, TypeError, ValueError):
+        return None
+    return fd if fd >= 0 else None
 
 
 @dataclass

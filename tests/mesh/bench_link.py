@@ -150,7 +150,7 @@ def make_identity(store: store_mod.Store, router_pair, endpoint: str) -> enrollm
 
 async def one_request(router: Router, worker: str, n: int, chunks: int = 0, per_frame: int = 1):
     rid = f"r{n}"
-    queue = router.open_request(rid, worker)
+    queue = router.open_request(rid, worker, credit=1 << 30)
     await router.send(worker, codec.Infer(id=rid, model="tiny", endpoint="completions",
                                           body=json.dumps({"chunks": chunks, "per_frame": per_frame}).encode(),
                                           stream=True, deadline_s=60.0, credit=1 << 30))

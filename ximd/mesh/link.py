@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -44,11 +45,18 @@ _WATCHED_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
                    | zmq.EVENT_DISCONNECTED)
 
 
+# Length of the random routing id of each connection (docs/protocol.md §4.1).
+ROUTING_ID_BYTES = 16
 # How long close() waits for the router to answer its bye.
 BYE_ANSWER_TIMEOUT_S = 2.0
 # Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)
+
+
+def new_routing_id() -> bytes:
+    """16 random bytes. Not left to libzmq, whose own ids are a counter any peer can predict."""
+    return secrets.token_bytes(ROUTING_ID_BYTES)
 
 
 def is_mid_stream(msg: codec.Message) -> bool:
@@ -249,7 +257,10 @@ class MeshLink:
     def _socket(self, ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
         sock = ctx.socket(zmq.DEALER)
         transport.apply_common_options(sock, buffer_bytes=self.socket_buffer_bytes)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity.worker_id.encode())
+        # A fresh unguessable routing id per connection, never the worker id: the router
+        # addresses the connection its authenticated hello came on, and an address another
+        # node could guess is one it could claim once this connection drops (§4.1).
+        sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.identity.router_public_key.encode())
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.identity.agent_public_key.encode())
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.identity.agent_secret_key.encode())
