@@ -123,7 +123,7 @@ class Router:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)      # a reconnecting agent takes over its id
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode())
-        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        zap.require_zap(sock, ZAP_DOMAIN)           # no handler answering: nobody gets in
         monitor_owner = sock.get_monitor_socket()
         monitor: zmq.Socket = zmq.Socket.shadow(monitor_owner.underlying)
         try:
