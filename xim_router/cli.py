@@ -1,4 +1,4 @@
-"""`xim-router`: serve, join-key create, agents, revoke.
+"""`xim-router`: serve, join-key create/list/revoke, agents, revoke.
 
 The router's only argv parser and the only place it prints: the modules
 below take values, return results and raise.
@@ -17,12 +17,16 @@ from pathlib import Path
 
 from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import fingerprint
-from xim_router import dataplane, keys, openai_api, server
+from xim_proto.modelid import is_model_id
+from xim_router import dataplane, exposure, keys, openai_api, server
 from xim_router import store as store_mod
 from xim_router.mesh import RouterSettings
 from xim_router.server import Bound, ServeOptions, StartupError
 
 DEFAULT_STATE_DIR = "/var/lib/xim-router"
+EXIT_USAGE = 2          # what argparse returns for a bad command line: an unsafe one is refused alike
+
+log = logging.getLogger("xim_router")
 
 
 def _duration(text: str) -> float:
@@ -51,6 +55,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _model_id(text: str) -> str:
+    if not is_model_id(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hugging Face model id (org/name: "
+                                         "letters, digits, '-', '_', '.'; no path, no leading '-')")
+    return text
+
+
 def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     """The serving flags of ``xim-router serve``."""
     group = parser.add_argument_group("OpenAI API")
@@ -77,7 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[state], help="run the router")
     listen = serve.add_argument_group("listening")
     listen.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
-                        help="enrollment/API address (default 127.0.0.1:8080; port 0 = any free)")
+                        help="OpenAI API address, and enrollment's unless --enroll-http "
+                             "(default 127.0.0.1:8080; port 0 = any free)")
+    listen.add_argument("--enroll-http", type=_host_port, metavar="HOST:PORT",
+                        help="serve the enrollment API on this address instead (e.g. a private "
+                             "network), apart from the OpenAI API")
+    listen.add_argument(exposure.ALLOW_FLAG, action="store_true",
+                        help="serve plain HTTP without API keys on a non-loopback --http address "
+                             "(refused otherwise: anyone who reaches it uses the API, and keys "
+                             "cross the network in clear)")
     listen.add_argument("--mesh", type=_mesh_endpoint, default="tcp://127.0.0.1:5555",
                         metavar="tcp://HOST:PORT", help="mesh address (default %(default)s; port 0 = any)")
     listen.add_argument("--advertise", action="append", type=_mesh_endpoint, default=[],
@@ -104,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ttl", type=_duration, default=86400.0, metavar="DURATION",
                         help="valid for (default 24h)")
     create.add_argument("--uses", type=_positive_int, default=1, help="how many agents may use it (default 1)")
-    create.add_argument("--model", help="model assigned to agents that enroll with it")
+    create.add_argument("--model", type=_model_id, help="model assigned to agents that enroll with it "
+                                                        "(a Hugging Face id, org/name)")
+    listing = jk_sub.add_parser("list", parents=[state],
+                                help="list join keys: fingerprint, uses left, expiry, model (never the key)")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    jk_revoke = jk_sub.add_parser("revoke", parents=[state],
+                                  help="revoke a join key: no agent can enroll with it any more")
+    jk_revoke.add_argument("fingerprint", help="as `join-key list` shows it (sha256:…)")
 
     agents = sub.add_parser("agents", parents=[state], help="list enrolled agents")
     agents.add_argument("--format", choices=["table", "json"], default="table")
@@ -128,6 +154,42 @@ def cmd_join_key_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def join_key_rows(join_keys: list[store_mod.JoinKey], now: float) -> list[dict]:
+    """What `join-key list` shows of each key: never the key, which the store does not hold."""
+    def state(k: store_mod.JoinKey) -> str:
+        if k.expires_at <= now:
+            return "expired"
+        return "used up" if k.uses_left <= 0 else "valid"
+    return [{"fingerprint": k.fingerprint, "state": state(k), "uses_left": max(k.uses_left, 0),
+             "created_at": k.created_at, "expires_at": k.expires_at,
+             "expires": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(k.expires_at)),
+             "model": k.model} for k in join_keys]
+
+
+def cmd_join_key_list(args: argparse.Namespace) -> int:
+    rows = join_key_rows(open_store(args.state_dir).join_keys(), time.time())
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_table(rows, ["fingerprint", "state", "uses_left", "expires", "model"])
+              if rows else "no join keys")
+    return 0
+
+
+def cmd_join_key_revoke(args: argparse.Namespace) -> int:
+    wanted = args.fingerprint if args.fingerprint.startswith("sha256:") else "sha256:" + args.fingerprint
+    store = open_store(args.state_dir)
+    if not any(k.fingerprint == wanted for k in store.join_keys()):
+        print(f"xim-router: no join key {wanted} (see `xim-router join-key list`)", file=sys.stderr)
+        return 1
+    if not store.revoke_join_key(wanted):
+        print(f"xim-router: join key {wanted} is already expired or used up", file=sys.stderr)
+        return 1
+    print(f"revoked join key {wanted}: no agent can enroll with it any more (agents that already "
+          "did keep their identity; `xim-router revoke AGENT_ID` ends one)")
+    return 0
+
+
 def agent_rows(agents: list[store_mod.Agent], now: float) -> list[dict]:
     rows = []
     for a in agents:
@@ -146,11 +208,13 @@ def agent_rows(agents: list[store_mod.Agent], now: float) -> list[dict]:
     return rows
 
 
-def render_table(rows: list[dict]) -> str:
+AGENT_COLUMNS = ["agent_id", "worker_id", "hostname", "state", "last_seen_ago_s", "running",
+                 "waiting", "models"]
+
+
+def render_table(rows: list[dict], columns: list[str] = AGENT_COLUMNS) -> str:
     if not rows:
         return "no agents enrolled"
-    columns = ["agent_id", "worker_id", "hostname", "state", "last_seen_ago_s", "running",
-               "waiting", "models"]
     cells = [[", ".join(r[c]) if isinstance(r[c], list) else ("-" if r[c] is None else str(r[c]))
               for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -201,13 +265,28 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise StartupError(str(exc)) from None
     return ServeOptions(state_dir=Path(args.state_dir), http=args.http, mesh=args.mesh,
                         advertise=tuple(args.advertise), settings=settings, api=api,
-                        ssl_context=ssl_context)
+                        ssl_context=ssl_context, enroll_http=args.enroll_http)
+
+
+class UnsafeExposure(StartupError):
+    """The listeners would expose the router without protection and nobody said that is wanted."""
+
+
+def checked_exposure(args: argparse.Namespace, options: ServeOptions) -> None:
+    """Refuse an unprotected public listener; log a warning for every other unsafe one."""
+    verdict = exposure.assess(options.http, options.enroll_http, tls=options.ssl_context is not None,
+                              api_keys=bool(options.api.api_keys),
+                              allow_insecure_http=args.allow_insecure_http)
+    if verdict.refusal:
+        raise UnsafeExposure(verdict.refusal)
+    for warning in verdict.warnings:
+        log.warning("%s", warning)
 
 
 def serving_line(bound: Bound) -> str:
     """The one line on stdout that scripts and tests parse (tests/support/router.py READY_LINE)."""
     return (f"xim-router serving http={bound.http_url} mesh={bound.mesh_endpoint} "
-            f"public_key={bound.public_key} state_dir={bound.state_dir}")
+            f"public_key={bound.public_key} state_dir={bound.state_dir} enroll={bound.enroll_url}")
 
 
 async def serve(options: ServeOptions) -> int:
@@ -223,7 +302,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(serve(serve_options(args)))
+        options = serve_options(args)
+        checked_exposure(args, options)
+        return asyncio.run(serve(options))
+    except UnsafeExposure as exc:
+        print(f"xim-router: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StartupError as exc:
         print(f"xim-router: {exc}", file=sys.stderr)
         return 1
@@ -232,6 +316,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("serve", None): cmd_serve,
     ("join-key", "create"): cmd_join_key_create,
+    ("join-key", "list"): cmd_join_key_list,
+    ("join-key", "revoke"): cmd_join_key_revoke,
     ("agents", None): cmd_agents,
     ("revoke", None): cmd_revoke,
 }

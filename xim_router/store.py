@@ -263,3 +263,18 @@ class Store:
         rows = self.db.execute("SELECT agent_id FROM agents WHERE state IN (?, ?)",
                                FINAL_STATES).fetchall()
         return {r["agent_id"] for r in rows}
+
+    # ------------------------------------------------------------ join keys by fingerprint
+
+    def revoke_join_key(self, key_fingerprint: str, now: float | None = None) -> bool:
+        """Spend what is left of a live join key and expire it now; False when none is live.
+
+        Expired rather than deleted: agents enrolled with it keep pointing at a
+        row, and `join-key list` still shows it.
+        """
+        now = time.time() if now is None else now
+        with self._write() as db:
+            cur = db.execute("UPDATE join_keys SET uses_left = 0, expires_at = ? "
+                             "WHERE fingerprint = ? AND expires_at > ? AND uses_left > 0",
+                             (now, key_fingerprint, now))
+        return cur.rowcount > 0
