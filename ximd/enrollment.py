@@ -50,6 +50,8 @@ log = logging.getLogger("ximd.enrollment")
 
 CREDENTIAL_NAME = "join-key"
 HTTP_TIMEOUT_S = 30.0
+# Every answer of the enrollment API is a small JSON object; anything longer is not one.
+MAX_REPLY_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------- errors
@@ -156,9 +158,14 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-            async with http.post(url, json=body, headers=headers, ssl=ssl_arg) as resp:
-                raw = await resp.read()
+            # No redirects: following one would re-send the join key or the token
+            # to wherever the answer points, https → http included.
+            async with http.post(url, json=body, headers=headers, ssl=ssl_arg,
+                                 allow_redirects=False) as resp:
                 status = resp.status
+                if 300 <= status < 400:
+                    raise RouterConfigError(_redirect_refusal(url, status, resp.headers.get("Location")))
+                raw = await _read_capped(resp, url)
     except aiohttp.ClientConnectorCertificateError as exc:
         raise RouterUnreachable(f"the certificate of {url} is not trusted "
                                 f"({exc.certificate_error}); set router.ca_file to the CA that "
@@ -170,7 +177,7 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
                                 f"{exc or type(exc).__name__}") from None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):     # RecursionError: nested past Python's limit
         data = None
     if status == 200 and isinstance(data, dict):
         return data
@@ -180,6 +187,28 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
     if enroll_api.is_final_refusal(status):
         raise EnrollmentRejected(code, message, status)
     raise RouterUnreachable(f"the router at {url} answered {status} ({code}): {message}")
+
+
+def _redirect_refusal(url: str, status: int, location: str | None) -> str:
+    where = repr(location[:200]) if location else "nowhere (no Location)"
+    return (f"the router at {url} answered {status}, a redirect to {where}; ximd does not follow "
+            "redirects (they would carry the join key or token elsewhere): set router.url to the "
+            "router's own address")
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, url: str) -> bytes:
+    """The answer's body, or RouterUnreachable once it passes MAX_REPLY_BYTES."""
+    too_long = RouterUnreachable(f"the answer of {url} is longer than {MAX_REPLY_BYTES} bytes; "
+                                 "is this an XIM router?")
+    if resp.content_length is not None and resp.content_length > MAX_REPLY_BYTES:
+        raise too_long
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise too_long
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _endpoint(base: str, path: str) -> str:
