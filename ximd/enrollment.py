@@ -36,7 +36,7 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
-from ximd.config import FALLBACK_MAX_CONCURRENT
+from ximd.config import FALLBACK_MAX_CONCURRENT, RouterSection
 from ximd.identity import (
     EnrollmentError,
     EnrollmentRejected,
@@ -131,24 +131,30 @@ def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | Non
 # ---------------------------------------------------------------- HTTP
 
 
-def router_ssl(url: str, ca_file: str, insecure: bool):
-    """The `ssl` argument for aiohttp: a context, False (unverified), or None (plain http)."""
+def router_ssl(url: str, router: RouterSection):
+    """The `ssl` argument for aiohttp: a context, False (unverified), or None (plain http).
+
+    ``router`` is the config's [router] section: ``allow_http`` permits http://,
+    ``tls_skip_verify`` turns the certificate check off (said in the log each time).
+    """
     scheme = urlsplit(url).scheme
     if scheme == "http":
-        if not insecure:
+        if not router.allow_http:
             raise RouterConfigError(f"router.url {url} is plain http: use https, or set "
-                                    "router.insecure = true to allow it (testing only)")
+                                    "router.allow_http = true to allow it (testing only)")
         return None
     if scheme != "https":
         raise RouterConfigError(f"router.url {url!r} must start with https:// (or http:// with "
-                                "router.insecure)")
-    if ca_file:
+                                "router.allow_http)")
+    if router.ca_file:        # a CA to check against wins over skipping the check
         try:
-            return ssl.create_default_context(cafile=ca_file)
+            return ssl.create_default_context(cafile=router.ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise RouterConfigError(f"router.ca_file {ca_file}: cannot load it as a CA "
+            raise RouterConfigError(f"router.ca_file {router.ca_file}: cannot load it as a CA "
                                     f"bundle ({getattr(exc, 'strerror', None) or exc})") from None
-    if insecure:
+    if router.tls_skip_verify:
+        log.warning("router.tls_skip_verify: the certificate of %s is not checked; anyone on the "
+                    "path can pose as the router and take the join key (set router.ca_file instead)", url)
         return False
     return ssl.create_default_context()
 
@@ -245,7 +251,7 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
         raise RouterConfigError("router.url is not set: put the router's URL in "
                                 "/etc/xerotier/agent.toml ([router] url = \"https://…\") or "
                                 "XEROTIER_AGENT_ROUTER_URL")
-    ssl_arg = router_ssl(url, cfg.router.ca_file, cfg.router.insecure)
+    ssl_arg = router_ssl(url, cfg.router)
     public, secret = zmq.curve_keypair()
     data = await _post(_endpoint(url, enroll_api.ENROLL_PATH), ssl_arg=ssl_arg, body={
         "join_key": join_key,
@@ -275,7 +281,7 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
 
 async def refresh(cfg, identity: Identity) -> Identity:
     """The identity with a new token (the current one may have lapsed within the router's grace)."""
-    ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
+    ssl_arg = router_ssl(identity.router_url, cfg.router)
     data = await _post(_endpoint(identity.router_url, enroll_api.REFRESH_PATH), body={},
                        ssl_arg=ssl_arg, token=identity.token)
     expires = data.get("token_expires_at")
@@ -285,7 +291,7 @@ async def refresh(cfg, identity: Identity) -> Identity:
 
 
 async def unenroll(cfg, identity: Identity) -> None:
-    ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
+    ssl_arg = router_ssl(identity.router_url, cfg.router)
     await _post(_endpoint(identity.router_url, enroll_api.UNENROLL_PATH), body={}, ssl_arg=ssl_arg,
                 token=identity.token)
 
