@@ -18,8 +18,9 @@ Pure: the CLI asks `assess` before anything binds, refuses (exit 2) what
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
+
+from xim_proto.addresses import is_loopback_host
 
 ALLOW_FLAG = "--allow-insecure-http"
 
@@ -28,16 +29,6 @@ ALLOW_FLAG = "--allow-insecure-http"
 class Exposure:
     refusal: str | None            # why serve must not start, naming the flags; None = may start
     warnings: tuple[str, ...]      # unsafe but allowed: each goes to the log as a warning
-
-
-def is_loopback(host: str) -> bool:
-    """Only this host can reach ``host``. Names other than localhost count as public."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _shown(host: str, port: int) -> str:
@@ -51,7 +42,7 @@ def assess(http: tuple[str, int], enroll_http: tuple[str, int] | None, *, tls: b
     refusal = None
     api_where = _shown(*http)
     carries = "the OpenAI API" + ("" if enroll_http else " and enrollment")
-    if not is_loopback(http[0]):
+    if not is_loopback_host(http[0]):
         in_clear = "API keys" if enroll_http else "API keys, join keys and agent tokens"
         if not tls and not api_keys:
             risk = (f"--http {api_where} is not a loopback address and would serve {carries} over "
@@ -71,7 +62,7 @@ def assess(http: tuple[str, int], enroll_http: tuple[str, int] | None, *, tls: b
         elif not tls:
             warnings.append(f"UNSAFE: --http {api_where} is not a loopback address and serves plain "
                             f"HTTP: {in_clear} cross the network in clear (give --tls-cert/--tls-key)")
-    if enroll_http and not is_loopback(enroll_http[0]) and not tls:
+    if enroll_http and not is_loopback_host(enroll_http[0]) and not tls:
         warnings.append(f"UNSAFE: --enroll-http {_shown(*enroll_http)} is not a loopback address and "
                         "serves plain HTTP: join keys and agent tokens cross the network in clear "
                         "(give --tls-cert/--tls-key)")
