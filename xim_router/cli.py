@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="disconnected for this long: dead (default 5m)")
     timing.add_argument("--token-ttl", type=_duration, default=86400.0, metavar="DURATION",
                         help="lifetime of an agent's bearer token (default 24h)")
+    timing.add_argument("--refresh-grace", type=_duration, default=RouterSettings.token_grace_s,
+                        metavar="DURATION",
+                        help="how long after its expiry a token may still be refreshed, and how long "
+                             "a node may be off the mesh before a token alone no longer renews or "
+                             "unenrolls it (default 7d)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     add_api_arguments(serve)
@@ -252,6 +257,7 @@ def router_settings_from(args: argparse.Namespace) -> RouterSettings:
         raise StartupError("--lease-timeout must be longer than --lease-interval")
     return RouterSettings(lease_interval_s=args.lease_interval, lease_timeout_s=args.lease_timeout,
                           dead_after_s=args.dead_after, token_ttl_s=args.token_ttl,
+                          token_grace_s=args.refresh_grace,
                           sweep_interval_s=min(1.0, args.lease_interval / 2))
 
 

@@ -118,10 +118,12 @@ async def enroll(request: web.Request) -> web.Response:
 
 async def refresh(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
+    token, grace_s = bearer_token(request), router.settings.token_grace_s
     try:
-        token, expires_at = router.store.refresh_token(
-            bearer_token(request), ttl_s=router.settings.token_ttl_s,
-            grace_s=router.settings.token_grace_s)
+        router.store.require_recent_proof(router.store.check_token(token, grace_s=grace_s),
+                                          within_s=grace_s)
+        token, expires_at = router.store.refresh_token(token, ttl_s=router.settings.token_ttl_s,
+                                                       grace_s=grace_s)
     except store_mod.StoreError as exc:
         raise _refusal(exc) from None
     return web.json_response({"token": token, "token_expires_at": expires_at})
@@ -129,8 +131,10 @@ async def refresh(request: web.Request) -> web.Response:
 
 async def unenroll(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
+    grace_s = router.settings.token_grace_s
     try:
-        agent = router.store.check_token(bearer_token(request), grace_s=router.settings.token_grace_s)
+        agent = router.store.check_token(bearer_token(request), grace_s=grace_s)
+        router.store.require_recent_proof(agent, within_s=grace_s)
     except store_mod.StoreError as exc:
         raise _refusal(exc) from None
     router.store.final_state(agent.agent_id, store_mod.UNENROLLED)

@@ -278,3 +278,19 @@ class Store:
                              "WHERE fingerprint = ? AND expires_at > ? AND uses_left > 0",
                              (now, key_fingerprint, now))
         return cur.rowcount > 0
+
+    # ------------------------------------------------------------ what a bare token may still do
+
+    def require_recent_proof(self, agent: Agent, *, within_s: float, now: float | None = None) -> None:
+        """Refuse a bare token's refresh or unenroll for a node not proven within ``within_s``.
+
+        Proof is the join key (enrolled_at) or a lease over the CURVE mesh
+        (last_seen_at): only the holder of the node's secret key sends one. A
+        token stolen from a node that is gone then cannot be renewed forever.
+        """
+        now = time.time() if now is None else now
+        proven_at = max(agent.enrolled_at, agent.last_seen_at or 0.0)
+        if now - proven_at > within_s:
+            raise StoreError("token_expired", "this node has not been on the mesh for longer than the "
+                                              "refresh grace; a token alone no longer renews or "
+                                              "unenrolls it: enroll again with a new join key")
