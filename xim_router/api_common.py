@@ -62,7 +62,7 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise NotJsonObject("the body is not JSON") from None
+        raise NotJsonObject("the body is not valid JSON") from None
     except RecursionError:
         raise NotJsonObject("the body is nested too deeply") from None
     if not isinstance(body, dict):

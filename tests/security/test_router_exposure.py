@@ -161,8 +161,8 @@ def test_a_revoked_join_key_enrolls_nobody(tmp_path):
     with RouterProcess(tmp_path) as router:
         key = router.join_key(uses=5)
         kept = router.join_key()
-        print_ = router.admin("join-key", "revoke", joinkey.fingerprint(key))
-        assert "revoked join key" in print_.stdout
+        revoked_now = router.admin("join-key", "revoke", joinkey.fingerprint(key))
+        assert "revoked join key" in revoked_now.stdout
         cfg = load_config(write_agent_config(tmp_path / "agent.toml", url=router.http_url,
                                              state_dir=tmp_path / "agent-state"))
         with pytest.raises(EnrollmentRejected) as refused:
