@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 
 def parse_host_port(text: str, *, ephemeral_ok: bool = False) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) → (host, port); ValueError says what is wrong.
@@ -20,3 +22,13 @@ def parse_host_port(text: str, *, ephemeral_ok: bool = False) -> tuple[str, int]
     if not (0 if ephemeral_ok else 1) <= port < 65536:
         raise ValueError(f"port {port} is out of range {0 if ephemeral_ok else 1}-65535")
     return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    """Only this host can reach ``host`` (127.0.0.0/8, ::1, localhost); other names count as remote."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -48,15 +48,34 @@ async def json_errors(request: web.Request, handler):
         return error_response(500, "internal", "internal error; see the router's log")
 
 
+class NotJsonObject(ValueError):
+    """A body that is not a JSON object; the message says what is wrong, for a 400."""
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """``raw`` as a JSON object; NotJsonObject says why not.
+
+    Nesting deeper than Python's recursion limit is refused like any other
+    bad body: json raises RecursionError for it, which would otherwise leave
+    as a 500. The time is bounded by the body size limit (the parser is linear).
+    """
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise NotJsonObject("the body is not valid JSON") from None
+    except RecursionError:
+        raise NotJsonObject("the body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise NotJsonObject("the body must be a JSON object")
+    return body
+
+
 async def read_json(request: web.Request) -> dict:
     """The request body as a JSON object, or a 400 that says what is wrong."""
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_request", "the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
-    return body
+        return parse_json_object(await request.read())
+    except NotJsonObject as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
 
 
 def bearer_token(request: web.Request) -> str:

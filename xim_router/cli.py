@@ -1,4 +1,4 @@
-"""`xim-router`: serve, join-key create, agents (list, set), revoke.
+"""`xim-router`: serve, join-key create/list/revoke, agents (list, set), revoke.
 
 The router's only argv parser and the only place it prints: the modules
 below take values, return results and raise.
@@ -17,13 +17,17 @@ from pathlib import Path
 
 from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import fingerprint
-from xim_router import dataplane, keys, openai_api, server
+from xim_proto.modelid import is_model_id
+from xim_router import dataplane, exposure, keys, openai_api, server
 from xim_router import store as store_mod
 from xim_router.mesh import RouterSettings
 from xim_router.policy import MAX_CONCURRENT_LIMIT, NodePolicy, check_max_concurrent, check_model_name
 from xim_router.server import Bound, ServeOptions, StartupError
 
 DEFAULT_STATE_DIR = "/var/lib/xim-router"
+EXIT_USAGE = 2          # what argparse returns for a bad command line: an unsafe one is refused alike
+
+log = logging.getLogger("xim_router")
 
 
 def _duration(text: str) -> float:
@@ -85,6 +89,13 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, replacing: bool) ->
                              help="remove the ceiling: what it declares counts again")
 
 
+def _model_id(text: str) -> str:
+    if not is_model_id(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hugging Face model id (org/name: "
+                                         "letters, digits, '-', '_', '.'; no path, no leading '-')")
+    return text
+
+
 def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     """The serving flags of ``xim-router serve``."""
     group = parser.add_argument_group("OpenAI API")
@@ -115,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[state], help="run the router")
     listen = serve.add_argument_group("listening")
     listen.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
-                        help="enrollment/API address (default 127.0.0.1:8080; port 0 = any free)")
+                        help="OpenAI API address, and enrollment's unless --enroll-http "
+                             "(default 127.0.0.1:8080; port 0 = any free)")
+    listen.add_argument("--enroll-http", type=_host_port, metavar="HOST:PORT",
+                        help="serve the enrollment API on this address instead (e.g. a private "
+                             "network), apart from the OpenAI API")
+    listen.add_argument(exposure.ALLOW_FLAG, action="store_true",
+                        help="serve plain HTTP without API keys on a non-loopback --http address "
+                             "(refused otherwise: anyone who reaches it uses the API, and keys "
+                             "cross the network in clear)")
     listen.add_argument("--mesh", type=_mesh_endpoint, default="tcp://127.0.0.1:5555",
                         metavar="tcp://HOST:PORT", help="mesh address (default %(default)s; port 0 = any)")
     listen.add_argument("--advertise", action="append", type=_mesh_endpoint, default=[],
@@ -132,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="disconnected for this long: dead (default 5m)")
     timing.add_argument("--token-ttl", type=_duration, default=86400.0, metavar="DURATION",
                         help="lifetime of an agent's bearer token (default 24h)")
+    timing.add_argument("--refresh-grace", type=_duration, default=RouterSettings.token_grace_s,
+                        metavar="DURATION",
+                        help="how long after its expiry a token may still be refreshed, and how long "
+                             "a node may be off the mesh before a token alone no longer renews or "
+                             "unenrolls it (default 7d)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     add_api_arguments(serve)
@@ -145,9 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ttl", type=_duration, default=86400.0, metavar="DURATION",
                         help="valid for (default 24h)")
     create.add_argument("--uses", type=_positive_int, default=1, help="how many agents may use it (default 1)")
-    create.add_argument("--model", type=_model_name,
-                        help="model assigned to agents that enroll with it (and allowed to them)")
+    create.add_argument("--model", type=_model_id,
+                        help="model assigned to agents that enroll with it (and allowed to them; "
+                             "a Hugging Face id, org/name)")
     add_policy_arguments(create, replacing=False)
+    listing = jk_sub.add_parser("list", parents=[state],
+                                help="list join keys: fingerprint, uses left, expiry, model (never the key)")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    jk_revoke = jk_sub.add_parser("revoke", parents=[state],
+                                  help="revoke a join key: no agent can enroll with it any more")
+    jk_revoke.add_argument("fingerprint", help="as `join-key list` shows it (sha256:…)")
 
     agents = sub.add_parser("agents", parents=[state], help="list enrolled agents; set what one may serve")
     agents.add_argument("--format", choices=["table", "json"], default="table")
@@ -225,6 +256,43 @@ def cmd_agents_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def join_key_rows(join_keys: list[store_mod.JoinKey], now: float) -> list[dict]:
+    """What `join-key list` shows of each key: never the key, which the store does not hold."""
+    def state(k: store_mod.JoinKey) -> str:
+        if k.expires_at <= now:
+            return "expired"
+        return "used up" if k.uses_left <= 0 else "valid"
+    return [{"fingerprint": k.fingerprint, "state": state(k), "uses_left": max(k.uses_left, 0),
+             "created_at": k.created_at, "expires_at": k.expires_at,
+             "expires": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(k.expires_at)),
+             "model": k.model} for k in join_keys]
+
+
+def cmd_join_key_list(args: argparse.Namespace) -> int:
+    rows = join_key_rows(open_store(args.state_dir).join_keys(), time.time())
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_table([{c: cell_text(v) for c, v in r.items()} for r in rows],
+                           ["fingerprint", "state", "uses_left", "expires", "model"])
+              if rows else "no join keys")
+    return 0
+
+
+def cmd_join_key_revoke(args: argparse.Namespace) -> int:
+    wanted = args.fingerprint if args.fingerprint.startswith("sha256:") else "sha256:" + args.fingerprint
+    store = open_store(args.state_dir)
+    if not any(k.fingerprint == wanted for k in store.join_keys()):
+        print(f"xim-router: no join key {wanted} (see `xim-router join-key list`)", file=sys.stderr)
+        return 1
+    if not store.revoke_join_key(wanted):
+        print(f"xim-router: join key {wanted} is already expired or used up", file=sys.stderr)
+        return 1
+    print(f"revoked join key {wanted}: no agent can enroll with it any more (agents that already "
+          "did keep their identity; `xim-router revoke AGENT_ID` ends one)")
+    return 0
+
+
 def agent_rows(agents: list[store_mod.Agent], now: float) -> list[dict]:
     """What `agents` shows: the node's own declarations (models, declared_max_concurrent,
     from its last lease) beside what the operator allows and what the router uses."""
@@ -258,26 +326,30 @@ def printable(text: str) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
+def cell_text(value: object) -> str:
+    """One value as a table cell: lists joined, None as '-', control characters escaped."""
+    if isinstance(value, list):
+        return printable(", ".join(value)) if value else "-"
+    return "-" if value is None else printable(str(value))
+
+
+AGENT_COLUMNS = ["agent_id", "worker_id", "hostname", "state", "last_seen_ago_s", "running",
+                 "waiting", "models", "allowed", "refused", "max_concurrent"]
+
+
 def table_cells(row: dict) -> dict[str, str]:
     """One agent's row as the table shows it."""
-    def text(value) -> str:
-        if isinstance(value, list):
-            return ", ".join(value) if value else "-"
-        return "-" if value is None else str(value)
-    cells = {c: printable(text(v)) for c, v in row.items()}
-    cells["allowed"] = "any" if row["allowed_models"] is None else printable(text(row["allowed_models"]))
+    cells = {c: cell_text(v) for c, v in row.items()}
+    cells["allowed"] = "any" if row["allowed_models"] is None else cell_text(row["allowed_models"])
     cells["refused"] = cells.pop("refused_models")
     effective, declared = row["effective_max_concurrent"], row["declared_max_concurrent"]
     cells["max_concurrent"] = f"{effective}" + (f" (declares {declared})" if declared != effective else "")
     return cells
 
 
-def render_table(rows: list[dict]) -> str:
-    if not rows:
-        return "no agents enrolled"
-    columns = ["agent_id", "worker_id", "hostname", "state", "last_seen_ago_s", "running",
-               "waiting", "models", "allowed", "refused", "max_concurrent"]
-    cells = [[table_cells(r)[c] for c in columns] for r in rows]
+def render_table(rows: list[dict[str, str]], columns: list[str]) -> str:
+    """Rows of cell texts in aligned columns, headed by the column names."""
+    cells = [[r[c] for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -286,7 +358,10 @@ def render_table(rows: list[dict]) -> str:
 
 def cmd_agents(args: argparse.Namespace) -> int:
     rows = agent_rows(open_store(args.state_dir).agents(), time.time())
-    print(json.dumps(rows, indent=2) if args.format == "json" else render_table(rows))
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_table([table_cells(r) for r in rows], AGENT_COLUMNS) if rows else "no agents enrolled")
     return 0
 
 
@@ -313,6 +388,7 @@ def router_settings_from(args: argparse.Namespace) -> RouterSettings:
         raise StartupError("--lease-timeout must be longer than --lease-interval")
     return RouterSettings(lease_interval_s=args.lease_interval, lease_timeout_s=args.lease_timeout,
                           dead_after_s=args.dead_after, token_ttl_s=args.token_ttl,
+                          token_grace_s=args.refresh_grace,
                           sweep_interval_s=min(1.0, args.lease_interval / 2))
 
 
@@ -326,13 +402,28 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise StartupError(str(exc)) from None
     return ServeOptions(state_dir=Path(args.state_dir), http=args.http, mesh=args.mesh,
                         advertise=tuple(args.advertise), settings=settings, api=api,
-                        ssl_context=ssl_context)
+                        ssl_context=ssl_context, enroll_http=args.enroll_http)
+
+
+class UnsafeExposure(StartupError):
+    """The listeners would expose the router without protection and nobody said that is wanted."""
+
+
+def checked_exposure(args: argparse.Namespace, options: ServeOptions) -> None:
+    """Refuse an unprotected public listener; log a warning for every other unsafe one."""
+    verdict = exposure.assess(options.http, options.enroll_http, tls=options.ssl_context is not None,
+                              api_keys=bool(options.api.api_keys),
+                              allow_insecure_http=args.allow_insecure_http)
+    if verdict.refusal:
+        raise UnsafeExposure(verdict.refusal)
+    for warning in verdict.warnings:
+        log.warning("%s", warning)
 
 
 def serving_line(bound: Bound) -> str:
     """The one line on stdout that scripts and tests parse (tests/support/router.py READY_LINE)."""
     return (f"xim-router serving http={bound.http_url} mesh={bound.mesh_endpoint} "
-            f"public_key={bound.public_key} state_dir={bound.state_dir}")
+            f"public_key={bound.public_key} state_dir={bound.state_dir} enroll={bound.enroll_url}")
 
 
 async def serve(options: ServeOptions) -> int:
@@ -348,7 +439,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(serve(serve_options(args)))
+        options = serve_options(args)
+        checked_exposure(args, options)
+        return asyncio.run(serve(options))
+    except UnsafeExposure as exc:
+        print(f"xim-router: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StartupError as exc:
         print(f"xim-router: {exc}", file=sys.stderr)
         return 1
@@ -357,6 +453,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("serve", None): cmd_serve,
     ("join-key", "create"): cmd_join_key_create,
+    ("join-key", "list"): cmd_join_key_list,
+    ("join-key", "revoke"): cmd_join_key_revoke,
     ("agents", None): cmd_agents,
     ("agents", "set"): cmd_agents_set,
     ("revoke", None): cmd_revoke,

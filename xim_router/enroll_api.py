@@ -120,10 +120,12 @@ async def enroll(request: web.Request) -> web.Response:
 
 async def refresh(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
+    token, grace_s = bearer_token(request), router.settings.token_grace_s
     try:
+        agent = await router.store_worker.call(router.store.check_token, token, grace_s=grace_s)
+        router.store.require_recent_proof(agent, within_s=grace_s)
         token, expires_at = await router.store_worker.call(
-            router.store.refresh_token, bearer_token(request), ttl_s=router.settings.token_ttl_s,
-            grace_s=router.settings.token_grace_s)
+            router.store.refresh_token, token, ttl_s=router.settings.token_ttl_s, grace_s=grace_s)
     except store_mod.StoreError as exc:
         raise _refusal(exc) from None
     return web.json_response({"token": token, "token_expires_at": expires_at})
@@ -131,9 +133,11 @@ async def refresh(request: web.Request) -> web.Response:
 
 async def unenroll(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
+    grace_s = router.settings.token_grace_s
     try:
         agent = await router.store_worker.call(router.store.check_token, bearer_token(request),
-                                               grace_s=router.settings.token_grace_s)
+                                               grace_s=grace_s)
+        router.store.require_recent_proof(agent, within_s=grace_s)
     except store_mod.StoreError as exc:
         raise _refusal(exc) from None
     await router.store_worker.call(router.store.final_state, agent.agent_id, store_mod.UNENROLLED)

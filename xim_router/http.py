@@ -24,10 +24,12 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "agents_connected": len(router.sessions)})
 
 
-def build_app(router: Router) -> web.Application:
+def build_app(router: Router, modules: tuple = ROUTE_MODULES) -> web.Application:
+    """An app with /healthz and the routes of ``modules`` (a separate enrollment
+    listener gets only enroll_api, the API listener then only openai_api)."""
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
     app[ROUTER_KEY] = router
     app.router.add_get("/healthz", healthz)
-    for module in ROUTE_MODULES:
+    for module in modules:
         module.add_routes(app)
     return app

@@ -192,7 +192,7 @@ class Router:
         # over the address of a live one; a reconnecting agent proves its key with a new hello.
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keypair.secret.encode())
-        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        zap.require_zap(sock, ZAP_DOMAIN)           # no handler answering: nobody gets in
         monitor_owner = sock.get_monitor_socket()
         monitor: zmq.Socket = zmq.Socket.shadow(monitor_owner.underlying)
         try:

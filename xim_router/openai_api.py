@@ -35,7 +35,7 @@ from aiohttp import web
 
 from xim_proto import codec
 from xim_router import dataplane
-from xim_router.api_common import ROUTER_KEY
+from xim_router.api_common import ROUTER_KEY, NotJsonObject, parse_json_object
 from xim_router.dataplane import ClientGone, RequestFailed
 
 log = logging.getLogger("xim_router.openai")
@@ -159,6 +159,15 @@ def unauthorized() -> web.Response:
         401))
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The body, or RequestFailed(413) in OpenAI's shape when it is over the app's limit."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestFailed("too_large", "the request body is over the router's size limit",
+                            413) from None
+
+
 @dataclass(frozen=True)
 class Call:
     """What the router needs from a client's body."""
@@ -172,11 +181,9 @@ class Call:
 def parse_call(raw: bytes) -> Call:
     """Read model/stream from the body; RequestFailed(400) says what is wrong."""
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise RequestFailed("bad_request", "the request body is not valid JSON", 400) from None
-    if not isinstance(obj, dict):
-        raise RequestFailed("bad_request", "the request body must be a JSON object", 400)
+        obj = parse_json_object(raw)
+    except NotJsonObject as exc:
+        raise RequestFailed("bad_request", str(exc), 400) from None
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise RequestFailed("bad_request", "'model' is required and must be a string", 400)
@@ -210,7 +217,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not authorized(request, settings.api_keys):
         return unauthorized()
     try:
-        call = parse_call(await request.read())
+        call = parse_call(await read_body(request))
     except RequestFailed as exc:
         return error_response(exc)
     presence = dataplane.Presence()

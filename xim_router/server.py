@@ -16,7 +16,7 @@ from pathlib import Path
 import zmq
 from aiohttp import web
 
-from xim_router import keys, openai_api
+from xim_router import enroll_api, keys, openai_api
 from xim_router import store as store_mod
 from xim_router.http import build_app
 from xim_router.mesh import Router, RouterSettings
@@ -52,6 +52,7 @@ class ServeOptions:
     settings: RouterSettings
     api: openai_api.ApiSettings
     ssl_context: ssl.SSLContext | None = None
+    enroll_http: tuple[str, int] | None = None   # a separate enrollment listener; None = on `http`
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Bound:
     mesh_endpoint: str
     public_key: str
     state_dir: Path
+    enroll_url: str = ""          # where nodes enroll: http_url unless --enroll-http
 
 
 @dataclass
@@ -71,18 +73,20 @@ class Running:
     bound: Bound
     store: store_mod.Store
     router: Router
-    runner: web.AppRunner
+    runners: tuple[web.AppRunner, ...]
 
     async def serve_until_signalled(self) -> int:
         """Serve until SIGTERM or SIGINT, then stop everything; the exit status."""
-        log.info("enrollment API on %s, mesh on %s", self.bound.http_url, self.bound.mesh_endpoint)
+        log.info("OpenAI API on %s, enrollment API on %s, mesh on %s", self.bound.http_url,
+                 self.bound.enroll_url, self.bound.mesh_endpoint)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping")
-        await self.runner.cleanup()
+        for runner in self.runners:
+            await runner.cleanup()
         await self.router.stop()
         self.store.close()
         return 0
@@ -102,21 +106,41 @@ async def start(options: ServeOptions) -> Running:
         await router.start()
     except zmq.ZMQError as exc:
         raise StartupError(f"cannot listen on {options.mesh}: {exc}") from None
-    app = build_app(router)
-    openai_api.configure(app, options.api)
+    ssl_context = options.ssl_context
+    if options.enroll_http is None:
+        listeners = [(options.http, build_app(router))]
+    else:
+        listeners = [(options.http, build_app(router, (openai_api,))),
+                     (options.enroll_http, build_app(router, (enroll_api,)))]
+    openai_api.configure(listeners[0][1], options.api)
+    runners: list[web.AppRunner] = []
+    urls: list[str] = []
+    for (host, port), app in listeners:
+        try:
+            runner, url = await _listen(app, host, port, ssl_context)
+        except StartupError:
+            for started in runners:
+                await started.cleanup()
+            await router.stop()
+            raise
+        runners.append(runner)
+        urls.append(url)
+    bound = Bound(http_url=urls[0], mesh_endpoint=router.mesh_endpoint, public_key=keypair.public,
+                  state_dir=state_dir, enroll_url=urls[-1])
+    return Running(bound=bound, store=store, router=router, runners=tuple(runners))
+
+
+async def _listen(app: web.Application, host: str, port: int,
+                  ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on host:port; (its runner, its URL with the port resolved)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, port = options.http
-    site = web.TCPSite(runner, host, port, ssl_context=options.ssl_context)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        await router.stop()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound_host, bound_port = runner.addresses[0][:2]
-    scheme = "https" if options.ssl_context else "http"
-    http_url = f"{scheme}://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
-    bound = Bound(http_url=http_url, mesh_endpoint=router.mesh_endpoint, public_key=keypair.public,
-                  state_dir=state_dir)
-    return Running(bound=bound, store=store, router=router, runner=runner)
+    scheme = "https" if ssl_context else "http"
+    return runner, f"{scheme}://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"

@@ -367,6 +367,36 @@ class Store:
                                FINAL_STATES).fetchall()
         return {r["agent_id"] for r in rows}
 
+    # ------------------------------------------------------------ join keys by fingerprint
+
+    def revoke_join_key(self, key_fingerprint: str, now: float | None = None) -> bool:
+        """Spend what is left of a live join key and expire it now; False when none is live.
+
+        Expired rather than deleted: agents enrolled with it keep pointing at a
+        row, and `join-key list` still shows it.
+        """
+        now = time.time() if now is None else now
+        with self._write() as db:
+            cur = db.execute("UPDATE join_keys SET uses_left = 0, expires_at = ? "
+                             "WHERE fingerprint = ? AND expires_at > ? AND uses_left > 0",
+                             (now, key_fingerprint, now))
+        return cur.rowcount > 0
+
+    # ------------------------------------------------------------ what a bare token may still do
+
+    def require_recent_proof(self, agent: Agent, *, within_s: float, now: float | None = None) -> None:
+        """Refuse a bare token's refresh or unenroll for a node not proven within ``within_s``.
+
+        Proof is the join key (enrolled_at) or a lease over the CURVE mesh
+        (last_seen_at): only the holder of the node's secret key sends one. A
+        token stolen from a node that is gone then cannot be renewed forever.
+        """
+        now = time.time() if now is None else now
+        proven_at = max(agent.enrolled_at, agent.last_seen_at or 0.0)
+        if now - proven_at > within_s:
+            raise StoreError("token_expired", "this node has not been on the mesh for longer than the "
+                                              "refresh grace; a token alone no longer renews or "
+                                              "unenrolls it: enroll again with a new join key")
 
 # ---------------------------------------------------------------- off the event loop
 

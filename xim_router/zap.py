@@ -24,6 +24,27 @@ log = logging.getLogger("xim_router.zap")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
+# libzmq lets every CURVE client in when no ZAP handler is bound, unless the
+# socket enforces its ZAP domain. The option is part of libzmq's draft API up
+# to 4.3.x: a libzmq built without drafts (or an old pyzmq) refuses or lacks it.
+_ZAP_ENFORCE_DOMAIN: int | None = getattr(zmq, "ZAP_ENFORCE_DOMAIN", None)
+
+
+def _probe_enforce_support() -> bool:
+    if _ZAP_ENFORCE_DOMAIN is None:
+        return False
+    ctx: zmq.Context = zmq.Context.instance()
+    probe = ctx.socket(zmq.ROUTER)
+    try:
+        probe.setsockopt(_ZAP_ENFORCE_DOMAIN, 1)
+        return True
+    except zmq.ZMQError:
+        return False
+    finally:
+        probe.close(linger=0)
+
+
+ENFORCE_SUPPORTED = _probe_enforce_support()
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,24 @@ def decide(mechanism: bytes, credentials: list[bytes],
     if agent.state in store_mod.FINAL_STATES:
         return ZapDecision(False, "", f"agent {agent.agent_id} is {agent.state}")
     return ZapDecision(True, agent.agent_id, "enrolled agent")
+
+
+def require_zap(sock: zmq.Socket, domain: bytes) -> bool:
+    """Make ``sock`` ask ZAP about every connection and refuse all when no handler answers.
+
+    False when this libzmq cannot enforce the domain: then the router relies on
+    its handler being bound before the socket binds and staying up (it answers
+    every request, refusing on any error), and says so in the log.
+    """
+    sock.setsockopt(zmq.ZAP_DOMAIN, domain)
+    if ENFORCE_SUPPORTED:
+        assert _ZAP_ENFORCE_DOMAIN is not None
+        sock.setsockopt(_ZAP_ENFORCE_DOMAIN, 1)
+        return True
+    log.warning("this libzmq (%s) cannot enforce the ZAP domain (ZMQ_ZAP_ENFORCE_DOMAIN is a draft "
+                "option it was built without): if the router's ZAP handler ever stopped, CURVE "
+                "clients would no longer be checked", zmq.zmq_version())
+    return False
 
 
 class ZapHandler:

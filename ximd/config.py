@@ -224,7 +224,14 @@ class RouterSection:
                                  env="XEROTIER_AGENT_JOIN_KEY_FILE")
     ca_file: str = setting("", Text(), "CA bundle that signs the router's HTTPS certificate.",
                            env="XEROTIER_AGENT_CA_FILE")
-    insecure: bool = setting(False, Flag(), "Allow plain http or an unverified certificate.",
+    allow_http: bool = setting(False, Flag(), "Allow a plain http:// router.url: the join key and "
+                               "tokens then cross the network in clear (testing only).",
+                               env="XEROTIER_AGENT_ROUTER_ALLOW_HTTP")
+    tls_skip_verify: bool = setting(False, Flag(), "Do not verify the router's HTTPS certificate: "
+                                    "anyone on the path can pose as the router (prefer ca_file).",
+                                    env="XEROTIER_AGENT_ROUTER_TLS_SKIP_VERIFY")
+    insecure: bool = setting(False, Flag(), "Deprecated: true sets both allow_http and "
+                             "tls_skip_verify (each may still be set on its own).",
                              env="XEROTIER_AGENT_ALLOW_INSECURE")
 
 
@@ -472,6 +479,7 @@ def load(config_file: str | os.PathLike | None = None, env: Mapping[str, str] | 
     problems += found
     take(layer)
     problems += cross_checks(values, origins)
+    warnings += expand_deprecated_insecure(values, origins)
     if problems:
         raise ConfigError(problems)
     sections = {
@@ -525,7 +533,8 @@ def file_layer(path: Path) -> tuple[dict[str, tuple[Any, str]], list[ConfigProbl
             try:
                 layer[name] = (SCHEMA[name].kind.parse(raw, from_text=False), source)
             except ValueError as exc:
-                problems.append(ConfigProblem(source, name, f"expected {exc}, got {raw!r}", line))
+                problems.append(ConfigProblem(source, name, f"expected {exc}, got {shown_bad_value(name, raw)}",
+                                              line))
     return layer, problems
 
 
@@ -539,8 +548,8 @@ def env_layer(env: Mapping[str, str]):
             try:
                 layer[name] = (SCHEMA[name].kind.parse(text, from_text=True), f"env:{var}")
             except ValueError as exc:
-                shown = "(secret)" if SCHEMA[name].secret else repr(text)
-                problems.append(ConfigProblem(f"env:{var}", name, f"expected {exc}, got {shown}"))
+                problems.append(ConfigProblem(f"env:{var}", name,
+                                              f"expected {exc}, got {shown_bad_value(name, text)}"))
         elif var.startswith(ENV_PREFIX) and var != CONFIG_PATH_ENV:
             unknown.append(f"ignoring unknown environment variable {var}"
                            + _did_you_mean(var, ENV_TO_SETTING))
@@ -558,7 +567,7 @@ def flag_layer(flags: Mapping[str, str]):
         try:
             layer[name] = (info.kind.parse(text, from_text=True), source)
         except ValueError as exc:
-            problems.append(ConfigProblem(source, name, f"expected {exc}, got {text!r}"))
+            problems.append(ConfigProblem(source, name, f"expected {exc}, got {shown_bad_value(name, text)}"))
     return layer, problems
 
 
@@ -576,6 +585,33 @@ def cross_checks(values: Mapping[str, Any], origins: Mapping[str, str]) -> list[
             origins["router.join_key_file"], "router.join_key_file",
             "set either router.join_key or router.join_key_file, not both"))
     return problems
+
+
+INSECURE_MEANS = ("router.allow_http", "router.tls_skip_verify")
+
+
+def expand_deprecated_insecure(values: dict[str, Any], origins: dict[str, str]) -> list[str]:
+    """router.insecure = true stands for both settings it used to mean (each set on
+    its own still wins); a warning says so, and that it also turned certificate
+    checks off."""
+    if not values["router.insecure"]:
+        return []
+    origin = origins["router.insecure"]
+    for name in INSECURE_MEANS:
+        if origins[name] == "default":
+            values[name], origins[name] = True, f"{origin} (router.insecure)"
+    return [f"router.insecure ({origin}) is deprecated: it allows plain http AND turns off the "
+            "router's certificate check; set router.allow_http and, only if you must, "
+            "router.tls_skip_verify instead"]
+
+
+def shown_bad_value(name: str, raw: Any) -> str:
+    """A rejected value as an error message may show it: a secret setting's masked."""
+    if not SCHEMA[name].secret:
+        return repr(raw)
+    if isinstance(raw, str) and raw:
+        return repr(mask_secret(raw))
+    return f"a {type(raw).__name__} (secret, not shown)"
 
 
 def _did_you_mean(word: str, candidates) -> str:

@@ -36,7 +36,7 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
-from ximd.config import FALLBACK_MAX_CONCURRENT
+from ximd.config import FALLBACK_MAX_CONCURRENT, RouterSection
 from ximd.identity import (
     EnrollmentError,
     EnrollmentRejected,
@@ -50,6 +50,8 @@ log = logging.getLogger("ximd.enrollment")
 
 CREDENTIAL_NAME = "join-key"
 HTTP_TIMEOUT_S = 30.0
+# Every answer of the enrollment API is a small JSON object; anything longer is not one.
+MAX_REPLY_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------- errors
@@ -129,24 +131,30 @@ def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | Non
 # ---------------------------------------------------------------- HTTP
 
 
-def router_ssl(url: str, ca_file: str, insecure: bool):
-    """The `ssl` argument for aiohttp: a context, False (unverified), or None (plain http)."""
+def router_ssl(url: str, router: RouterSection):
+    """The `ssl` argument for aiohttp: a context, False (unverified), or None (plain http).
+
+    ``router`` is the config's [router] section: ``allow_http`` permits http://,
+    ``tls_skip_verify`` turns the certificate check off (said in the log each time).
+    """
     scheme = urlsplit(url).scheme
     if scheme == "http":
-        if not insecure:
+        if not router.allow_http:
             raise RouterConfigError(f"router.url {url} is plain http: use https, or set "
-                                    "router.insecure = true to allow it (testing only)")
+                                    "router.allow_http = true to allow it (testing only)")
         return None
     if scheme != "https":
         raise RouterConfigError(f"router.url {url!r} must start with https:// (or http:// with "
-                                "router.insecure)")
-    if ca_file:
+                                "router.allow_http)")
+    if router.ca_file:        # a CA to check against wins over skipping the check
         try:
-            return ssl.create_default_context(cafile=ca_file)
+            return ssl.create_default_context(cafile=router.ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise RouterConfigError(f"router.ca_file {ca_file}: cannot load it as a CA "
+            raise RouterConfigError(f"router.ca_file {router.ca_file}: cannot load it as a CA "
                                     f"bundle ({getattr(exc, 'strerror', None) or exc})") from None
-    if insecure:
+    if router.tls_skip_verify:
+        log.warning("router.tls_skip_verify: the certificate of %s is not checked; anyone on the "
+                    "path can pose as the router and take the join key (set router.ca_file instead)", url)
         return False
     return ssl.create_default_context()
 
@@ -156,9 +164,14 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-            async with http.post(url, json=body, headers=headers, ssl=ssl_arg) as resp:
-                raw = await resp.read()
+            # No redirects: following one would re-send the join key or the token
+            # to wherever the answer points, https → http included.
+            async with http.post(url, json=body, headers=headers, ssl=ssl_arg,
+                                 allow_redirects=False) as resp:
                 status = resp.status
+                if 300 <= status < 400:
+                    raise RouterConfigError(_redirect_refusal(url, status, resp.headers.get("Location")))
+                raw = await _read_capped(resp, url)
     except aiohttp.ClientConnectorCertificateError as exc:
         raise RouterUnreachable(f"the certificate of {url} is not trusted "
                                 f"({exc.certificate_error}); set router.ca_file to the CA that "
@@ -170,7 +183,7 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
                                 f"{exc or type(exc).__name__}") from None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):     # RecursionError: nested past Python's limit
         data = None
     if status == 200 and isinstance(data, dict):
         return data
@@ -180,6 +193,28 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
     if enroll_api.is_final_refusal(status):
         raise EnrollmentRejected(code, message, status)
     raise RouterUnreachable(f"the router at {url} answered {status} ({code}): {message}")
+
+
+def _redirect_refusal(url: str, status: int, location: str | None) -> str:
+    where = repr(location[:200]) if location else "nowhere (no Location)"
+    return (f"the router at {url} answered {status}, a redirect to {where}; ximd does not follow "
+            "redirects (they would carry the join key or token elsewhere): set router.url to the "
+            "router's own address")
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, url: str) -> bytes:
+    """The answer's body, or RouterUnreachable once it passes MAX_REPLY_BYTES."""
+    too_long = RouterUnreachable(f"the answer of {url} is longer than {MAX_REPLY_BYTES} bytes; "
+                                 "is this an XIM router?")
+    if resp.content_length is not None and resp.content_length > MAX_REPLY_BYTES:
+        raise too_long
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise too_long
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _endpoint(base: str, path: str) -> str:
@@ -216,7 +251,7 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
         raise RouterConfigError("router.url is not set: put the router's URL in "
                                 "/etc/xerotier/agent.toml ([router] url = \"https://…\") or "
                                 "XEROTIER_AGENT_ROUTER_URL")
-    ssl_arg = router_ssl(url, cfg.router.ca_file, cfg.router.insecure)
+    ssl_arg = router_ssl(url, cfg.router)
     public, secret = zmq.curve_keypair()
     data = await _post(_endpoint(url, enroll_api.ENROLL_PATH), ssl_arg=ssl_arg, body={
         "join_key": join_key,
@@ -246,7 +281,7 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
 
 async def refresh(cfg, identity: Identity) -> Identity:
     """The identity with a new token (the current one may have lapsed within the router's grace)."""
-    ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
+    ssl_arg = router_ssl(identity.router_url, cfg.router)
     data = await _post(_endpoint(identity.router_url, enroll_api.REFRESH_PATH), body={},
                        ssl_arg=ssl_arg, token=identity.token)
     expires = data.get("token_expires_at")
@@ -256,7 +291,7 @@ async def refresh(cfg, identity: Identity) -> Identity:
 
 
 async def unenroll(cfg, identity: Identity) -> None:
-    ssl_arg = router_ssl(identity.router_url, cfg.router.ca_file, cfg.router.insecure)
+    ssl_arg = router_ssl(identity.router_url, cfg.router)
     await _post(_endpoint(identity.router_url, enroll_api.UNENROLL_PATH), body={}, ssl_arg=ssl_arg,
                 token=identity.token)
 

@@ -28,6 +28,7 @@ import psutil
 import redis
 import yaml
 
+from xim_proto.addresses import is_loopback_host
 from xim_proto.files import write_atomically
 from ximd.config import AUTO, mask_secret
 from ximd.units import GIB
@@ -42,6 +43,8 @@ REMOTE_SERDE = "naive"
 # Valkey speaks RESP like Redis; LMCache's valkey:// connector needs valkey-glide,
 # which no engine environment ships, so a Valkey server is addressed as Redis.
 URL_SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
+PLAINTEXT_SCHEMES = ("redis", "valkey")
+_warned_plaintext: set[str] = set()      # remote tiers already warned about, once per process
 
 # Run by the engine's interpreter: the file must load with LMCache's own loader and
 # every key we wrote must be one LMCache knows (its loader only warns on unknown keys).
@@ -102,6 +105,16 @@ def remote_url_for_lmcache(url: str) -> str:
     if scheme is None or not parts.hostname:
         raise ValueError(f"not a redis://, rediss://, valkey:// or valkeys:// URL: {mask_secret(url)}")
     return parts._replace(scheme=scheme).geturl()
+
+
+def plaintext_remote_warning(url: str) -> str | None:
+    """Why a remote tier URL is unsafe (no TLS to another host), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in PLAINTEXT_SCHEMES or is_loopback_host(parts.hostname or ""):
+        return None
+    return (f"LMCache remote tier {mask_secret(url)} is plain {parts.scheme}:// to another host: "
+            "its password and every cached KV block cross the network in clear, and anyone on the "
+            f"path can change them; use {parts.scheme}s://")
 
 
 def size_gb(setting: Any, total_bytes: int, ranks: int) -> float:
@@ -220,6 +233,10 @@ def prepare(cfg, plan, *, engine_python: str, ram_bytes: int | None = None,
         log.warning(reason)
     remote_url = cfg.lmcache.redis_url or None
     if remote_url:
+        warning = plaintext_remote_warning(remote_url)
+        if warning and remote_url not in _warned_plaintext:
+            _warned_plaintext.add(remote_url)
+            log.warning(warning)
         problem = probe_remote(remote_url, probe_timeout_s)
         if problem:
             dropped = (f"LMCache remote tier {mask_secret(remote_url)} unreachable ({problem}): "

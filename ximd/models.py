@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -28,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xim_proto.modelid import is_model_id
 from ximd.config import SEED_DEFAULT_MODEL
 from ximd.hubenv import DOWNLOAD_ENV_NAMES, passed_through
 from ximd.units import GB
@@ -35,7 +35,6 @@ from ximd.units import GB
 log = logging.getLogger("ximd.models")
 
 LAST_USED_MARKER = ".ximd-last-used"
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Runs in the engine environment: fetch, then check every file against the hub's
 # checksums (sha256 for LFS files, git-sha1 for the rest).
 _DOWNLOAD = """
@@ -248,12 +247,17 @@ def resolve(choice: ModelChoice, cache: ModelCache, *, engine_python: str,
     environ = os.environ if environ is None else environ
     ref = choice.ref.strip()
     base_env = {"HF_HOME": str(cache.root)}
+    if choice.origin == "router" and not is_model_id(ref):
+        # Only the operator of this host may point the engine at a path; from
+        # the router a model is a hub id, never a path or something flag-shaped.
+        raise ModelError(f"the router assigned the model {ref!r}, which is not a Hugging Face id "
+                         "(org/name); refusing it. Set engine.model on this node to serve a local path")
     if is_local_path(ref):
         path = Path(ref).expanduser()
         check_local_model(path)
         return ResolvedModel(ref, choice.origin, str(path), ref, True,
                              {**base_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    if not HF_ID.match(ref):
+    if not is_model_id(ref):
         raise ModelError(f"model {ref!r} ({choice.origin}) is neither a Hugging Face id (org/name) "
                          "nor a path (absolute, or starting with ./)")
     snapshot = cache.snapshot(ref)

@@ -93,12 +93,12 @@ def test_main_enroll_with_a_used_key_exits_1_with_one_clear_line(router, agent_c
     assert enrollment.load_identity(cfg.agent.state_dir) is None
 
 
-def test_plain_http_needs_the_insecure_switch(router, agent_cfg, capsys):
+def test_plain_http_needs_the_allow_http_switch(router, agent_cfg, capsys):
     cfg = agent_cfg(insecure=False, join_key=router.join_key())
-    with pytest.raises(RouterConfigError, match="router.insecure"):
+    with pytest.raises(RouterConfigError, match="router.allow_http"):
         enroll(cfg, cfg.router.join_key)
     assert asyncio.run(enroll_cmd.main_enroll(cfg)) == exitcodes.EX_CONFIG
-    assert "router.insecure = true" in capsys.readouterr().err
+    assert "router.allow_http = true" in capsys.readouterr().err
 
 
 def free_port() -> int:
@@ -170,7 +170,9 @@ def test_https_unverified_only_with_insecure(tls_router, tmp_path):
 
 def test_unreadable_ca_file_names_the_setting(tmp_path):
     with pytest.raises(RouterConfigError, match="router.ca_file"):
-        enrollment.router_ssl("https://r.example", str(tmp_path / "missing.pem"), False)
+        enrollment.router_ssl("https://r.example", load_config(write_agent_config(
+            tmp_path / "a.toml", url="https://r.example", state_dir=tmp_path / "s", insecure=False,
+            ca_file=str(tmp_path / "missing.pem"))).router)
 
 
 # ---------------------------------------------------------------- identity file

@@ -187,7 +187,7 @@ def post(url: str, body, headers=None) -> tuple[int, dict]:
 def test_http_errors_are_json_with_a_code(router):
     url = router.http_url
     assert post(url + "/v1/enroll", b"{nope") == (400, {"error": {
-        "code": "bad_request", "message": "the body is not JSON"}})
+        "code": "bad_request", "message": "the body is not valid JSON"}})
     status, body = post(url + "/v1/enroll", {"join_key": "xjk_" + "a" * 43})
     assert status == 400 and "curve_public_key" in body["error"]["message"]
     status, body = post(url + "/v1/enroll", {**GOOD, "curve_public_key": new_public_key(),

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 READY_LINE = re.compile(r"xim-router serving http=(\S+) mesh=(\S+) public_key=(\S+)")
+ENROLL_URL = re.compile(r" enroll=(\S+)")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 
@@ -40,7 +41,7 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
 class RouterProcess:
     def __init__(self, tmp_path: Path, *, lease_interval: str = "1s", lease_timeout: str = "3s",
                  dead_after: str = "30s", token_ttl: str = "1h", tls: tuple[Path, Path] | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), http: str = "127.0.0.1:0"):
         self.dir = tmp_path
         self.state_dir = tmp_path / "router-state"
         self.log_path = tmp_path / "router.log"
@@ -53,7 +54,8 @@ class RouterProcess:
         self.http_url = ""
         self.mesh_endpoint = ""
         self.public_key = ""
-        self._http = "127.0.0.1:0"
+        self.enroll_url = ""          # = http_url unless --enroll-http is among extra_args
+        self._http = http
         self._mesh = "tcp://127.0.0.1:0"
 
     # ------------------------------------------------------------ process
@@ -77,6 +79,8 @@ class RouterProcess:
             self.stop()
             raise AssertionError(f"xim-router did not start; its log:\n{self.log()}") from None
         self.http_url, self.mesh_endpoint, self.public_key = match.groups()
+        enroll = ENROLL_URL.search(match.string)
+        self.enroll_url = enroll.group(1) if enroll else self.http_url
         # Keep the ports for restart(): agents hold these endpoints.
         self._http = self.http_url.split("://", 1)[1]
         self._mesh = self.mesh_endpoint

@@ -56,7 +56,13 @@ def paths_for(cfg, python=PYTHON) -> EnginePaths:
 
 
 def flag(argv, name):
-    return argv[argv.index(name) + 1]
+    """The value of ``name`` in argv, given as ``name value`` or ``name=value``."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    raise ValueError(f"{name} not in {argv}")
 
 
 def test_cpu_engine_listens_on_the_unix_socket_only_and_starts_eager(cfg):

@@ -205,4 +205,4 @@ def test_uncached_hub_model_without_an_engine_to_download_it_is_a_clear_error(tm
 @pytest.mark.parametrize("ref", ["not a model", "org/name/extra", "org/na me"])
 def test_neither_id_nor_path_is_refused(tmp_path, ref):
     with pytest.raises(ModelError, match="neither a Hugging Face id"):
-        resolve(ModelChoice(ref, "router"), ModelCache(tmp_path, MB), engine_python="/x", environ={})
+        resolve(ModelChoice(ref, "config"), ModelCache(tmp_path, MB), engine_python="/x", environ={})

@@ -107,8 +107,9 @@ def instance_id(state_dir: Path) -> str:
 def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path, plan, *,
                 kv_transfer_config: str | None = None, extra_args: tuple[str, ...] = ()) -> tuple[str, ...]:
     argv = [python, "-m", ENGINE_MODULE,
-            "--model", model_arg,
-            "--served-model-name", served_name,
+            # The = form: a value that starts with '-' is still a value, never a flag.
+            f"--model={model_arg}",
+            f"--served-model-name={served_name}",
             "--uds", str(socket_path),
             "--tensor-parallel-size", str(plan.tensor_parallel_size),
             "--max-num-seqs", str(plan.max_num_seqs)]
