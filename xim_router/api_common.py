@@ -43,6 +43,9 @@ async def json_errors(request: web.Request, handler):
         if exc.status < 400:
             raise
         return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason)
+    except ConnectionError:     # the client hung up (e.g. mid-body): nobody to answer, nothing broke
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return web.Response(status=499)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal", "internal error; see the router's log")
@@ -83,4 +86,6 @@ def bearer_token(request: web.Request) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing_token", "send the agent token as 'Authorization: Bearer <token>'")
+    if not token.isascii():     # aiohttp passes non-UTF-8 header bytes on as surrogates
+        raise ApiError(401, "invalid_token", "this token is not known")
     return token.strip()

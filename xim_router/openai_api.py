@@ -147,7 +147,7 @@ def authorized(request: web.Request, keys: frozenset[str]) -> bool:
     if not keys:
         return True
     scheme, _, text = request.headers.get("Authorization", "").partition(" ")
-    token = text.strip().encode()
+    token = text.strip().encode(errors="surrogateescape")    # the header's own bytes, even non-UTF-8
     # Compare with every key in constant time, so timing tells nothing.
     return scheme.lower() == "bearer" and bool(token) and \
         sum(hmac.compare_digest(token, key.encode()) for key in keys) > 0

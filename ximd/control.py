@@ -13,12 +13,16 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
+# The longest request line read; a longer one is answered with an error unread.
 MAX_REQUEST = 4096
+REQUEST_TIMEOUT_S = 5.0
+COMMANDS = ("status",)
 
 
 def socket_path(runtime_dir: Path) -> Path:
@@ -35,7 +39,9 @@ class ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
             self.path.unlink()  # left by a killed predecessor; we hold the unit now
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        # limit: readline() refuses a line longer than this instead of buffering it.
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path),
+                                                       limit=MAX_REQUEST)
         os.chmod(self.path, 0o660)
 
     async def close(self) -> None:
@@ -49,11 +55,16 @@ class ControlServer:
             pass
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request line, one reply line. Whatever a client sends, it gets an answer
+        and the daemon goes on: the socket is open to the whole service group."""
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            reply = self._answer(line[:MAX_REQUEST])
+            line = await asyncio.wait_for(reader.readline(), timeout=REQUEST_TIMEOUT_S)
+            command = parse_request(line)
+            reply = {"error": command.error} if isinstance(command, BadRequest) else self.status()
         except (TimeoutError, ConnectionError):
             reply = {"error": "no request"}
+        except ValueError:              # readline(): no newline within MAX_REQUEST bytes
+            reply = {"error": f"request longer than {MAX_REQUEST} bytes"}
         try:
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
@@ -62,14 +73,25 @@ class ControlServer:
         finally:
             writer.close()
 
-    def _answer(self, line: bytes) -> dict:
-        try:
-            request = json.loads(line or b"{}")
-        except ValueError:
-            return {"error": "request is not JSON"}
-        if request.get("command", "status") != "status":
-            return {"error": f"unknown command {request.get('command')!r}"}
-        return self.status()
+
+@dataclass(frozen=True)
+class BadRequest:
+    error: str
+
+
+def parse_request(line: bytes) -> str | BadRequest:
+    """The command a request line asks for (an empty line means status), or why not."""
+    try:
+        request = json.loads(line or b"{}")
+    except (ValueError, RecursionError):      # RecursionError: nesting deeper than json allows
+        return BadRequest("request is not JSON")
+    if not isinstance(request, dict):
+        return BadRequest("request is not a JSON object")
+    command = request.get("command", "status")
+    if command not in COMMANDS:
+        shown = command[:40] if isinstance(command, str) else type(command).__name__
+        return BadRequest(f"unknown command {shown!r} (known: {', '.join(COMMANDS)})")
+    return str(command)
 
 
 class NotRunning(Exception):

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import sys
@@ -236,6 +237,20 @@ def _max_concurrent(cfg) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else FALLBACK_MAX_CONCURRENT
 
 
+# tcp://HOST:PORT and nothing else ZeroMQ would also take: no other transport (ipc://
+# would dial a local socket the router names), no `iface;` source part, no wildcard.
+_MESH_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def is_mesh_endpoint(text: str) -> bool:
+    """Whether ``text`` is a mesh endpoint the node may dial (docs/protocol.md §3.1)."""
+    if not text.startswith("tcp://"):
+        return False
+    host, sep, port = text[len("tcp://"):].rpartition(":")
+    return bool(sep and _MESH_HOST.fullmatch(host) and len(port) <= 5 and port.isdecimal() and port.isascii()
+                and 1 <= int(port) <= 65535)
+
+
 def _str_field(data: dict, name: str) -> str:
     value = data.get(name)
     if not isinstance(value, str) or not value:
@@ -265,6 +280,11 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
     endpoints = data.get("mesh_endpoints")
     if not isinstance(endpoints, list) or not endpoints or not all(isinstance(e, str) for e in endpoints):
         raise RouterUnreachable("the router's answer lacks 'mesh_endpoints'")
+    for endpoint in endpoints:
+        if not is_mesh_endpoint(endpoint):
+            raise RouterUnreachable(f"the router at {url} offers the mesh endpoint {endpoint[:80]!r}; "
+                                    "ximd dials only tcp://HOST:PORT endpoints (docs/protocol.md §3.1): "
+                                    "the router's advertised mesh endpoints must be fixed")
     expires = data.get("token_expires_at")
     if not isinstance(expires, (int, float)):
         raise RouterUnreachable("the router's answer lacks 'token_expires_at'")

@@ -173,7 +173,7 @@ def test_join_key_create_wants_to_be_told_what_its_nodes_may_serve(tmp_path):
     (["--allow-model", "a", "--allow-any-model"], "not allowed with argument"),
     (["--allow-model", "a b"], "is not a model name"),
     (["--allow-model", "-x"], "expected one argument"),
-    (["--model", "a\tb"], "is not a model name"),
+    (["--model", "a\tb"], "is not a Hugging Face model id"),
     (["--allow-any-model", "--max-concurrent", "0"], f"1 to {MAX_CONCURRENT_LIMIT}"),
     (["--allow-any-model", "--max-concurrent", str(10**9)], f"1 to {MAX_CONCURRENT_LIMIT}"),
     (["--allow-any-model", "--max-concurrent", "lots"], f"1 to {MAX_CONCURRENT_LIMIT}"),

@@ -144,7 +144,7 @@ def test_a_public_plain_enrollment_listener_warns(tmp_path):
 
 def test_join_key_list_shows_everything_but_the_key(tmp_path):
     state = str(tmp_path / "s")
-    plain = cli("join-key", "create", "--state-dir", state, "--uses", "3").stdout.strip()
+    plain = cli("join-key", "create", "--state-dir", state, "--uses", "3", "--allow-any-model").stdout.strip()
     assigned = cli("join-key", "create", "--state-dir", state, "--model", "org/model-1").stdout.strip()
     listed = cli("join-key", "list", "--state-dir", state)
     assert listed.returncode == 0, listed.stderr

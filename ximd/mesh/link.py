@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import socket
@@ -49,6 +50,13 @@ _WATCHED_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
 ROUTING_ID_BYTES = 16
 # How long close() waits for the router to answer its bye.
 BYE_ANSWER_TIMEOUT_S = 2.0
+
+# What the node accepts of welcome's lease timing (docs/protocol.md §8, §9). The router
+# chooses, but a hostile or broken one must not make the node spin on leases (an interval
+# of 0) or never notice its silence (a timeout of 0, NaN or 10**12).
+LEASE_INTERVAL_RANGE_S = (0.1, 60.0)
+LEASE_TIMEOUT_RANGE_S = (1.0, 300.0)
+DEFAULT_LEASE_TIMEOUT_S = 15.0          # for a timeout that is not a number
 # Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)
@@ -63,6 +71,31 @@ def is_mid_stream(msg: codec.Message) -> bool:
     """Only the chunks after a stream's first may wait for the next burst: a first token,
     an answer, a refusal, a lease or a bye is something somebody is waiting for."""
     return isinstance(msg, codec.Chunk) and msg.seq > 0
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    """The session's lease timing as the node applies it."""
+
+    interval_s: float          # how often the node sends a lease
+    timeout_s: float           # router silence after which the node ends the session
+
+
+def _clamp(value: float, bounds: tuple[float, float], fallback: float) -> float:
+    if math.isnan(value):
+        return fallback
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def lease_timing(own_interval_s: float, welcome: codec.Welcome) -> LeaseTiming:
+    """Welcome's timing within LEASE_*_RANGE_S; the node never leases less often than its own interval.
+
+    The router acknowledges each lease, so its silence is judged against at least two
+    intervals: a shorter timeout would end every session between two acks.
+    """
+    interval = min(own_interval_s, _clamp(welcome.lease_interval_s, LEASE_INTERVAL_RANGE_S, own_interval_s))
+    timeout = _clamp(welcome.lease_timeout_s, LEASE_TIMEOUT_RANGE_S, DEFAULT_LEASE_TIMEOUT_S)
+    return LeaseTiming(interval, min(max(timeout, 2 * interval), LEASE_TIMEOUT_RANGE_S[1]))
 
 
 class LinkDown(Exception):
@@ -144,6 +177,7 @@ class MeshLink:
         self.state = LinkState.DISCONNECTED
         self.state_detail = "not started"
         self.welcome: codec.Welcome | None = None
+        self.lease_timing: LeaseTiming | None = None    # set from each welcome
         self.endpoint = ""
         self.last_lease_ack_at: float | None = None     # wall clock
         self.connected_since: float | None = None
@@ -341,8 +375,7 @@ class MeshLink:
                 if isinstance(msg, codec.Welcome) and self.state != LinkState.CONNECTED:
                     self._on_welcome(sock, msg)
                     welcome_deadline = None
-                    interval = min(self.lease_interval, msg.lease_interval_s)
-                    lease_timeout = msg.lease_timeout_s
+                    interval, lease_timeout = self._apply_lease_timing(msg)
                     next_lease = now
                     continue
                 end = await self._on_router_message(msg)
@@ -381,6 +414,18 @@ class MeshLink:
         self._outbox = transport.Outbox(asyncio.get_running_loop(), sock, after_send)
         self._set_state(LinkState.CONNECTED, f"session {welcome.session} with {self.endpoint} "
                                    f"(router {welcome.router_version}, protocol v{welcome.version})")
+
+    def _apply_lease_timing(self, welcome: codec.Welcome) -> tuple[float, float]:
+        timing = self.lease_timing = lease_timing(self.lease_interval, welcome)
+        asked = (welcome.lease_interval_s, welcome.lease_timeout_s)
+        if not (LEASE_INTERVAL_RANGE_S[0] <= asked[0] <= LEASE_INTERVAL_RANGE_S[1]
+                and LEASE_TIMEOUT_RANGE_S[0] <= asked[1] <= LEASE_TIMEOUT_RANGE_S[1]):   # NaN too
+            log.warning("the router asked for lease_interval_s=%r, lease_timeout_s=%r; using "
+                        "%.1f s and %.1f s (the node accepts %s s and %s s)",
+                        welcome.lease_interval_s, welcome.lease_timeout_s, timing.interval_s,
+                        timing.timeout_s, "–".join(map(str, LEASE_INTERVAL_RANGE_S)),
+                        "–".join(map(str, LEASE_TIMEOUT_RANGE_S)))
+        return timing.interval_s, timing.timeout_s
 
     async def _send_lease(self) -> None:
         try:
