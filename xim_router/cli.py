@@ -20,6 +20,7 @@ from xim_proto.joinkey import fingerprint
 from xim_proto.modelid import is_model_id
 from xim_router import dataplane, exposure, keys, openai_api, server
 from xim_router import store as store_mod
+from xim_router.http import quiet_malformed_requests
 from xim_router.mesh import RouterSettings
 from xim_router.policy import MAX_CONCURRENT_LIMIT, NodePolicy, check_max_concurrent, check_model_name
 from xim_router.server import Bound, ServeOptions, StartupError
@@ -438,6 +439,7 @@ async def serve(options: ServeOptions) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_malformed_requests()
     try:
         options = serve_options(args)
         checked_exposure(args, options)

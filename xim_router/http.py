@@ -7,8 +7,12 @@ OpenAI-compatible API (serving) plugs in here beside the enrollment API.
 
 from __future__ import annotations
 
-from aiohttp import web
+import logging
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from xim_proto.ratelimit import escape
 from xim_router import enroll_api, openai_api
 from xim_router.api_common import ROUTER_KEY, json_errors
 from xim_router.mesh import Router
@@ -33,3 +37,23 @@ def build_app(router: Router, modules: tuple = ROUTE_MODULES) -> web.Application
     for module in modules:
         module.add_routes(app)
     return app
+
+
+class MalformedRequestsAreTheClients(logging.Filter):
+    """aiohttp logs a request it cannot parse (a negative Content-Length, too many
+    headers…) at ERROR with a traceback: any client could fill the router's log with
+    its own mistakes. Those become one DEBUG line without the traceback; every other
+    record of aiohttp.server passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = f"{record.getMessage()}: {escape(str(exc))}", ()
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_malformed_requests() -> None:
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestsAreTheClients())

@@ -155,8 +155,6 @@ def worst_case_frame() -> bytes:
 DECODE_MEMORY_BOUND = 32 * codec.MAX_FRAME_BYTES
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5 (decode limits per type) is fixed in parallel in "
-                   "xim_proto/codec.py: a 1 MiB frame still unpacks into a million objects")
 def test_decoding_one_frame_costs_bounded_memory():
     frame = worst_case_frame()
     assert len(frame) <= codec.MAX_FRAME_BYTES
