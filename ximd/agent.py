@@ -210,15 +210,17 @@ class Agent:
 
     async def identity_revoked(self, reason: str) -> None:
         """The router refused this identity for good: stop serving, keep the file as evidence."""
-        from ximd.identity import identity_path
+        from ximd.identity import EnrollmentError, retire_identity
         node, self.node = self.node, None
         if node is not None:
             await node.stop(drain_s=0)
-        path = identity_path(self.cfg.state_dir)
-        if path.exists():
-            kept = path.with_name(path.name + ".revoked")
-            path.replace(kept)
-            log.warning("moved the refused identity to %s; a new join key enrolls afresh", kept)
+        try:
+            kept = retire_identity(self.cfg.state_dir)
+        except (EnrollmentError, OSError) as exc:
+            log.error("could not set the refused identity aside: %s", exc)
+        else:
+            if kept is not None:
+                log.warning("moved the refused identity to %s; a new join key enrolls afresh", kept)
         self.enter_not_enrolled(reason)
 
     # -------------------------------------------------------------- main loop
