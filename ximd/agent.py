@@ -14,9 +14,11 @@ only changes STATUS, and the link keeps reconnecting.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -276,6 +278,11 @@ class Agent:
 
 
 def run_daemon(load_config: Callable[[], Config]) -> int:
+    # A daemon the watchdog kills gets SIGABRT (the unit's WatchdogSec=): every
+    # thread's stack then goes to the process's own stderr (the journal), to say
+    # where it hung, whatever sys.stderr has been replaced with.
+    if sys.__stderr__ is not None:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
     notifier = Notifier.from_env()
     try:
         cfg = load_config()
