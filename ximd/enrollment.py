@@ -36,8 +36,9 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
-from ximd.config import FALLBACK_MAX_CONCURRENT
+from ximd.config import DEFAULT_CONFIG_PATH, FALLBACK_MAX_CONCURRENT
 from ximd.identity import (
+    IDENTITY_DIR,
     EnrollmentError,
     EnrollmentRejected,
     Identity,
@@ -334,6 +335,23 @@ def token_refresher(cfg) -> TokenRefresher:
 def local_time(epoch: float) -> str:
     """An epoch as the operator's local wall-clock time, for logs and the enroll command."""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+# ---------------------------------------------------------------- what the engine must not see
+
+
+def secret_paths(cfg, environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """Every file or directory holding a secret of the node: the identity (and a pending
+    enrollment's keypair), the configuration files (the join key may be in them), the
+    join key file and the systemd credentials. The engine's sandbox hides them."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    found = [Path(cfg.agent.state_dir) / IDENTITY_DIR, DEFAULT_CONFIG_PATH.parent,
+             *(Path(source) for source in cfg.sources)]
+    if cfg.router.join_key_file:
+        found.append(Path(cfg.router.join_key_file))
+    if env.get("CREDENTIALS_DIRECTORY"):
+        found.append(Path(env["CREDENTIALS_DIRECTORY"]))
+    return tuple(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------- policy
