@@ -193,7 +193,7 @@ def _write(state_dir: str | os.PathLike, name: str, data: dict[str, Any]) -> Pat
     return path
 
 
-def _unlink(state_dir: str | os.PathLike, name: str, *, keep_as: str | None = None) -> Path | None:
+def _remove(state_dir: str | os.PathLike, name: str, *, keep_as: str | None = None) -> Path | None:
     """Remove (or rename to `keep_as`) a file of the enrollment directory; its path, or None."""
     directory = Path(state_dir) / IDENTITY_DIR
     try:
@@ -242,12 +242,12 @@ def save_identity(state_dir: str | os.PathLike, identity: Identity) -> Path:
 
 def remove_identity(state_dir: str | os.PathLike) -> Path | None:
     """Delete the identity (after unenroll); the path it had, or None."""
-    return _unlink(state_dir, IDENTITY_FILE)
+    return _remove(state_dir, IDENTITY_FILE)
 
 
 def retire_identity(state_dir: str | os.PathLike) -> Path | None:
     """Keep a refused identity as evidence (identity.json.revoked); where it went, or None."""
-    return _unlink(state_dir, IDENTITY_FILE, keep_as=IDENTITY_FILE + RETIRED_SUFFIX)
+    return _remove(state_dir, IDENTITY_FILE, keep_as=IDENTITY_FILE + RETIRED_SUFFIX)
 
 
 # ---------------------------------------------------------------- the pending enrollment
@@ -308,4 +308,4 @@ def save_pending(state_dir: str | os.PathLike, pending: PendingEnrollment) -> Pa
 
 
 def remove_pending(state_dir: str | os.PathLike) -> Path | None:
-    return _unlink(state_dir, PENDING_FILE)
+    return _remove(state_dir, PENDING_FILE)
