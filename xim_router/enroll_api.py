@@ -103,8 +103,9 @@ async def enroll(request: web.Request) -> web.Response:
                     request.remote, fingerprint(req.join_key), exc.code)
         raise _refusal(exc) from None
     agent = enrolled.agent
-    log.info("enrolled %s as agent %s (%s) with join key %s", escape(req.hostname), agent.agent_id,
-             agent.worker_id, agent.join_key_fingerprint)
+    log.info("%s %s as agent %s (%s) with join key %s",
+             "repeated the enrollment of" if enrolled.replayed else "enrolled", escape(req.hostname),
+             agent.agent_id, agent.worker_id, agent.join_key_fingerprint)
     return web.json_response({
         "agent_id": agent.agent_id,
         "worker_id": agent.worker_id,

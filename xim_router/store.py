@@ -80,6 +80,10 @@ PENDING, ACTIVE, DISCONNECTED, DEAD, REVOKED, UNENROLLED = (
     "pending", "active", "disconnected", "dead", "revoked", "unenrolled")
 FINAL_STATES = (REVOKED, UNENROLLED)
 
+# How long a node that lost the answer to its enrollment (crash, full disk) may
+# repeat it with the same join key and keypair (docs/protocol.md §3.1).
+ENROLL_REPLAY_WINDOW_S = 3600.0
+
 
 class StoreError(Exception):
     """A definitive refusal, with the code the HTTP API returns (docs/protocol.md §3.4)."""
@@ -152,6 +156,7 @@ class Enrolled:
     agent: Agent
     token: str
     token_expires_at: float
+    replayed: bool = False     # a repeat of an earlier enrollment: nothing was spent
 
 
 # How long a write waits for a lock another connection holds (an admin command,
@@ -249,13 +254,21 @@ class Store:
     def enroll(self, *, join_key: str, public_key: str, hostname: str, hardware: dict,
                max_concurrent: int, agent_version: str, token_ttl_s: float,
                now: float | None = None) -> Enrolled:
-        """Spend one use of ``join_key`` and register a new agent, atomically."""
+        """Spend one use of ``join_key`` and register a new agent, atomically.
+
+        A repeat of an enrollment (docs/protocol.md §3.1) spends nothing: the same
+        key from the same CURVE public key, for an agent that has never connected,
+        within ENROLL_REPLAY_WINDOW_S, answers with that agent and a fresh token.
+        """
         now = time.time() if now is None else now
         with self._write() as db:
             row = db.execute("SELECT * FROM join_keys WHERE digest = ?",
                              (keys.digest(join_key),)).fetchone()
             if row is None:
                 raise StoreError("invalid_join_key", "this join key is not known to the router")
+            replayed = self._replayed_enrollment(db, row["fingerprint"], public_key, token_ttl_s, now)
+            if replayed is not None:
+                return replayed
             if row["expires_at"] <= now:
                 raise StoreError("join_key_expired", "this join key has expired; create a new one")
             if row["uses_left"] <= 0:
@@ -277,6 +290,25 @@ class Store:
         enrolled = self.agent(agent_id)
         assert enrolled is not None          # inserted above, in the same transaction
         return Enrolled(enrolled, token, expires_at)
+
+    def _replayed_enrollment(self, db, key_fingerprint: str, public_key: str, token_ttl_s: float,
+                             now: float) -> Enrolled | None:
+        """The agent an earlier answer created, when this request repeats it; None otherwise.
+
+        A node that lost the answer (a crash, a full disk) retries with the keypair it
+        saved first. Only an agent that never connected qualifies: one that did has
+        its identity, and nobody but the holder of its secret key can connect.
+        The tokens the lost answer carried are void: the new one replaces them.
+        """
+        found = db.execute("SELECT * FROM agents WHERE public_key = ? AND join_key_fingerprint = ? "
+                           "AND state = ? AND enrolled_at > ?",
+                           (public_key, key_fingerprint, PENDING, now - ENROLL_REPLAY_WINDOW_S)).fetchone()
+        if found is None:
+            return None
+        agent = Agent.from_row(found)
+        db.execute("DELETE FROM tokens WHERE agent_id = ?", (agent.agent_id,))
+        token, expires_at = self._issue_token(db, agent.agent_id, token_ttl_s, now)
+        return Enrolled(agent, token, expires_at, replayed=True)
 
     @staticmethod
     def _issue_token(db, agent_id: str, ttl_s: float, now: float) -> tuple[str, float]:

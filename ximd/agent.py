@@ -14,9 +14,11 @@ only changes STATUS, and the link keeps reconnecting.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -210,15 +212,17 @@ class Agent:
 
     async def identity_revoked(self, reason: str) -> None:
         """The router refused this identity for good: stop serving, keep the file as evidence."""
-        from ximd.identity import identity_path
+        from ximd.identity import EnrollmentError, retire_identity
         node, self.node = self.node, None
         if node is not None:
             await node.stop(drain_s=0)
-        path = identity_path(self.cfg.state_dir)
-        if path.exists():
-            kept = path.with_name(path.name + ".revoked")
-            path.replace(kept)
-            log.warning("moved the refused identity to %s; a new join key enrolls afresh", kept)
+        try:
+            kept = retire_identity(self.cfg.state_dir)
+        except (EnrollmentError, OSError) as exc:
+            log.error("could not set the refused identity aside: %s", exc)
+        else:
+            if kept is not None:
+                log.warning("moved the refused identity to %s; a new join key enrolls afresh", kept)
         self.enter_not_enrolled(reason)
 
     # -------------------------------------------------------------- main loop
@@ -274,6 +278,11 @@ class Agent:
 
 
 def run_daemon(load_config: Callable[[], Config]) -> int:
+    # A daemon the watchdog kills gets SIGABRT (the unit's WatchdogSec=): every
+    # thread's stack then goes to the process's own stderr (the journal), to say
+    # where it hung, whatever sys.stderr has been replaced with.
+    if sys.__stderr__ is not None:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
     notifier = Notifier.from_env()
     try:
         cfg = load_config()

@@ -322,6 +322,18 @@ def check_redis(shown_url: str, enabled: str, error: str | None) -> Check:
     return Check("lmcache remote", "ok", f"{shown_url} answers PING")
 
 
+def check_engine_sandbox(abi: int, unavailable_reason: str) -> Check:
+    """Landlock keeps the engine (which parses untrusted prompts) away from the node's secrets."""
+    if abi >= 1:
+        return Check("engine sandbox", "ok", f"Landlock ABI {abi}: the engine cannot read the identity, "
+                                             "the configuration or the join-key credential")
+    return Check("engine sandbox", "warn",
+                 f"no Landlock ({unavailable_reason}): the engine runs unconfined and could read the "
+                 "node's identity, its join key and credentials",
+                 "run Linux 5.13 or later with landlock in the lsm= boot parameter "
+                 "(cat /sys/kernel/security/lsm shows the active list)")
+
+
 def check_plan(make_plan) -> Check:
     """Whether the configuration can be planned on this hardware (`ximd plan` shows the details)."""
     try:
@@ -354,6 +366,7 @@ def free_bytes_at(path: Path) -> tuple[Path, int | None]:
 def collect(cfg, hw: Hardware | None = None) -> list[Check]:
     """Every check, in the order an operator fixes things."""
     from ximd.config import mask_secret
+    from ximd.engine import sandbox  # stdlib-only: asks the kernel what the engine will get
 
     hw = hw or hardware.detect()
     facts, note = autoconfig.load_model_facts(cfg.engine.model)
@@ -378,6 +391,7 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
         check_directory("state", cfg.state_dir, DirState.of(cfg.state_dir), uid, private=True),
         check_directory("cache", cfg.cache_dir, DirState.of(cfg.cache_dir), uid, private=False),
         check_engine(probe_engine(cfg.engine.python), cfg.engine.python),
+        check_engine_sandbox(sandbox.landlock_abi(), sandbox.unavailable_reason()),
         check_redis(mask_secret(redis_url) if redis_url else "", cfg.lmcache.enabled, redis_error),
         check_plan(lambda: autoconfig.plan_from_config(cfg, hw, facts, note)),
     ]

@@ -37,19 +37,29 @@ from xim_proto import enroll as enroll_api
 from xim_proto.codec import PROTOCOL_VERSIONS
 from xim_proto.joinkey import JOIN_KEY_SHAPE, fingerprint, is_join_key
 from ximd import __version__
-from ximd.config import FALLBACK_MAX_CONCURRENT, RouterSection
+from ximd.config import DEFAULT_CONFIG_PATH, FALLBACK_MAX_CONCURRENT, RouterSection
 from ximd.identity import (
+    IDENTITY_DIR,
     EnrollmentError,
     EnrollmentRejected,
     Identity,
+    IdentityError,
+    IdentitySaveError,
+    PendingEnrollment,
     TokenRefresher,
     load_identity,
+    load_pending,
+    pending_path,
+    remove_pending,
     save_identity,
+    save_pending,
 )
+from ximd.logs import phase_fields
 
 log = logging.getLogger("ximd.enrollment")
 
 CREDENTIAL_NAME = "join-key"
+NOTHING_SPENT = "nothing was sent to the router and the join key is still unused"
 HTTP_TIMEOUT_S = 30.0
 # Every answer of the enrollment API is a small JSON object; anything longer is not one.
 MAX_REPLY_BYTES = 1 << 20
@@ -258,19 +268,29 @@ def _str_field(data: dict, name: str) -> str:
     return value
 
 
-async def enroll(cfg, join_key: str, *, hostname: str | None = None,
-                 hardware: dict | None = None) -> Identity:
-    """Enroll with a fresh CURVE keypair (the secret half never leaves this host)."""
-    url = cfg.router.url
-    if not url:
+def _router_url(cfg) -> str:
+    if not cfg.router.url:
         raise RouterConfigError("router.url is not set: put the router's URL in "
                                 "/etc/xerotier/agent.toml ([router] url = \"https://…\") or "
                                 "XEROTIER_AGENT_ROUTER_URL")
-    ssl_arg = router_ssl(url, cfg.router)
+    return cfg.router.url
+
+
+def new_keypair() -> tuple[str, str]:
+    """A fresh CURVE keypair, Z85 (public, secret): the secret half never leaves this host."""
     public, secret = zmq.curve_keypair()
+    return public.decode(), secret.decode()
+
+
+async def enroll(cfg, join_key: str, *, hostname: str | None = None,
+                 hardware: dict | None = None, keypair: tuple[str, str] | None = None) -> Identity:
+    """Enroll with ``keypair`` (public, secret), a fresh one when None; nothing is saved."""
+    url = _router_url(cfg)
+    ssl_arg = router_ssl(url, cfg.router)
+    public, secret = keypair or new_keypair()
     data = await _post(_endpoint(url, enroll_api.ENROLL_PATH), ssl_arg=ssl_arg, body={
         "join_key": join_key,
-        "curve_public_key": public.decode(),
+        "curve_public_key": public,
         "hostname": hostname or socket.gethostname(),
         "hardware": hardware_summary() if hardware is None else hardware,
         "max_concurrent": _max_concurrent(cfg),
@@ -293,10 +313,51 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
         agent_id=_str_field(data, "agent_id"), worker_id=_str_field(data, "worker_id"),
         router_url=url, mesh_endpoints=tuple(endpoints),
         router_public_key=_str_field(data, "router_public_key"),
-        agent_public_key=public.decode(), agent_secret_key=secret.decode(),
+        agent_public_key=public, agent_secret_key=secret,
         token=_str_field(data, "token"), token_expires_at=float(expires),
         enrolled_at=time.time(), assigned_model=assigned if isinstance(assigned, str) else None,
         join_key_fingerprint=fingerprint(join_key))
+
+
+async def enroll_and_save(cfg, join_key: str, *, hostname: str | None = None,
+                          hardware: dict | None = None) -> tuple[Identity, Path]:
+    """Enroll and save the identity, crash-safe: (identity, where it was saved).
+
+    The join key is single-use, so the keypair is saved (``pending.json``) before
+    the key is spent and reused by the next attempt with the same key: a router
+    answers a repeated enrollment from the same keypair with the same agent
+    (docs/protocol.md §3.1). IdentitySaveError says what could not be written and
+    whether the key was spent.
+    """
+    state_dir, url, key_fingerprint = cfg.agent.state_dir, _router_url(cfg), fingerprint(join_key)
+    try:
+        pending = load_pending(state_dir)
+    except IdentityError as exc:
+        raise IdentitySaveError(pending_path(state_dir), f"{exc}; {NOTHING_SPENT}") from None
+    if pending is not None and pending.matches(url, key_fingerprint):
+        log.info("reusing the keypair of the unfinished enrollment with this join key (%s)",
+                 key_fingerprint)
+    else:
+        public, secret = new_keypair()
+        pending = PendingEnrollment(url, key_fingerprint, public, secret, time.time())
+        try:
+            save_pending(state_dir, pending)
+        except IdentitySaveError as exc:
+            raise IdentitySaveError(exc.path, f"{exc.reason}; {NOTHING_SPENT}") from None
+    identity = await enroll(cfg, join_key, hostname=hostname, hardware=hardware,
+                            keypair=(pending.agent_public_key, pending.agent_secret_key))
+    try:
+        path = save_identity(state_dir, identity)
+    except IdentitySaveError as exc:
+        raise IdentitySaveError(exc.path, (
+            f"{exc.reason}; the router enrolled this node as agent {identity.agent_id}: once "
+            f"this is fixed, enrolling again with the same join key gets the same agent "
+            f"(the keypair is kept in {exc.path.parent})")) from None
+    try:
+        remove_pending(state_dir)
+    except (EnrollmentError, OSError) as exc:     # the identity is safe; this is tidying
+        log.warning("could not remove the finished enrollment's keypair file: %s", exc)
+    return identity, path
 
 
 async def refresh(cfg, identity: Identity) -> Identity:
@@ -329,6 +390,23 @@ def token_refresher(cfg) -> TokenRefresher:
 def local_time(epoch: float) -> str:
     """An epoch as the operator's local wall-clock time, for logs and the enroll command."""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+# ---------------------------------------------------------------- what the engine must not see
+
+
+def secret_paths(cfg, environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """Every file or directory holding a secret of the node: the identity (and a pending
+    enrollment's keypair), the configuration files (the join key may be in them), the
+    join key file and the systemd credentials. The engine's sandbox hides them."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    found = [Path(cfg.agent.state_dir) / IDENTITY_DIR, DEFAULT_CONFIG_PATH.parent,
+             *(Path(source) for source in cfg.sources)]
+    if cfg.router.join_key_file:
+        found.append(Path(cfg.router.join_key_file))
+    if env.get("CREDENTIALS_DIRECTORY"):
+        found.append(Path(env["CREDENTIALS_DIRECTORY"]))
+    return tuple(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------- policy
@@ -373,11 +451,15 @@ async def ensure_identity(cfg, *, stdin: IO[str] | None = None) -> EnrollmentSta
     log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
              fingerprint(key))
     try:
-        identity = await enroll(cfg, key)
-        path = save_identity(cfg.agent.state_dir, identity)
+        identity, path = await enroll_and_save(cfg, key)
     except RouterUnreachable as exc:
         log.warning("enrollment postponed: %s", exc)
         return EnrollmentStatus(None, f"enrollment pending: {exc}", retry=True)
+    except IdentitySaveError as exc:
+        # A full disk or a broken directory: the operator fixes it, the retry
+        # reuses the saved keypair and the router answers with the same agent.
+        log.error("enrollment not finished: %s", exc, extra=phase_fields("enrollment"))
+        return EnrollmentStatus(None, f"enrollment not finished: {exc}", retry=True)
     except EnrollmentError as exc:
         log.error("enrollment failed: %s", exc)
         return EnrollmentStatus(None, f"not enrolled: {exc}")

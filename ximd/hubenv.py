@@ -1,9 +1,10 @@
-"""What of ximd's own environment a child that may talk to the Hugging Face hub inherits.
+"""What of ximd's own environment the model downloader inherits.
 
-Both the model downloader and the engine are started with an environment built
-from nothing; these names are the only ones that pass through: credentials for
-gated models, a mirror, proxies. One list, so that a mirror or a proxy set for
-ximd reaches both children or neither.
+The downloader is started with an environment built from nothing; these names
+are the only ones that pass through: credentials for gated models, a mirror,
+proxies. The engine inherits none of them: it runs offline (HF_HUB_OFFLINE=1)
+and parses untrusted prompts, so its environment holds no secret
+(ximd/engine/launch.py).
 """
 
 from __future__ import annotations

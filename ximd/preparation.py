@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from ximd import autoconfig, hardware, kvcache, models
+from ximd import autoconfig, enrollment, hardware, kvcache, models
 from ximd.autoconfig import Plan
 from ximd.config import Config
 from ximd.engine import EngineLaunch, EnginePaths, build_launch
@@ -55,5 +55,6 @@ def prepare_engine(cfg: Config, assigned_model: str | None) -> Prepared:
     log_plan(plan)
     kv = kvcache.prepare(cfg, plan, engine_python=paths.python, ram_bytes=hw.ram_bytes)
     # The supervisor logs the engine's command line at every start.
-    launch = build_launch(cfg, plan, resolved, paths, kv=kv, inherit=os.environ)
+    launch = build_launch(cfg, plan, resolved, paths, kv=kv,
+                          hidden=enrollment.secret_paths(cfg, os.environ))
     return Prepared(launch, plan, resolved, kv, hw)

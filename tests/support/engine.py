@@ -100,7 +100,7 @@ def tiny_launch(root: Path, python: str, model_dir: Path, *, kv=None, plan: Plan
     paths = EnginePaths.from_config(cfg)
     model = resolve(ModelChoice(str(model_dir), "config"), ModelCache.from_config(cfg), engine_python=python,
                     environ={})
-    return build_launch(cfg, plan or tiny_cpu_plan(), model, paths, kv=kv, inherit={}), cfg
+    return build_launch(cfg, plan or tiny_cpu_plan(), model, paths, kv=kv), cfg
 
 
 def processes_of(instance: str) -> list[psutil.Process]:

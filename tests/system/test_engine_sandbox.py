@@ -1,7 +1,9 @@
 """The unit's hardening keeps a real vLLM working: the CPU engine environment (the one
 xerotier-engine-install builds), bind-mounted at /opt/xerotier/engine, serves the tiny
 model from inside ximd.service's own sandbox (user, ProtectSystem=strict, the syscall
-filter, DevicePolicy=closed, no MemoryDenyWriteExecute, ...).
+filter, DevicePolicy=closed, no MemoryDenyWriteExecute, ...) and inside the engine's
+own Landlock sandbox (ximd/engine/sandbox.py, as ximd starts it), which under the
+unit's syscall filter hides /etc/xerotier from it.
 
 The unit's ExecStart is swapped for the engine's command line with a drop-in, so this
 holds whatever the daemon does; the daemon-driven engine test builds on the same guest.
@@ -28,13 +30,26 @@ ENGINE_DIR = "/opt/xerotier/engine"
 MODEL_DIR = "/srv/model"
 SOCKET = "/run/ximd/engine.sock"
 ENGINE_START_TIMEOUT_S = 300
-# The research-tested CPU command line (research/vllm-cpu.md), over ximd's unix socket.
-ENGINE_DROPIN = f"""[Service]
+# The engine's Landlock policy as ximd hands it to its launcher (ximd/engine/sandbox.py).
+SANDBOX_POLICY = json.dumps({"writable": ["/var/lib/xerotier", "/var/cache/xerotier", "/run/ximd"],
+                             "hidden": ["/var/lib/xerotier/enrollment", "/etc/xerotier"]})
+SECRET = "/etc/xerotier/agent.toml"    # root:xerotier 0640: the unit's user may read it
+
+
+def engine_dropin(launcher: str) -> str:
+    """The research-tested CPU command line (research/vllm-cpu.md), over ximd's unix socket,
+    behind the sandbox launcher; before it, the same launcher (and, for contrast, no
+    launcher) try to read a secret as the unit's user and say what happened."""
+    sandboxed = f"/usr/bin/python3 -I -S {launcher} '{SANDBOX_POLICY}'"
+    probe = f'if cat {SECRET} >/dev/null; then echo SECRET-READ; else echo SECRET-HIDDEN; fi'
+    return f"""[Service]
 Type=simple
 WatchdogSec=0
 Environment=HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_CPU_KVCACHE_SPACE=1
+ExecStartPre=/bin/sh -c "echo unconfined: $$({probe})"
+ExecStartPre={sandboxed} /bin/sh -c "echo sandboxed: $$({probe})"
 ExecStart=
-ExecStart={ENGINE_DIR}/bin/python -m vllm.entrypoints.openai.api_server --model {MODEL_DIR} \\
+ExecStart={sandboxed} {ENGINE_DIR}/bin/python -m vllm.entrypoints.openai.api_server --model {MODEL_DIR} \\
     --served-model-name tiny --uds {SOCKET} --dtype float32 --max-model-len 512 \\
     --max-num-seqs 4 --enforce-eager --distributed-executor-backend uni
 """
@@ -84,7 +99,8 @@ def test_cpu_engine_serves_inside_the_unit_sandbox(engine_guest, packages):
     guest = engine_guest
     guest.run(["apt-get", "install", "-y", "-q", packages.guest_path(packages.deb)], timeout=300)
     guest.wait_active(UNIT)
-    guest.write_file("/etc/systemd/system/ximd.service.d/50-systest-engine.conf", ENGINE_DROPIN)
+    launcher = guest.run(["python3", "-c", "import ximd.engine.sandbox as s; print(s.__file__)"]).stdout.strip()
+    guest.write_file("/etc/systemd/system/ximd.service.d/50-systest-engine.conf", engine_dropin(launcher))
     guest.systemctl("daemon-reload")
     started = time.monotonic()
     guest.systemctl("restart", UNIT)
@@ -104,6 +120,11 @@ def test_cpu_engine_serves_inside_the_unit_sandbox(engine_guest, packages):
     assert any("vllm.entrypoints" in line for line in guest.processes_of("xerotier"))
     journal = guest.journal(UNIT, output="cat")
     assert "Operation not permitted" not in journal and "Read-only file system" not in journal, journal
+    # Landlock works under the unit's syscall filter: the unit's user reads the file, the
+    # sandboxed engine cannot.
+    assert "unconfined: SECRET-READ" in journal, journal
+    assert "sandboxed: SECRET-HIDDEN" in journal, journal
+    assert "cannot confine" not in journal and "cannot drop privileges" not in journal, journal
 
     guest.systemctl("stop", UNIT)
     # An exited worker can show for a moment as a zombie until the guest's init reaps it.

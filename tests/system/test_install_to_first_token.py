@@ -302,6 +302,9 @@ def test_journal_tells_the_story(node):
     assert f"enrolled as agent {node.agent_id}" in journal, journal
     assert "LMCache off on a CPU engine" in journal, journal
     assert re.search(r"Engine healthy after \d+(\.\d+)? s", journal), journal
+    # The unit lets ximd confine its engine (Landlock: the syscall filter allows it).
+    assert "The engine runs in a Landlock sandbox" in journal, journal
+    assert "runs without a sandbox" not in journal, journal
     # The engine's own output, under its own identifier, in the unit's journal.
     engine_lines = engine_journal(node.guest)
     assert "vLLM API server version" in engine_lines or "Starting vLLM" in engine_lines, engine_lines[-3000:]

@@ -340,7 +340,8 @@ def test_main_exit_code_follows_failures(tmp_path, capsys):
     assert data["ok"] is True
     names = [c["name"] for c in data["checks"]]
     assert names == ["gpus", "gpu driver", "vram", "gpu device nodes", "ram", "disk", "/dev/shm",
-                     "socket buffers", "state directory", "cache directory", "engine", "lmcache remote", "plan"]
+                     "socket buffers", "state directory", "cache directory", "engine", "engine sandbox",
+                     "lmcache remote", "plan"]
     gpus = data["checks"][0]
     assert gpus["status"] == "ok" and "NVIDIA H100 80GB HBM3" in gpus["detail"]
 
@@ -385,3 +386,11 @@ def test_reachable_redis_and_valkey(tmp_path, redis_server):
         cfg = _cfg(directory, python, f'[lmcache]\nredis_url = "{scheme}://127.0.0.1:{redis_server}/0"\n')
         remote = next(c for c in doctor.collect(cfg, h100_host()) if c.name == "lmcache remote")
         assert remote.status == "ok", remote.detail
+
+
+def test_engine_sandbox_ok_with_landlock_and_a_warning_without():
+    ok = doctor.check_engine_sandbox(2, "")
+    assert (ok.status, ok.fix) == ("ok", None) and "ABI 2" in ok.detail
+    missing = doctor.check_engine_sandbox(0, "the kernel has no Landlock")
+    assert missing.status == "warn" and "the kernel has no Landlock" in missing.detail
+    assert "identity" in missing.detail and "lsm=" in missing.fix

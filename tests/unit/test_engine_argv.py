@@ -127,15 +127,29 @@ def test_lmcache_off_adds_nothing(cfg):
     assert "--kv-transfer-config" not in launch.argv and "LMCACHE_CONFIG_FILE" not in launch.env
 
 
-def test_environment_is_clean_and_keeps_only_download_credentials(cfg):
-    ximd_env = {"XEROTIER_AGENT_JOIN_KEY": "xjk_secret", "PATH": "/home/dev/bin", "HF_TOKEN": "hf_abc",
-                "HTTPS_PROXY": "http://proxy:3128", "LD_PRELOAD": "/evil.so", "NOTIFY_SOCKET": "/run/x"}
-    env = build_launch(cfg, tiny_cpu_plan(), model(), paths_for(cfg), inherit=ximd_env).env
-    assert env["HF_TOKEN"] == "hf_abc" and env["HTTPS_PROXY"] == "http://proxy:3128"
-    for leaked in ("XEROTIER_AGENT_JOIN_KEY", "LD_PRELOAD", "NOTIFY_SOCKET"):
+def test_environment_is_built_from_nothing_and_holds_no_secret(cfg, monkeypatch):
+    # The engine runs offline and parses untrusted prompts: not even the hub token reaches it.
+    for name, value in {"XEROTIER_AGENT_JOIN_KEY": "xjk_secret", "PATH": "/home/dev/bin", "HF_TOKEN": "hf_abc",
+                        "HUGGING_FACE_HUB_TOKEN": "hf_abc", "HTTPS_PROXY": "http://u:p@proxy:3128",
+                        "LD_PRELOAD": "/evil.so", "NOTIFY_SOCKET": "/run/x",
+                        "CREDENTIALS_DIRECTORY": "/run/credentials/ximd.service"}.items():
+        monkeypatch.setenv(name, value)
+    env = build_launch(cfg, tiny_cpu_plan(), model(), paths_for(cfg)).env
+    for leaked in ("XEROTIER_AGENT_JOIN_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HTTPS_PROXY", "LD_PRELOAD",
+                   "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"):
         assert leaked not in env
+    assert not any("hf_abc" in value or "xjk_" in value for value in env.values())
     assert env["PATH"].startswith("/opt/xerotier/engine/bin:") and "/home/dev/bin" not in env["PATH"]
     assert env["VLLM_NO_USAGE_STATS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_the_sandbox_hides_what_it_is_told_and_lets_the_engine_write_in_ximds_directories(cfg):
+    secrets = (Path("/var/lib/xerotier/enrollment"), Path("/etc/xerotier"))
+    policy = build_launch(cfg, tiny_cpu_plan(), model(), paths_for(cfg), hidden=secrets).sandbox
+    assert policy is not None
+    assert policy.hidden == ("/var/lib/xerotier/enrollment", "/etc/xerotier")
+    assert set(policy.writable) == {"/var/lib/xerotier", "/var/cache/xerotier", "/run/ximd",
+                                    "/var/lib/xerotier/models", "/var/lib/xerotier/lmcache"}
 
 
 def test_everything_the_engine_writes_goes_into_ximds_directories(cfg):

@@ -19,14 +19,21 @@ from ximd.enrollment import (
     JoinKeyError,
     RouterConfigError,
     RouterUnreachable,
-    enroll,
+    enroll_and_save,
     key_policy,
     local_time,
     read_join_key,
     unenroll,
 )
-from ximd.exitcodes import EX_CONFIG, EX_OK, EX_REFUSED, EX_UNAVAILABLE
-from ximd.identity import Identity, IdentityError, identity_path, load_identity, remove_identity, save_identity
+from ximd.exitcodes import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_REFUSED, EX_UNAVAILABLE
+from ximd.identity import (
+    Identity,
+    IdentityError,
+    IdentitySaveError,
+    identity_path,
+    load_identity,
+    remove_identity,
+)
 
 # The domain's logger: the journal shows one source for everything enrollment does.
 log = logging.getLogger("ximd.enrollment")
@@ -74,7 +81,10 @@ async def main_enroll(cfg: Config, *, join_key_file: str | None = None, force: b
     log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
              fingerprint(key))
     try:
-        identity = await enroll(cfg, key)
+        identity, path = await enroll_and_save(cfg, key)
+    except IdentitySaveError as exc:
+        _fail(str(exc))
+        return EX_CANTCREAT
     except RouterConfigError as exc:
         _fail(str(exc))
         return EX_CONFIG
@@ -85,7 +95,6 @@ async def main_enroll(cfg: Config, *, join_key_file: str | None = None, force: b
     except RouterUnreachable as exc:
         _fail(f"{exc}; nothing was changed, try again later")
         return EX_UNAVAILABLE
-    path = save_identity(state_dir, identity)
     _say(f"enrolled as agent {identity.agent_id} (worker {identity.worker_id}) with "
          f"{identity.router_url}; identity saved in {path}")
     if current is not None:
@@ -126,6 +135,10 @@ async def main_unenroll(cfg: Config) -> int:
         _fail(f"{exc}; the identity was kept: run `ximd unenroll` again, or delete "
               f"{identity_path(state_dir)} to forget it here only")
         return EX_UNAVAILABLE
-    removed = remove_identity(state_dir)
+    try:
+        removed = remove_identity(state_dir)
+    except IdentityError as exc:
+        _fail(f"the router let this node go, but {exc}")
+        return EX_CONFIG
     _say(f"unenrolled agent {identity.agent_id}; removed {removed}")
     return EX_OK

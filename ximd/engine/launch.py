@@ -7,9 +7,15 @@ module form works for every build. It listens on a unix socket in the runtime
 directory (`--uds`), never on a TCP port.
 
 The environment is built from nothing rather than copied from ximd's: the engine
-gets exactly what it needs, and everything it writes (Hugging Face, vLLM, Triton,
-XDG caches, temporary files) lands in ximd's state, cache or runtime directories,
-the only places writable under the unit's ProtectSystem=strict.
+gets exactly what it needs and no secret (it runs offline: no hub token), and
+everything it writes (Hugging Face, vLLM, Triton, XDG caches, temporary files)
+lands in ximd's state, cache or runtime directories, the only places writable
+under the unit's ProtectSystem=strict.
+
+The engine parses untrusted prompts, so it runs in a sandbox (`sandbox.Policy`,
+applied by `ximd/engine/sandbox.py` just before the engine's exec): it may write
+in those directories and may not read the node's secrets, the ``hidden`` paths
+its caller names (the identity, the configuration, the join-key credential).
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ximd.hubenv import passed_through
+from ximd.engine.sandbox import Policy
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 # Every engine process (and every worker it spawns) carries this in its environment,
@@ -73,6 +79,7 @@ class EngineLaunch:
     model: str = ""                          # for messages: "loading <model>: 37 s"
     lmcache: bool = False
     dirs: tuple[Path, ...] = field(default=())  # to create before the start
+    sandbox: Policy | None = None            # None: the engine runs unconfined (tests of the supervisor)
 
     def without_lmcache(self) -> EngineLaunch:
         """The same launch with the LMCache connector taken out."""
@@ -152,14 +159,10 @@ def engine_dirs(paths: EnginePaths) -> dict[str, Path]:
     }
 
 
-def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """What the engine inherits from ximd's environment (ximd.hubenv): nothing else reaches it."""
-    return passed_through(environ)
-
-
 def engine_env(paths: EnginePaths, plan, *, model_env: Mapping[str, str], instance: str,
-               kv_env: Mapping[str, str] | None = None,
-               inherit: Mapping[str, str] | None = None) -> dict[str, str]:
+               kv_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Nothing of ximd's own environment: the engine runs offline (HF_HUB_OFFLINE, from
+    the model's env) and needs neither the hub token nor the proxies ximd may have."""
     env = {
         "PATH": f"{Path(paths.python).parent}:{SYSTEM_PATH}",
         "LANG": "C.UTF-8",
@@ -170,7 +173,6 @@ def engine_env(paths: EnginePaths, plan, *, model_env: Mapping[str, str], instan
         INSTANCE_ENV: instance,
     }
     env.update({name: str(path) for name, path in engine_dirs(paths).items()})
-    env.update(inherited_env(inherit or {}))
     env.update(model_env)
     if plan.accelerator == "cpu" and plan.cpu_kvcache_space_gb is not None:
         # vLLM reads it as an integer number of GiB.
@@ -192,13 +194,21 @@ def check_socket_paths(paths: EnginePaths) -> None:
                           "choose a shorter agent.runtime_dir")
 
 
+def sandbox_policy(cfg, paths: EnginePaths, hidden: Sequence[Path]) -> Policy:
+    """Where the engine may write (ximd's directories, the model cache and LMCache's disk
+    tier) and what it may not see at all (``hidden``)."""
+    writable = (paths.state_dir, paths.cache_dir, paths.runtime_dir, cfg.model_cache_path,
+                cfg.lmcache_disk_path)
+    return Policy(writable=tuple(dict.fromkeys(str(p) for p in writable)),
+                  hidden=tuple(dict.fromkeys(str(p) for p in hidden)))
+
+
 def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
-                 inherit: Mapping[str, str] | None = None) -> EngineLaunch:
-    """The engine's argv and environment from the config, the plan and the resolved model.
+                 hidden: Sequence[Path] = ()) -> EngineLaunch:
+    """The engine's argv, environment and sandbox from the config, the plan and the resolved model.
 
     `model_ref` is a `ximd.models.ResolvedModel`; `kv` a `ximd.kvcache.KVCacheSetup`
-    (None = LMCache off); `inherit` is ximd's environment, of which only
-    credentials and proxies for model downloads pass.
+    (None = LMCache off); `hidden` the node's secrets the engine must not read.
     """
     check_socket_paths(paths)
     served = cfg.engine.served_model_name or model_ref.served_name
@@ -208,10 +218,10 @@ def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
                        kv_transfer_config=kv.kv_transfer_config if lmcache_on else None,
                        extra_args=tuple(cfg.engine.extra_args))
     env = engine_env(paths, plan, model_env=model_ref.env, instance=instance,
-                     kv_env=kv.env if lmcache_on else None, inherit=inherit)
+                     kv_env=kv.env if lmcache_on else None)
     dirs = (*engine_dirs(paths).values(), paths.runtime_dir)
     return EngineLaunch(argv, env, paths.socket_path, served, instance, model=model_ref.ref,
-                        lmcache=lmcache_on, dirs=tuple(dirs))
+                        lmcache=lmcache_on, dirs=tuple(dirs), sandbox=sandbox_policy(cfg, paths, hidden))
 
 
 SECRET_FLAGS = ("--api-key",)

@@ -38,7 +38,7 @@ from pathlib import Path
 import aiohttp
 
 from ximd import kvcache
-from ximd.engine import processes
+from ximd.engine import processes, sandbox
 from ximd.engine.launch import EngineLaunch, describe
 from ximd.engine.output import OutputForwarder, clean_line
 
@@ -100,6 +100,22 @@ def parent_death_prefix() -> tuple[str, ...]:
     return (setpriv, "--pdeathsig", "TERM", "--") if setpriv else ()
 
 
+def sandbox_prefix(policy: sandbox.Policy | None) -> tuple[str, ...]:
+    """The sandbox launcher in front of the engine (ximd/engine/sandbox.py), and a word in
+    the journal about it the first time: confined, or why not."""
+    if policy is None:
+        return ()
+    abi = sandbox.landlock_abi()
+    if abi:
+        log.info("The engine runs in a Landlock sandbox (ABI %d): it cannot read %s", abi,
+                 ", ".join(policy.hidden) or "(nothing hidden)")
+    else:
+        log.warning("The engine runs without a sandbox: %s. It can read the node's secrets "
+                    "(%s); `ximd doctor` checks this", sandbox.unavailable_reason(),
+                    ", ".join(policy.hidden))
+    return sandbox.launcher_argv(policy)
+
+
 def exit_description(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -139,6 +155,7 @@ class EngineSupervisor:
         self.last_error: str | None = None
         self.pid: int | None = None
         self.lmcache_dropped = False
+        self._sandbox_argv: tuple[str, ...] | None = None   # decided (and logged) at the first start
         self._failures = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
@@ -238,8 +255,11 @@ class EngineSupervisor:
             for directory in self.launch.dirs:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
             self.launch.socket_path.unlink(missing_ok=True)
+            if self._sandbox_argv is None:
+                self._sandbox_argv = sandbox_prefix(self.launch.sandbox)
             proc = await asyncio.create_subprocess_exec(
-                *parent_death_prefix(), *self.launch.argv, env=dict(self.launch.env), stdin=subprocess.DEVNULL,
+                *parent_death_prefix(), *self._sandbox_argv, *self.launch.argv, env=dict(self.launch.env),
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 limit=OUTPUT_LINE_LIMIT)
         except OSError as exc:
