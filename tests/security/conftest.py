@@ -1,4 +1,4 @@
-"""Fixtures for the hostile-node tests; each module brings its own `router` (a RouterProcess)."""
+"""Fixtures for the hostile-node tests (`router`, a real xim-router, comes from tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -21,14 +21,11 @@ from pathlib import Path
 import pytest
 
 from bench.standin_engine import write_model_dir
-from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.helpers import load_config, write_agent_config
 from tests.support.daemon import Daemon
 from tests.support.router import wait_for
 from ximd import enrollment
 from ximd.engine import sandbox
-
-router = mesh_fixtures.router         # a real `xim-router serve` (tests/support/router.py)
 
 REPO = Path(__file__).resolve().parents[2]
 HF_TOKEN = "hf_SECRETtokenTHEengineMUSTnotSEE"

@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 from bench.standin_engine import write_model_dir
-from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.helpers import load_config, write_agent_config
 from tests.support.daemon import Daemon
 from tests.support.router import RouterProcess, wait_for
@@ -38,8 +37,6 @@ from ximd import enrollment
 from ximd.enrollment import EnrollmentRejected
 from ximd.exitcodes import EX_CANTCREAT, EX_OK
 from ximd.identity import identity_path, pending_path
-
-router = mesh_fixtures.router         # a real `xim-router serve` (tests/support/router.py)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: run as root")

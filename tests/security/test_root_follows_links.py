@@ -20,12 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.helpers import write_agent_config
 from tests.support.router import RouterProcess
 from ximd.exitcodes import EX_OK
-
-router = mesh_fixtures.router         # a real `xim-router serve` (tests/support/router.py)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attack is on root: run as root")
 
