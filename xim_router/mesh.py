@@ -111,8 +111,7 @@ class Session:
         return self.policy.permitted(self.declared_models)
 
     def serves(self, model: str) -> bool:
-        return self.policy.allows(model) and any(m.name == model and m.state == "ready"
-                                                 for m in self.declared_models)
+        return any(m.name == model and m.state == "ready" for m in self.models())
 
 
 @dataclass
@@ -172,7 +171,7 @@ class Router:
         self.absent_models: dict[str, frozenset[str]] = {}
         self._background: set[asyncio.Task] = set()
         self._latest_lease: dict[str, tuple[codec.Lease, float]] = {}   # agent id -> not yet stored
-        self._hellos_checking: set[str] = set()      # worker ids whose hello waits on the store
+        self._hellos_checking: set[str] = set()      # agent ids whose hello waits on the store
         self._allowances: dict[str, _Allowance] = {}  # agent id -> its unsolicited-frame budget
 
     # ------------------------------------------------------------ lifecycle

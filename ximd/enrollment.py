@@ -319,9 +319,11 @@ async def enroll(cfg, join_key: str, *, hostname: str | None = None,
         join_key_fingerprint=fingerprint(join_key))
 
 
-async def enroll_and_save(cfg, join_key: str, *, hostname: str | None = None,
+async def enroll_and_save(cfg, join_key: str, *, source: str, hostname: str | None = None,
                           hardware: dict | None = None) -> tuple[Identity, Path]:
     """Enroll and save the identity, crash-safe: (identity, where it was saved).
+
+    ``source`` says where the join key came from, for the log (never the key itself).
 
     The join key is single-use, so the keypair is saved (``pending.json``) before
     the key is spent and reused by the next attempt with the same key: a router
@@ -330,6 +332,7 @@ async def enroll_and_save(cfg, join_key: str, *, hostname: str | None = None,
     whether the key was spent.
     """
     state_dir, url, key_fingerprint = cfg.agent.state_dir, _router_url(cfg), fingerprint(join_key)
+    log.info("enrolling with %s using the join key from %s (%s)", url, source, key_fingerprint)
     try:
         pending = load_pending(state_dir)
     except IdentityError as exc:
@@ -448,10 +451,8 @@ async def ensure_identity(cfg, *, stdin: IO[str] | None = None) -> EnrollmentSta
     if found is None:
         return EnrollmentStatus(None, "not enrolled: no join key")
     key, source = found
-    log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
-             fingerprint(key))
     try:
-        identity, path = await enroll_and_save(cfg, key)
+        identity, path = await enroll_and_save(cfg, key, source=source)
     except RouterUnreachable as exc:
         log.warning("enrollment postponed: %s", exc)
         return EnrollmentStatus(None, f"enrollment pending: {exc}", retry=True)

@@ -188,7 +188,7 @@ def test_the_spent_key_from_another_curve_key_is_still_refused(tmp_path, router,
     other = load_config(write_agent_config(tmp_path / "other.toml", url=router.http_url,
                                            state_dir=tmp_path / "other-state"))
     with pytest.raises(EnrollmentRejected) as info:
-        asyncio.run(enrollment.enroll_and_save(other, key, hostname="thief", hardware={}))
+        asyncio.run(enrollment.enroll_and_save(other, key, source="the test", hostname="thief", hardware={}))
     assert info.value.code == "join_key_used"
     assert len(router.agents()) == 1
 

@@ -78,10 +78,8 @@ async def main_enroll(cfg: Config, *, join_key_file: str | None = None, force: b
         _fail(NO_KEY_HINT)
         return EX_CONFIG
     key, source = found
-    log.info("enrolling with %s using the join key from %s (%s)", cfg.router.url, source,
-             fingerprint(key))
     try:
-        identity, path = await enroll_and_save(cfg, key)
+        identity, path = await enroll_and_save(cfg, key, source=source)
     except IdentitySaveError as exc:
         _fail(str(exc))
         return EX_CANTCREAT
