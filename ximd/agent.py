@@ -44,12 +44,16 @@ ENROLL_RETRY_S = (5.0, 300.0)
 # few seconds, so a 10-minute load never meets the unit's start timeout while
 # a load that stops making progress still does.
 LOAD_EXTENSION_S = 60.0
+# The same while a model downloads or is checked; the node asks for it only while
+# bytes arrive (ximd.node.DOWNLOAD_STALL_S), so a stalled download still times out.
+DOWNLOAD_EXTENSION_S = 60.0
 
 # Settings a SIGHUP applies at once; everything else needs a restart.
 LIVE_SETTINGS = {"agent.log_level", "router.join_key", "router.join_key_file"}
 
 # Phases in which the daemon is waiting on a person or the network, not stuck.
-WAITING_PHASES = {"starting", "not-enrolled", "enrolling", "preparing", "engine-unavailable"}
+WAITING_PHASES = {"starting", "not-enrolled", "enrolling", "model", "model-waiting", "preparing",
+                  "engine-unavailable"}
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:
@@ -196,6 +200,17 @@ class Agent:
         if not self.ready_sent:
             self.notifier.extend_timeout(LOAD_EXTENSION_S)
 
+    def model_progress(self, line: str, moving: bool) -> None:
+        """The model is being fetched or checked: still starting, as long as it moves."""
+        self.set_status("model", line)
+        if moving and not self.ready_sent:
+            self.notifier.extend_timeout(DOWNLOAD_EXTENSION_S)
+
+    def model_waiting(self, line: str) -> None:
+        """The model cannot be had now (gated, offline, no room): up and waiting, like not-enrolled."""
+        self.set_status("model-waiting", line)
+        self.ready()
+
     def node_serving(self, line: str) -> None:
         self.set_status("serving", line)
         self.ready()
@@ -258,6 +273,8 @@ class Agent:
                         ", ".join(needs_restart))
         self.cfg = new
         log.info("configuration reloaded (%d change(s))", len(changed))
+        if self.node is not None and self.node.retry_model(new):
+            log.info("trying to fetch the model again now", extra=phase_fields("model"))
         if self.node is None and self.phase in ("not-enrolled", "enrolling"):
             # A join key may have arrived: try again with what is there now.
             if self._lifecycle is not None and not self._lifecycle.done():

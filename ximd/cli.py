@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", parents=[shared], help="show the engine settings ximd would choose, and why")
     plan.add_argument("--format", choices=("text", "json"), default="text")
 
+    model = sub.add_parser("model", help="fetch, list, remove or import models in the cache")
+    model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    pull = model_sub.add_parser("pull", parents=[shared], help="download a model completely into the cache",
+                                description="Download MODEL (default: the model the daemon would serve) "
+                                            "into the model cache, checked against the hub's checksums. "
+                                            "Works before enrollment; resumes an interrupted download.")
+    pull.add_argument("model", nargs="?", metavar="MODEL", help="a Hugging Face id (org/name)")
+    listing = model_sub.add_parser("list", parents=[shared], help="the cached models, sizes, state and use")
+    listing.add_argument("--format", choices=("text", "json"), default="text")
+    rm = model_sub.add_parser("rm", parents=[shared], help="remove a model from the cache (not the one in use)")
+    rm.add_argument("model", metavar="MODEL")
+    imp = model_sub.add_parser("import", parents=[shared], help="install a model copied from another machine",
+                               description="Check and install a model without the hub: a hub cache entry "
+                                           "(models--org--name/, or an id found in this host's Hugging Face "
+                                           "cache) or a model directory given an id with --as.")
+    imp.add_argument("source", metavar="DIR|MODEL_ID")
+    imp.add_argument("--as", dest="as_id", metavar="ORG/NAME", help="the id to serve a model directory under")
+
     cfg = sub.add_parser("config", help="show or validate configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     show = cfg_sub.add_parser("show", parents=[shared], help="print the effective configuration")
@@ -138,6 +156,19 @@ def cmd_unenroll(args: argparse.Namespace) -> int:
     return asyncio.run(enroll.main_unenroll(cfg))
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from ximd.commands import model
+    cfg = load_config(args)
+    setup_logging(cfg.agent.log_level)
+    if args.model_command == "pull":
+        return model.pull(cfg, args.model)
+    if args.model_command == "list":
+        return model.list_models(cfg, args.format)
+    if args.model_command == "rm":
+        return model.remove(cfg, args.model)
+    return model.import_model(cfg, args.source, args.as_id)
+
+
 COMMANDS = {
     ("run", None): cmd_run,
     ("enroll", None): cmd_enroll,
@@ -145,6 +176,10 @@ COMMANDS = {
     ("status", None): cmd_status,
     ("doctor", None): cmd_doctor,
     ("plan", None): cmd_plan,
+    ("model", "pull"): cmd_model,
+    ("model", "list"): cmd_model,
+    ("model", "rm"): cmd_model,
+    ("model", "import"): cmd_model,
     ("config", "show"): cmd_config_show,
     ("config", "validate"): cmd_config_validate,
 }
@@ -152,7 +187,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = COMMANDS[(args.command, getattr(args, "config_command", None))]
+    handler = COMMANDS[(args.command, getattr(args, "config_command", None) or getattr(args, "model_command", None))]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -277,6 +277,11 @@ class ModelCacheSection:
     max_size_gb: float = setting(100.0, Number(integer=False, low=0, low_open=True),
                                  "Cap; least-recently-used models that are not in use are evicted.",
                                  env="XEROTIER_AGENT_MODEL_CACHE_MAX_SIZE_GB")
+    hf_token_file: str = setting("", Text(),
+                                 "File with a Hugging Face token for gated models (empty = the unit's "
+                                 "hf-token credential from /etc/xerotier/hf-token, else HF_TOKEN); "
+                                 "only the downloader gets it.",
+                                 env="XEROTIER_AGENT_HF_TOKEN_FILE")
 
 
 @dataclass(frozen=True)

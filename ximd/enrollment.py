@@ -401,12 +401,14 @@ def local_time(epoch: float) -> str:
 def secret_paths(cfg, environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
     """Every file or directory holding a secret of the node: the identity (and a pending
     enrollment's keypair), the configuration files (the join key may be in them), the
-    join key file and the systemd credentials. The engine's sandbox hides them."""
+    join key file, the Hugging Face token file and the systemd credentials. The engine's sandbox hides them."""
     env: Mapping[str, str] = os.environ if environ is None else environ
     found = [Path(cfg.agent.state_dir) / IDENTITY_DIR, DEFAULT_CONFIG_PATH.parent,
              *(Path(source) for source in cfg.sources)]
     if cfg.router.join_key_file:
         found.append(Path(cfg.router.join_key_file))
+    if cfg.model_cache.hf_token_file:
+        found.append(Path(cfg.model_cache.hf_token_file))
     if env.get("CREDENTIALS_DIRECTORY"):
         found.append(Path(env["CREDENTIALS_DIRECTORY"]))
     return tuple(dict.fromkeys(found))

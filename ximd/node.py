@@ -1,7 +1,8 @@
 """An enrolled node at work: the engine, the request bridge, the mesh link and metrics.
 
-The agent creates one `Node` per identity. It prepares and supervises the
-engine, says READY through the agent once the engine first answers /health,
+The agent creates one `Node` per identity. It acquires the model (a hub model
+is downloaded and checked first, with progress in STATUS; trouble there is a
+waiting state that retries), prepares and supervises the engine, says READY through the agent once the engine first answers /health,
 then connects the link; requests from the link go to the bridge. `stop()`
 drains: it tells the router to send no more, lets in-flight streams finish
 within the grace, then stops the engine.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 import time
 from collections.abc import Coroutine
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 
 from xim_proto import codec
+from ximd import models
 from ximd.autoconfig import PlanError
 from ximd.config import Config
 from ximd.engine import EngineReport, EngineState, EngineSupervisor, LaunchError
@@ -28,8 +31,10 @@ from ximd.logs import phase_fields
 from ximd.mesh.report import HelloInfo, LeaseInfo
 from ximd.mesh.state import LinkState
 from ximd.metrics import MetricsServer, NodeMetrics, scrape_engine
-from ximd.models import ModelError
-from ximd.preparation import Prepared, prepare_engine
+from ximd.models import ModelCache, ModelError
+from ximd.models.acquire import JournalReporter, ModelWait, acquire
+from ximd.models.progress import Progress, StallWatch, progress_line
+from ximd.preparation import Prepared, choose_model, hub_source, prepare_engine
 from ximd.serve import Bridge
 
 if TYPE_CHECKING:
@@ -44,6 +49,11 @@ STUCK_UNHEALTHY_S = 120.0
 ENGINE_LOAD_POLL_S = 2.0
 # What STATUS and `ximd status` say before the engine is up and a link exists.
 NO_LINK = "not connected"
+# A model that cannot be fetched now is tried again after this long, doubling.
+MODEL_RETRY_S = (30.0, 600.0)
+# The start timeout is extended only while bytes arrived within this long: a
+# download that stalls still meets systemd's timeout (and resumes after the restart).
+DOWNLOAD_STALL_S = 30.0
 
 
 def engine_load(metrics_text: str) -> dict[str, float]:
@@ -86,6 +96,10 @@ class NodeHost(Protocol):
 
     def engine_loading(self, model: str, loading_s: float) -> None: ...
 
+    def model_progress(self, line: str, moving: bool) -> None: ...
+
+    def model_waiting(self, line: str) -> None: ...
+
     def node_serving(self, line: str) -> None: ...
 
     def node_degraded(self, phase: str, line: str) -> None: ...
@@ -110,10 +124,16 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self._engine_state_since = time.monotonic()
         self.engine_load: dict[str, float] = {}
+        self.download: Progress | None = None          # while a model is being fetched
+        self._model_hold: int | None = None            # the cache's shared lock on the served model
+        self._retry_model = asyncio.Event()
+        self._last_model_wait: str | None = None
 
     # -------------------------------------------------------------- start
 
     async def start(self) -> None:
+        if not await self.acquire_model():
+            return
         self.host.set_status("preparing", "preparing the engine (hardware, model, plan)")
         try:
             self.prepared = await asyncio.to_thread(prepare_engine, self.cfg, self.identity.assigned_model)
@@ -121,10 +141,7 @@ class Node:
             self.host.config_invalid(f"{exc.key}: {exc.message}")
             return
         except (ModelError, LaunchError) as exc:
-            log.error("engine cannot start: %s", exc, extra=phase_fields("engine"))
-            self.host.node_degraded("engine-unavailable",
-                                    f"engine cannot start: {exc}; fix it, then `systemctl restart ximd`")
-            self.host.ready()
+            self._cannot_start(exc)
             return
         launch, plan = self.prepared.launch, self.prepared.plan
         self.metrics.set_kv_tier("lmcache", self.prepared.kv.enabled)
@@ -138,6 +155,66 @@ class Node:
             await self.start_metrics(launch.socket_path)
         self._spawn(supervisor.run(), "engine supervisor")
         self._spawn(self.poll_engine_load(supervisor, launch.socket_path), "engine load poller")
+
+    def _cannot_start(self, exc: Exception) -> None:
+        log.error("engine cannot start: %s", exc, extra=phase_fields("engine"))
+        self.host.node_degraded("engine-unavailable",
+                                f"engine cannot start: {exc}; fix it, then `systemctl restart ximd`")
+        self.host.ready()
+
+    # -------------------------------------------------------------- model
+
+    async def acquire_model(self) -> bool:
+        """Have the chosen model complete on disk: a local path is checked later; a hub model is
+        fetched, waiting (READY=1, STATUS says what to do) and retrying while it cannot be.
+        False when the model can never be served as configured (already told)."""
+        try:
+            hf_id = models.hub_id_of(choose_model(self.cfg, self.identity.assigned_model))
+        except ModelError as exc:
+            self._cannot_start(exc)
+            return False
+        if hf_id is None:
+            return True
+        cache = ModelCache.from_config(self.cfg)
+        reporter = NodeModelReporter(self.host, self)
+        delay = MODEL_RETRY_S[0]
+        while True:
+            try:
+                _, self._model_hold = await acquire(hf_id, cache, hub_source(self.cfg), reporter)
+                break
+            except ModelWait as wait:
+                line = wait.line
+            except ModelError as exc:       # a token file that cannot be read, no engine to download with
+                line = str(exc)
+            self.download = None
+            self._model_waiting(line, delay)
+            self._retry_model.clear()
+            try:
+                await asyncio.wait_for(self._retry_model.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, MODEL_RETRY_S[1])
+        self.download = None
+        cache.touch(hf_id)
+        await asyncio.to_thread(cache.enforce_cap, [hf_id])
+        return True
+
+    def _model_waiting(self, line: str, delay: float) -> None:
+        # Once at error level per distinct reason: a waiting state, not a failure loop.
+        if line != self._last_model_wait:
+            log.error("%s", line, extra=phase_fields("model"))
+            self._last_model_wait = line
+        else:
+            log.info("still waiting: %s", line, extra=phase_fields("model"))
+        self.host.model_waiting(f"{line} (next try in {delay:.0f} s)")
+
+    def retry_model(self, cfg: Config) -> bool:
+        """`systemctl reload` while the model waits: try again now, with the reloaded settings
+        (a token put in place, a new token file). False when no model is waiting."""
+        if self._last_model_wait is None or self.prepared is not None:
+            return False
+        self.cfg = cfg
+        self._retry_model.set()
+        return True
 
     async def start_metrics(self, engine_socket: Path) -> None:
         self.metrics_server = MetricsServer(self.cfg.metrics.listen, self.metrics, engine_socket)
@@ -291,6 +368,8 @@ class Node:
         if self.link is not None and self.link.last_lease_ack_at:
             link["last_lease_ack_s_ago"] = round(time.time() - self.link.last_lease_ack_at, 1)
         out["link"] = link
+        if self.download is not None:
+            out["download"] = self.download.to_json()
         if self.bridge is not None:
             out["requests"] = {"in_flight": self.bridge.running,
                                "max_concurrent": self.bridge.max_concurrent}
@@ -319,6 +398,29 @@ class Node:
             await self.bridge.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        if self._model_hold is not None:
+            os.close(self._model_hold)
+            self._model_hold = None
+
+
+class NodeModelReporter:
+    """An acquisition's progress as the daemon shows it: STATUS (and the start timeout
+    extended while bytes arrive), the journal's paced lines, `ximd status`."""
+
+    def __init__(self, host: NodeHost, node: Node):
+        self.host = host
+        self.node = node
+        self.journal = JournalReporter()
+        self.stall = StallWatch(DOWNLOAD_STALL_S)
+
+    def step(self, hf_id: str, line: str) -> None:
+        self.journal.step(hf_id, line)
+        self.host.model_progress(line, moving=True)
+
+    def progress(self, p: Progress) -> None:
+        self.node.download = p
+        self.journal.progress(p)
+        self.host.model_progress(progress_line(p), moving=self.stall.moving(p.done, time.monotonic()))
 
 
 def _when(epoch: float) -> str:

@@ -1,17 +1,19 @@
 """Everything between the configuration and a ready-to-start engine.
 
+    model source (hub, token) → [the node acquires the model] →
     hardware → model (config > router assignment > seed default) → plan → LMCache → launch
 
-Blocking on purpose (tool probes, a possible model download, LMCache's own
-config check in the engine's interpreter): the agent runs `prepare_engine`
-in a thread so the watchdog keeps being fed meanwhile. Every decision is
-logged once with its reason.
+`prepare_engine` is blocking on purpose (tool probes, LMCache's own config
+check in the engine's interpreter): the node runs it in a thread so the
+watchdog keeps being fed meanwhile. A hub model is already complete in the
+cache by then (ximd.models.acquire). Every decision is logged once with its reason.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ximd import autoconfig, enrollment, hardware, kvcache, models
@@ -19,6 +21,9 @@ from ximd.autoconfig import Plan
 from ximd.config import Config
 from ximd.engine import EngineLaunch, EnginePaths, build_launch
 from ximd.logs import phase_fields
+from ximd.models.acquire import HubSource
+from ximd.models.credentials import read_hf_token
+from ximd.models.hub import Downloader, download_env, endpoint_of
 
 log = logging.getLogger("ximd")
 PLAN = phase_fields("plan")
@@ -40,16 +45,34 @@ def log_plan(plan: Plan) -> None:
         log.warning("plan: %s", warning, extra=PLAN)
 
 
+def choose_model(cfg: Config, assigned_model: str | None) -> models.ModelChoice:
+    return models.choose_model(cfg.engine.model, cfg.origins["engine.model"], assigned_model)
+
+
+def hub_source(cfg: Config, environ: Mapping[str, str] | None = None) -> HubSource:
+    """Where a hub model comes from now: the engine's hub client with the token read afresh
+    (ModelError for a token file that is set but unreadable). No downloader when the
+    operator switched downloads off (HF_HUB_OFFLINE=1)."""
+    env = os.environ if environ is None else environ
+    token = read_hf_token(cfg.model_cache.hf_token_file, env)
+    endpoint = endpoint_of(env)
+    if env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return HubSource(None, endpoint, token)
+    python = EnginePaths.from_config(cfg).python
+    return HubSource(Downloader(python, download_env(env, str(cfg.model_cache_path), token)), endpoint, token)
+
+
 def prepare_engine(cfg: Config, assigned_model: str | None) -> Prepared:
-    """Raises ModelError, PlanError or LaunchError with an operator-facing message."""
+    """Raises ModelError (NotCached for a hub model not acquired yet), PlanError or
+    LaunchError with an operator-facing message."""
     paths = EnginePaths.from_config(cfg)
     if paths.python_note:
         log.warning("%s", paths.python_note, extra=PLAN)
     hw = hardware.detect()
-    choice = models.choose_model(cfg.engine.model, cfg.origins["engine.model"], assigned_model)
+    choice = choose_model(cfg, assigned_model)
     log.info("model %s (from %s)", choice.ref, choice.origin,
              extra=phase_fields("plan", XIM_MODEL=choice.ref))
-    resolved = models.resolve(choice, models.ModelCache.from_config(cfg), engine_python=paths.python)
+    resolved = models.resolve(choice, models.ModelCache.from_config(cfg))
     facts, note = autoconfig.load_model_facts(resolved.model_arg)
     plan = autoconfig.plan_from_config(cfg, hw, facts, note)
     log_plan(plan)

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.engine import load_config, tiny_cpu_plan
+from tests.support.hubcache import tiny_files, write_hub_model
 from ximd.engine import EnginePaths, build_launch
 from ximd.models import ModelCache, ModelChoice, ModelError, ResolvedModel, resolve
-
-NO_PYTHON = "/nonexistent/python"      # a download attempt would fail loudly, not fetch
 
 
 def model_dir(path: Path) -> Path:
@@ -32,7 +31,7 @@ def model_dir(path: Path) -> Path:
 @pytest.fixture
 def cache(tmp_path) -> ModelCache:
     cache = ModelCache(tmp_path / "models", 1 << 40)
-    model_dir(cache.entry_path("org/model") / "snapshots" / "abc")
+    write_hub_model(cache, "org/model", tiny_files())
     return cache
 
 
@@ -42,14 +41,14 @@ def test_the_router_cannot_assign_a_path_or_a_flag(tmp_path, cache, assigned):
     local = model_dir(tmp_path / "operators-private-model")
     ref = assigned.format(local=local)
     with pytest.raises(ModelError, match="the router assigned the model"):
-        resolve(ModelChoice(ref, "router"), cache, engine_python=NO_PYTHON, environ={})
+        resolve(ModelChoice(ref, "router"), cache)
 
 
 def test_the_router_may_assign_a_hub_id_and_the_operator_a_path(tmp_path, cache):
-    by_router = resolve(ModelChoice("org/model", "router"), cache, engine_python=NO_PYTHON, environ={})
+    by_router = resolve(ModelChoice("org/model", "router"), cache)
     assert by_router.model_arg == str(cache.snapshot("org/model"))
     local = model_dir(tmp_path / "mine")
-    by_operator = resolve(ModelChoice(str(local), "config"), cache, engine_python=NO_PYTHON, environ={})
+    by_operator = resolve(ModelChoice(str(local), "config"), cache)
     assert by_operator.model_arg == str(local) and by_operator.local
 
 

@@ -98,8 +98,7 @@ def tiny_launch(root: Path, python: str, model_dir: Path, *, kv=None, plan: Plan
     """The launch ximd builds for the tiny model: config → model → build_launch."""
     cfg = load_config(root, XEROTIER_AGENT_ENGINE_PYTHON=python, VLLM_MODEL=str(model_dir), **env)
     paths = EnginePaths.from_config(cfg)
-    model = resolve(ModelChoice(str(model_dir), "config"), ModelCache.from_config(cfg), engine_python=python,
-                    environ={})
+    model = resolve(ModelChoice(str(model_dir), "config"), ModelCache.from_config(cfg))
     return build_launch(cfg, plan or tiny_cpu_plan(), model, paths, kv=kv), cfg
 
 

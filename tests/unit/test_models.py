@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.engine import load_config
+from tests.support.hubcache import tiny_files, write_hub_model
 from ximd.models import (
     SEED_DEFAULT_MODEL,
     CacheEntry,
     ModelCache,
     ModelChoice,
     ModelError,
+    NotCached,
     cache_dir_name,
     choose_model,
     is_local_path,
@@ -26,21 +27,10 @@ from ximd.models import (
 MB = 1000**2
 
 
-def fake_model(cache: ModelCache, hf_id: str, size_bytes: int, last_used: float | None = None) -> Path:
-    """A hub-layout model: the weights as a blob, the snapshot as symlinks (like the hub client)."""
-    entry = cache.entry_path(hf_id)
-    blobs, snapshot = entry / "blobs", entry / "snapshots" / "abc123"
-    blobs.mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    (blobs / "weights").write_bytes(b"\0" * size_bytes)
-    (blobs / "config").write_text('{"model_type": "llama"}')
-    (snapshot / "model.safetensors").symlink_to(blobs / "weights")
-    (snapshot / "config.json").symlink_to(blobs / "config")
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text("abc123")
-    if last_used is not None:
-        cache.touch(hf_id)
-        os.utime(entry / ".ximd-last-used", (last_used, last_used))
+def fake_model(cache: ModelCache, hf_id: str, size_bytes: int, last_used: float | None = None,
+               complete: bool = True) -> Path:
+    """A hub-layout model of about ``size_bytes`` (like the hub client leaves it), marked complete."""
+    _, snapshot = write_hub_model(cache, hf_id, tiny_files(size_bytes), complete=complete, last_used=last_used)
     return snapshot
 
 
@@ -104,7 +94,7 @@ def test_sizes_count_blobs_once_not_the_snapshot_symlinks(tmp_path):
     cache = ModelCache(tmp_path, 10 * MB)
     fake_model(cache, "org/a", 3 * MB)
     [found] = cache.entries()
-    assert found.hf_id == "org/a" and 3 * MB <= found.size_bytes < 3 * MB + 100
+    assert found.hf_id == "org/a" and 3 * MB <= found.size_bytes < 3 * MB + 2000   # + small files and the marker
 
 
 def test_cap_evicts_least_recently_used_models_not_in_use(tmp_path, caplog):
@@ -117,7 +107,7 @@ def test_cap_evicts_least_recently_used_models_not_in_use(tmp_path, caplog):
     evicted = cache.enforce_cap(in_use=["org/active"])
     assert [e.hf_id for e in evicted] == ["org/oldest"]
     assert sorted(e.hf_id for e in cache.entries()) == ["org/active", "org/older"]
-    assert "Evicting model org/oldest" in caplog.text
+    assert "Evicted model org/oldest" in caplog.text
 
 
 def test_active_model_alone_over_the_cap_stays_with_a_warning(tmp_path, caplog):
@@ -154,7 +144,7 @@ def test_local_model_directory_is_used_in_place(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     cache = ModelCache(tmp_path / "cache", MB)
-    resolved = resolve(ModelChoice(str(model), "config"), cache, engine_python="/nonexistent")
+    resolved = resolve(ModelChoice(str(model), "config"), cache)
     assert resolved.model_arg == str(model) and resolved.local and resolved.served_name == str(model)
     assert resolved.env["HF_HOME"] == str(tmp_path / "cache") and resolved.env["HF_HUB_OFFLINE"] == "1"
     assert not (tmp_path / "cache").exists()   # nothing copied
@@ -169,40 +159,26 @@ def test_bad_local_paths_are_refused_with_the_reason(tmp_path, make, message):
     path = tmp_path / "model"
     make(path)
     with pytest.raises(ModelError, match=message):
-        resolve(ModelChoice(str(path), "config"), ModelCache(tmp_path / "c", MB), engine_python="/x")
+        resolve(ModelChoice(str(path), "config"), ModelCache(tmp_path / "c", MB))
 
 
 def test_cached_hub_model_is_served_from_its_snapshot_offline(tmp_path):
     cache = ModelCache(tmp_path, 10 * MB)
     snapshot = fake_model(cache, "org/tiny", MB)
-    resolved = resolve(ModelChoice("org/tiny", "router"), cache, engine_python="/nonexistent", environ={})
+    resolved = resolve(ModelChoice("org/tiny", "router"), cache)
     assert resolved.model_arg == str(snapshot) and resolved.served_name == "org/tiny" and not resolved.local
     assert resolved.env == {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    assert (cache.entry_path("org/tiny") / ".ximd-last-used").exists()
 
 
-def test_resolving_a_hub_model_enforces_the_cap_around_it(tmp_path):
-    now = time.time()
-    cache = ModelCache(tmp_path, 3 * MB)
-    fake_model(cache, "org/stale", 2 * MB, last_used=now - 1000)
-    fake_model(cache, "org/wanted", 2 * MB, last_used=now - 2000)
-    resolve(ModelChoice("org/wanted", "config"), cache, engine_python="/x", environ={})
-    assert [e.hf_id for e in cache.entries()] == ["org/wanted"]
-
-
-def test_uncached_hub_model_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelError, match=r"org/absent is not in the model cache .*\(HF_HUB_OFFLINE=1\)"):
-        resolve(ModelChoice("org/absent", "config"), ModelCache(tmp_path, MB), engine_python="/x",
-                environ={"HF_HUB_OFFLINE": "1"})
-
-
-def test_uncached_hub_model_without_an_engine_to_download_it_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelError, match=r"not in the model cache .* does not exist"):
-        resolve(ModelChoice("org/absent", "config"), ModelCache(tmp_path, MB),
-                engine_python=str(tmp_path / "no-python"), environ={})
+def test_a_snapshot_not_marked_complete_is_never_served(tmp_path):
+    cache = ModelCache(tmp_path, 10 * MB)
+    fake_model(cache, "org/partial", MB, complete=False)
+    assert cache.snapshot("org/partial") is None
+    with pytest.raises(NotCached, match="org/partial has no complete copy"):
+        resolve(ModelChoice("org/partial", "config"), cache)
 
 
 @pytest.mark.parametrize("ref", ["not a model", "org/name/extra", "org/na me"])
 def test_neither_id_nor_path_is_refused(tmp_path, ref):
     with pytest.raises(ModelError, match="neither a Hugging Face id"):
-        resolve(ModelChoice(ref, "config"), ModelCache(tmp_path, MB), engine_python="/x", environ={})
+        resolve(ModelChoice(ref, "config"), ModelCache(tmp_path, MB))
