@@ -30,7 +30,10 @@ _snapshot_download.py, file_download.py, hf_api.py and utils/_http.py):
   GET  /{repo}/resolve/{sha}/{path}             the body; on a dropped connection the client
                                                 retries within the same call with
                                                 `Range: bytes=N-` and expects 206 (a 200
-                                                makes it start the file over).
+                                                makes it start the file over). It writes
+                                                in 10 MiB chunks, so N is a multiple of
+                                                10 MiB: a cut in the first 10 MiB of a
+                                                file restarts it without a Range.
 
 Errors are told apart by headers, not bodies (HEAD answers have none): X-Error-Code
 RepoNotFound / RevisionNotFound / EntryNotFound / GatedRepo and X-Error-Message.
@@ -362,27 +365,36 @@ class HubHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = unquote(url.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        authorized = self.stub.authorized(self.headers.get("Authorization"))
-        status = 500
+        self.authorized = self.stub.authorized(self.headers.get("Authorization"))
+        self.recorded = path.startswith("/_stub/")   # the test's own calls are not accounted
         try:
             if path.startswith("/_stub/"):
-                status = self.control(path)
+                self.control(path)
             elif self.stub.mode == "down":
                 raise HubError(503, None, "Service Unavailable (hubstub is in mode down)")
             elif self.command == "POST":
                 raise HubError(405, None, "Method not allowed")
             elif path.startswith("/api/models/"):
-                status = self.api(path[len("/api/models/"):], query)
+                self.api(path[len("/api/models/"):], query)
             else:
-                status = self.resolve(path.lstrip("/"), body, authorized)
+                self.resolve(path.lstrip("/"), body, self.authorized)
         except HubError as error:
-            status = error.status
             self.send_error_answer(error, body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True        # the client went away mid-body; nothing to answer
         finally:
-            if not path.startswith("/_stub/"):
-                self.stub.record(Served(self.command, self.path, status, authorized))
+            self.record(0)                      # 0: the connection broke before any answer
+
+    def send_response(self, code, message=None):
+        self.record(code)
+        super().send_response(code, message)
+
+    def record(self, status: int) -> None:
+        # Recorded as the status line goes out, before the client can read it: a test that
+        # has its answer finds the request in stub.requests, whatever then befalls the body.
+        if not self.recorded:
+            self.recorded = True
+            self.stub.record(Served(self.command, self.path, status, self.authorized))
 
     # ------------------------------------------------ answers
 
@@ -400,7 +412,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
 
-    def send_json(self, data, status: int = 200) -> int:
+    def send_json(self, data, status: int = 200) -> None:
         payload = json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -408,34 +420,37 @@ class HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
-        return status
 
     # ------------------------------------------------ /_stub/: the test's controls
 
-    def control(self, path: str) -> int:
+    def control(self, path: str) -> None:
         if path == "/_stub/stats" and self.command == "GET":
-            return self.send_json(self.stub.stats())
+            self.send_json(self.stub.stats())
+            return
         if path == "/_stub/config" and self.command == "POST":
             length = int(self.headers.get("Content-Length") or 0)
             try:
                 self.stub.configure(json.loads(self.rfile.read(length) or b"{}"))
             except (ValueError, TypeError, AttributeError) as error:
                 raise HubError(400, None, f"bad config: {error}") from None
-            return self.send_json(self.stub.stats())
+            self.send_json(self.stub.stats())
+            return
         raise HubError(404, None, "no such stub control")
 
     # ------------------------------------------------ /api/models/: metadata
 
-    def api(self, rest: str, query: dict) -> int:
+    def api(self, rest: str, query: dict) -> None:
         repo, tail = self.stub.find_repo(rest)
         if tail == "" or tail.startswith("revision/"):
             revision = tail[len("revision/"):] if tail else DEFAULT_BRANCH
             self.check_revision(repo, revision)
-            return self.send_json(self.model_info(repo, files_metadata=query.get("blobs") == "true"))
+            self.send_json(self.model_info(repo, files_metadata=query.get("blobs") == "true"))
+            return
         if tail.startswith("tree/"):
             revision, _, folder = tail[len("tree/"):].partition("/")
             self.check_revision(repo, revision)
-            return self.send_json(self.tree(repo, folder, recursive=query.get("recursive") == "true"))
+            self.send_json(self.tree(repo, folder, recursive=query.get("recursive") == "true"))
+            return
         raise HubError(404, None, "Not found")
 
     @staticmethod
@@ -475,7 +490,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------ /{repo}/resolve/{rev}/{path}: files
 
-    def resolve(self, rest: str, body: bool, authorized: bool) -> int:
+    def resolve(self, rest: str, body: bool, authorized: bool) -> None:
         repo, tail = self.stub.find_repo(rest)
         if not tail.startswith("resolve/"):
             raise HubError(404, None, "Not found")
@@ -495,7 +510,6 @@ class HubHandler(BaseHTTPRequestHandler):
         self.send_file_headers(repo, entry, status, first, last)
         if body:
             self.send_body(entry, first, last)
-        return status
 
     def check_gate(self, repo: Repo, authorized: bool) -> None:
         if self.stub.mode != "gated" or authorized:
@@ -539,17 +553,25 @@ class HubHandler(BaseHTTPRequestHandler):
                     return
                 if stub.mode == "corrupt":
                     chunk = corrupted(chunk, offset)
-                self.wfile.write(chunk)
-                stub.count_body(len(chunk))
+                self.write_body(chunk)
                 offset += len(chunk)
         if offset <= last:                     # stopped mid-body: do not leave the client waiting
             self.drop_connection(b"")
 
+    def write_body(self, chunk: bytes) -> None:
+        # Counted before the write: a client that has read the whole body must find it in
+        # bytes_served already. A write that fails takes its bytes back out.
+        self.stub.count_body(len(chunk))
+        try:
+            self.wfile.write(chunk)
+        except OSError:
+            self.stub.count_body(-len(chunk))
+            raise
+
     def drop_connection(self, last_bytes: bytes) -> None:
         """Send what is allowed, then close the socket under the client, as a network drop would."""
         if last_bytes:
-            self.wfile.write(last_bytes)
-            self.stub.count_body(len(last_bytes))
+            self.write_body(last_bytes)
         self.wfile.flush()
         self.close_connection = True
         try:
