@@ -88,7 +88,7 @@ def test_a_model_is_complete_only_with_the_marker_and_every_file_at_its_size(tmp
     assert cache.snapshot("org/m") is None
 
 
-def test_bytes_present_count_finished_blobs_and_the_clients_incomplete_parts(tmp_path):
+def test_bytes_present_count_finished_blobs_and_the_partial_files(tmp_path):
     cache = ModelCache(tmp_path, GB)
     files = tiny_files(5000)
     manifest = manifest_of("org/m", files)
@@ -97,7 +97,7 @@ def test_bytes_present_count_finished_blobs_and_the_clients_incomplete_parts(tmp
     assert cache.present_bytes(manifest) == 0
     config, weights = (next(f for f in manifest.files if f.path == p) for p in ("config.json", "model.safetensors"))
     (blobs / config.etag).write_bytes(files["config.json"])
-    (blobs / (weights.etag + ".incomplete")).write_bytes(b"\1" * 1200)
+    (blobs / (weights.etag + ".ximd-partial")).write_bytes(b"\1" * 1200)
     assert cache.present_bytes(manifest) == len(files["config.json"]) + 1200
 
 

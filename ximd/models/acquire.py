@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ximd.logs import phase_fields
-from ximd.models.cache import ModelBusy, ModelCache, free_bytes, plan_room
+from ximd.models.cache import PARTIAL_SUFFIX, ModelBusy, ModelCache, free_bytes, plan_room
 from ximd.models.choice import ModelError
 from ximd.models.credentials import HubToken
 from ximd.models.hub import Downloader, HubProblem, explain
@@ -231,7 +231,7 @@ def discard(cache: ModelCache, manifest: Manifest, files: list[RepoFile]) -> Non
     entry = cache.entry_path(manifest.repo)
     for item in files:
         for path in (cache.snapshot_path(manifest.repo, manifest.revision) / item.path,
-                     entry / "blobs" / item.etag, entry / "blobs" / (item.etag + ".incomplete")):
+                     entry / "blobs" / item.etag, entry / "blobs" / (item.etag + PARTIAL_SUFFIX)):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -41,6 +41,8 @@ log = logging.getLogger("ximd.models")
 
 LAST_USED_MARKER = ".ximd-last-used"
 XIMD_DIR = ".ximd"
+# Where the downloader keeps a file's bytes until it is whole (ximd.models.hub).
+PARTIAL_SUFFIX = ".ximd-partial"
 # Left free on the disk beyond the model itself: the engine's compile caches and the
 # logs live on the same partition more often than not.
 DISK_HEADROOM_BYTES = 1 * GB
@@ -210,7 +212,7 @@ class ModelCache:
                                 json.dumps(manifest.to_json(), indent=1), mode=0o644, owner=self.owner)
 
     def present_bytes(self, manifest: Manifest) -> int:
-        """Bytes of ``manifest`` already on disk: finished blobs and the client's ``.incomplete`` parts.
+        """Bytes of ``manifest`` already on disk: finished blobs and the downloader's partial files.
 
         What a progress line counts, read from the directory so that it needs
         nothing from the downloader and survives its restarts.
@@ -218,7 +220,7 @@ class ModelCache:
         blobs = self.entry_path(manifest.repo) / "blobs"
         total = 0
         for item in manifest.files:
-            for name in (item.etag, item.etag + ".incomplete"):
+            for name in (item.etag, item.etag + PARTIAL_SUFFIX):
                 try:
                     total += min(os.stat(blobs / name).st_size, item.size)
                     break

@@ -7,8 +7,11 @@ proxies, the token (only here, never the engine's), ``HF_HOME`` = the cache.
 
 - ``manifest``: the revision's files with sizes and checksums (``model_info``
   with files metadata), known before a byte is fetched.
-- ``fetch``: the selected files (``hf_hub_download``, several at a time); the
-  client resumes its own ``.incomplete`` files after an interruption.
+- ``fetch``: the selected files, several at a time, each into a partial file
+  with a stable name (``blobs/<etag>.ximd-partial``) through the client's
+  ``http_get`` with a Range for what is already there, then renamed to its blob
+  and linked into the snapshot exactly as the client's cache lays it out.
+  (``hf_hub_download`` itself starts a file over in every new process.)
 
 The child speaks one JSON object per ``XIMD-JSON`` line on stdout; a failure
 is classified there (gated, not found, HTTP status, network) because only
@@ -91,24 +94,56 @@ def manifest(repo, revision):
         files.append({"path": s.rfilename, "size": size, "blob_id": s.blob_id, "sha256": sha256})
     say({"manifest": {"repo": repo, "revision": info.sha, "files": files}})
 
+def fetch_one(repo, revision, entry, item):
+    # The client's own hf_hub_download starts a file over in every new process; this
+    # keeps a partial file under a stable name and asks the hub for the rest (Range),
+    # so a download interrupted by a stop or a crash resumes where it was.
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+    blob = os.path.join(entry, "blobs", item["etag"])
+    if not os.path.exists(blob):
+        partial = blob + ".ximd-partial"
+        with os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b") as f:
+            have = f.seek(0, 2)
+            if have > item["size"]:
+                f.seek(0)
+                f.truncate()
+                have = 0
+            http_get(hf_hub_url(repo, item["path"], revision=revision), f, resume_size=have,
+                     headers=build_hf_headers(), expected_size=item["size"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, blob)
+    link = os.path.join(entry, "snapshots", revision, item["path"])
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if not os.path.islink(link):
+        os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+
 def fetch(repo, revision, cache_dir, workers):
     from concurrent.futures import ThreadPoolExecutor
-    from huggingface_hub import hf_hub_download
-    paths = json.load(sys.stdin)
-    # Small files first: the model's config arrives at once, the weights after.
+    items = json.load(sys.stdin)
+    entry = os.path.join(cache_dir, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(entry, "blobs"), exist_ok=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(hf_hub_download, repo, path, revision=revision, cache_dir=cache_dir)
-                   for path in paths]
+        futures = [pool.submit(fetch_one, repo, revision, entry, item) for item in items]
         try:
             for future in futures:
                 future.result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    say({"fetched": len(paths)})
+    say({"fetched": len(items)})
 
 def main():
     die_with_parent(int(sys.argv[1]))
+    try:
+        # The client reads and writes 10 MiB at a time; 1 MiB makes the progress the
+        # parent reads from the partial file move smoothly, and a stop lose less.
+        from huggingface_hub import constants
+        constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
+    except Exception:
+        pass
     try:
         if sys.argv[2] == "manifest":
             manifest(sys.argv[3], sys.argv[4])
@@ -144,9 +179,8 @@ def download_env(environ: Mapping[str, str], hf_home: str, token: HubToken | Non
     """The downloader's whole environment: what ximd.hubenv lets through, the cache, the token."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
            **{k: v for k, v in passed_through(environ, DOWNLOAD_ENV_NAMES).items() if k not in TOKEN_ENV_NAMES},
-           "HF_HOME": hf_home, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           # No token from a file the client would find on its own: only the one we chose.
-           "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"}
+           # HF_HOME is the cache, where nobody stores a token: the client sends ours or none.
+           "HF_HOME": hf_home, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     if token is not None:
         env["HF_TOKEN"] = token.value
     return env
@@ -195,9 +229,10 @@ class Downloader:
 
     async def fetch(self, manifest: Manifest, hub_dir: str) -> None:
         """Download every file of ``manifest`` into the hub cache at ``hub_dir``; resumes what is there."""
-        paths = [f.path for f in sorted(manifest.files, key=lambda f: f.size)]
+        # Small files first: the model's config arrives at once, the weights after.
+        items = [{"path": f.path, "size": f.size, "etag": f.etag} for f in sorted(manifest.files, key=lambda f: f.size)]
         await self._run("fetch", manifest.repo, manifest.revision, hub_dir, str(self.workers),
-                        stdin=json.dumps(paths).encode())
+                        stdin=json.dumps(items).encode())
 
     async def _run(self, *args: str, stdin: bytes | None = None) -> dict:
         try:
