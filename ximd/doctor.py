@@ -28,7 +28,14 @@ from ximd.units import GB, GIB, MIB
 from ximd.units import gb_text as _gb
 from ximd.units import gib_text as _gib
 
-MIN_NVIDIA_DRIVER = 535
+# The driver the shipped CUDA engine needs. xerotier-engine-install --flavor cuda installs
+# packaging/engine/requirements-cuda.txt: vllm 0.33.0, whose wheel pins torch 2.14.0 (PyPI's
+# CUDA 13 build) and nvidia-cutlass-dsl[cu13], and lmcache 0.5.6 (cupy-cuda13x, cuda-python
+# 13), as that file's header says. NVIDIA's CUDA compatibility guide ("Minor
+# Version Compatibility", table of driver ranges): CUDA 13.x needs driver >= 580 on Linux
+# (CUDA 12.x needed >= 525). Change it with the CUDA major those pins bring.
+ENGINE_CUDA_MAJOR = 13
+MIN_NVIDIA_DRIVER = 580
 MIN_VRAM_BYTES = 16 * GB
 RECOMMENDED_VRAM_BYTES = 24 * GB       # the seed's recommended class: A30, RTX 3090 (24 GB)
 MIN_RAM_BYTES = 32 * GB
@@ -70,7 +77,7 @@ def check_gpus(hw: Hardware) -> Check:
                      "kernel module or reboot after a driver update")
     absent = "/".join(p.tool for p in hw.probes if not p.found and p.tool != "rocm-smi") or "GPU tools"
     return Check("gpus", "warn", f"no GPU found ({absent} not present): ximd will run the CPU engine",
-                 "for a GPU node install the NVIDIA driver (535+) or ROCm; a CPU node needs nothing more")
+                 f"for a GPU node install the NVIDIA driver ({MIN_NVIDIA_DRIVER}+) or ROCm; a CPU node needs nothing more")
 
 
 def check_gpu_devices(hw: Hardware) -> Check:
@@ -101,11 +108,14 @@ def check_driver(gpus: tuple[Gpu, ...]) -> Check:
     majors = [m for m in parsed if m is not None]
     if len(majors) < len(parsed):
         return Check("gpu driver", "warn", f"NVIDIA driver version not understood: {', '.join(versions)}",
-                     f"check `nvidia-smi`; ximd needs {MIN_NVIDIA_DRIVER} or later")
+                     f"check `nvidia-smi`; the CUDA {ENGINE_CUDA_MAJOR} engine needs {MIN_NVIDIA_DRIVER} or later")
     if min(majors) < MIN_NVIDIA_DRIVER:
-        return Check("gpu driver", "fail", f"NVIDIA driver {', '.join(versions)} is older than {MIN_NVIDIA_DRIVER}",
-                     f"install driver {MIN_NVIDIA_DRIVER} or later (e.g. `apt install nvidia-driver-{max(MIN_NVIDIA_DRIVER, 550)}`)")
-    return Check("gpu driver", "ok", f"NVIDIA driver {', '.join(versions)} (≥ {MIN_NVIDIA_DRIVER})")
+        return Check("gpu driver", "fail",
+                     f"NVIDIA driver {', '.join(versions)} is older than {MIN_NVIDIA_DRIVER}, the minimum of "
+                     f"the CUDA {ENGINE_CUDA_MAJOR} engine (xerotier-engine-install --flavor cuda)",
+                     f"install driver {MIN_NVIDIA_DRIVER} or later (e.g. `apt install nvidia-driver-{MIN_NVIDIA_DRIVER}`)")
+    return Check("gpu driver", "ok",
+                 f"NVIDIA driver {', '.join(versions)} (≥ {MIN_NVIDIA_DRIVER}, CUDA {ENGINE_CUDA_MAJOR} engine)")
 
 
 def _driver_major(version: str) -> int | None:
