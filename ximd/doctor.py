@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ximd import autoconfig, hardware, tuning
+from ximd import autoconfig, hardware, modelsource, tuning
 from ximd.hardware import Gpu, Hardware
 from ximd.units import GB, GIB, MIB
 from ximd.units import gb_text as _gb
@@ -344,6 +344,19 @@ def check_engine_sandbox(abi: int, unavailable_reason: str) -> Check:
                  "(cat /sys/kernel/security/lsm shows the active list)")
 
 
+def check_model(source: modelsource.ModelSource) -> Check:
+    """Which model the daemon would serve, from where, and whether its facts are at hand."""
+    detail = source.describe()
+    if source.found in (modelsource.MISSING, modelsource.INVALID):
+        fix = ("set engine.model to a model directory or a Hugging Face id (org/name)"
+               if source.choice.origin == "config" else
+               "set engine.model on this node, or ask the router's operator for a Hugging Face id")
+        return Check("model", "fail", detail, fix)
+    if source.found == modelsource.UNREADABLE or source.note:
+        return Check("model", "warn", detail, "run `ximd doctor` as root or as the xerotier user")
+    return Check("model", "ok", detail)
+
+
 def check_plan(make_plan) -> Check:
     """Whether the configuration can be planned on this hardware (`ximd plan` shows the details)."""
     try:
@@ -379,7 +392,8 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
     from ximd.engine import sandbox  # stdlib-only: asks the kernel what the engine will get
 
     hw = hw or hardware.detect()
-    facts, note = autoconfig.load_model_facts(cfg.engine.model)
+    source = modelsource.locate_for(cfg)
+    facts, note = modelsource.load_facts(source)
     params = _params(facts)
     cache = cfg.model_cache_path
     _, free = free_bytes_at(cache)
@@ -396,6 +410,7 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
         check_gpu_devices(hw),
         check_ram(hw.ram_bytes, bool(hw.gpus)),
         check_disk(cache, free, cfg.model_cache.max_size_gb, tree_size(cache)),
+        check_model(source),
         check_shm(hw.shm_bytes, params),
         check_sysctls(tuning.check_socket_buffers(cfg.tuning.socket_buffer_bytes)),
         check_directory("state", cfg.state_dir, DirState.of(cfg.state_dir), uid, private=True),

@@ -364,7 +364,7 @@ def test_main_exit_code_follows_failures(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True
     names = [c["name"] for c in data["checks"]]
-    assert names == ["gpus", "gpu driver", "vram", "gpu device nodes", "ram", "disk", "/dev/shm",
+    assert names == ["gpus", "gpu driver", "vram", "gpu device nodes", "ram", "disk", "model", "/dev/shm",
                      "socket buffers", "state directory", "cache directory", "engine", "engine sandbox",
                      "lmcache remote", "plan"]
     gpus = data["checks"][0]
