@@ -22,6 +22,10 @@ HEADER = """\
 # This file may hold the join key, so it is mode 0640 root:xerotier. After editing:
 #   systemctl reload ximd      (log level, join key)    or
 #   systemctl restart ximd     (everything else)
+#
+# Secrets may instead live in root-only (0600) files that systemd hands to ximd as
+# credentials: /etc/xerotier/join-key (the join key) and /etc/xerotier/hf-token (a
+# Hugging Face token for gated models, seen only by the model downloader).
 """
 
 

@@ -22,13 +22,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ximd import autoconfig, hardware, tuning
+from ximd import autoconfig, hardware, modelsource, tuning
 from ximd.hardware import Gpu, Hardware
 from ximd.units import GB, GIB, MIB
 from ximd.units import gb_text as _gb
 from ximd.units import gib_text as _gib
 
-MIN_NVIDIA_DRIVER = 535
+# The driver the shipped CUDA engine needs. xerotier-engine-install --flavor cuda installs
+# packaging/engine/requirements-cuda.txt: vllm 0.33.0, whose wheel pins torch 2.14.0 (PyPI's
+# CUDA 13 build) and nvidia-cutlass-dsl[cu13], and lmcache 0.5.6 (cupy-cuda13x, cuda-python
+# 13), as that file's header says. NVIDIA's CUDA compatibility guide ("Minor
+# Version Compatibility", table of driver ranges): CUDA 13.x needs driver >= 580 on Linux
+# (CUDA 12.x needed >= 525). Change it with the CUDA major those pins bring.
+ENGINE_CUDA_MAJOR = 13
+MIN_NVIDIA_DRIVER = 580
 MIN_VRAM_BYTES = 16 * GB
 RECOMMENDED_VRAM_BYTES = 24 * GB       # the seed's recommended class: A30, RTX 3090 (24 GB)
 MIN_RAM_BYTES = 32 * GB
@@ -70,7 +77,7 @@ def check_gpus(hw: Hardware) -> Check:
                      "kernel module or reboot after a driver update")
     absent = "/".join(p.tool for p in hw.probes if not p.found and p.tool != "rocm-smi") or "GPU tools"
     return Check("gpus", "warn", f"no GPU found ({absent} not present): ximd will run the CPU engine",
-                 "for a GPU node install the NVIDIA driver (535+) or ROCm; a CPU node needs nothing more")
+                 f"for a GPU node install the NVIDIA driver ({MIN_NVIDIA_DRIVER}+) or ROCm; a CPU node needs nothing more")
 
 
 def check_gpu_devices(hw: Hardware) -> Check:
@@ -101,11 +108,14 @@ def check_driver(gpus: tuple[Gpu, ...]) -> Check:
     majors = [m for m in parsed if m is not None]
     if len(majors) < len(parsed):
         return Check("gpu driver", "warn", f"NVIDIA driver version not understood: {', '.join(versions)}",
-                     f"check `nvidia-smi`; ximd needs {MIN_NVIDIA_DRIVER} or later")
+                     f"check `nvidia-smi`; the CUDA {ENGINE_CUDA_MAJOR} engine needs {MIN_NVIDIA_DRIVER} or later")
     if min(majors) < MIN_NVIDIA_DRIVER:
-        return Check("gpu driver", "fail", f"NVIDIA driver {', '.join(versions)} is older than {MIN_NVIDIA_DRIVER}",
-                     f"install driver {MIN_NVIDIA_DRIVER} or later (e.g. `apt install nvidia-driver-{max(MIN_NVIDIA_DRIVER, 550)}`)")
-    return Check("gpu driver", "ok", f"NVIDIA driver {', '.join(versions)} (≥ {MIN_NVIDIA_DRIVER})")
+        return Check("gpu driver", "fail",
+                     f"NVIDIA driver {', '.join(versions)} is older than {MIN_NVIDIA_DRIVER}, the minimum of "
+                     f"the CUDA {ENGINE_CUDA_MAJOR} engine (xerotier-engine-install --flavor cuda)",
+                     f"install driver {MIN_NVIDIA_DRIVER} or later (e.g. `apt install nvidia-driver-{MIN_NVIDIA_DRIVER}`)")
+    return Check("gpu driver", "ok",
+                 f"NVIDIA driver {', '.join(versions)} (≥ {MIN_NVIDIA_DRIVER}, CUDA {ENGINE_CUDA_MAJOR} engine)")
 
 
 def _driver_major(version: str) -> int | None:
@@ -334,6 +344,19 @@ def check_engine_sandbox(abi: int, unavailable_reason: str) -> Check:
                  "(cat /sys/kernel/security/lsm shows the active list)")
 
 
+def check_model(source: modelsource.ModelSource) -> Check:
+    """Which model the daemon would serve, from where, and whether its facts are at hand."""
+    detail = source.describe()
+    if source.found in (modelsource.MISSING, modelsource.INVALID):
+        fix = ("set engine.model to a model directory or a Hugging Face id (org/name)"
+               if source.choice.origin == "config" else
+               "set engine.model on this node, or ask the router's operator for a Hugging Face id")
+        return Check("model", "fail", detail, fix)
+    if source.found == modelsource.UNREADABLE or source.note:
+        return Check("model", "warn", detail, "run `ximd doctor` as root or as the xerotier user")
+    return Check("model", "ok", detail)
+
+
 def check_plan(make_plan) -> Check:
     """Whether the configuration can be planned on this hardware (`ximd plan` shows the details)."""
     try:
@@ -369,7 +392,8 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
     from ximd.engine import sandbox  # stdlib-only: asks the kernel what the engine will get
 
     hw = hw or hardware.detect()
-    facts, note = autoconfig.load_model_facts(cfg.engine.model)
+    source = modelsource.locate_for(cfg)
+    facts, note = modelsource.load_facts(source)
     params = _params(facts)
     cache = cfg.model_cache_path
     _, free = free_bytes_at(cache)
@@ -386,6 +410,7 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
         check_gpu_devices(hw),
         check_ram(hw.ram_bytes, bool(hw.gpus)),
         check_disk(cache, free, cfg.model_cache.max_size_gb, tree_size(cache)),
+        check_model(source),
         check_shm(hw.shm_bytes, params),
         check_sysctls(tuning.check_socket_buffers(cfg.tuning.socket_buffer_bytes)),
         check_directory("state", cfg.state_dir, DirState.of(cfg.state_dir), uid, private=True),

@@ -148,6 +148,55 @@ def lmcache_config(*, chunk_size: int, cpu_size: Any, disk_size: Any, disk_path:
     return config
 
 
+def config_from(cfg, *, ram_bytes: int, disk_partition_bytes: int, tp_size: int,
+                remote_url: str | None) -> dict[str, Any]:
+    """`lmcache_config` with the sizes and paths of ximd's configuration (its lmcache section)."""
+    return lmcache_config(chunk_size=cfg.lmcache.chunk_size, cpu_size=cfg.lmcache.cpu_size_gb,
+                          disk_size=cfg.lmcache.disk_size_gb, disk_path=Path(cfg.lmcache_disk_path),
+                          ram_bytes=ram_bytes, disk_partition_bytes=disk_partition_bytes,
+                          tp_size=tp_size, remote_url=remote_url)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """What `ximd plan` shows of LMCache: the decision and the tiers' sizes, with no probe
+    (the remote tier is not PINGed, no file is written, LMCache's own check is not run)."""
+
+    enabled: bool
+    reason: str
+    tp_size: int = 1
+    cpu_gb: float = 0.0                  # per TP rank
+    disk_path: Path | None = None        # None: no disk tier
+    disk_gb: float = 0.0                 # per TP rank
+    remote_url: str = ""                 # masked; "" when there is no remote tier
+    warnings: tuple[str, ...] = ()
+
+
+def plan_tiers(cfg, accelerator: str, tp_size: int, *, ram_bytes: int,
+               disk_partition_bytes: int) -> TierPlan:
+    """LMCache on or off and why, and each tier as `prepare` would size it."""
+    on, reason = decide(cfg.lmcache.enabled, accelerator)
+    if not on:
+        return TierPlan(False, reason)
+    remote = cfg.lmcache.redis_url
+    warnings = []
+    if remote:
+        try:
+            remote_url_for_lmcache(remote)
+        except ValueError as exc:   # LMCache could not use it: no remote tier
+            warnings.append(f"LMCache remote tier dropped: {exc}")
+            remote = ""
+    config = config_from(cfg, ram_bytes=ram_bytes, disk_partition_bytes=disk_partition_bytes,
+                         tp_size=tp_size, remote_url=remote or None)
+    plaintext = plaintext_remote_warning(remote) if remote else None
+    if plaintext:
+        warnings.append(plaintext)
+    disk = "local_disk" in config
+    return TierPlan(True, reason, tp_size, config["max_local_cpu_size"],
+                    Path(cfg.lmcache_disk_path) if disk else None, config.get("max_local_disk_size", 0.0),
+                    mask_secret(remote) if remote else "", tuple(warnings))
+
+
 def retry_without_lmcache(lmcache_on: bool, ever_healthy: bool, already_retried: bool) -> bool:
     """An engine that died during start-up with LMCache on gets one try without it."""
     return lmcache_on and not ever_healthy and not already_retried
@@ -247,10 +296,8 @@ def prepare(cfg, plan, *, engine_python: str, ram_bytes: int | None = None,
         else:
             reasons.append(f"LMCache remote tier {mask_secret(remote_url)} answered PING")
     disk_path = Path(cfg.lmcache_disk_path)
-    config = lmcache_config(
-        chunk_size=cfg.lmcache.chunk_size, cpu_size=cfg.lmcache.cpu_size_gb,
-        disk_size=cfg.lmcache.disk_size_gb, disk_path=disk_path,
-        ram_bytes=ram_bytes if ram_bytes is not None else psutil.virtual_memory().total,
+    config = config_from(
+        cfg, ram_bytes=ram_bytes if ram_bytes is not None else psutil.virtual_memory().total,
         disk_partition_bytes=partition_bytes(disk_path), tp_size=plan.tensor_parallel_size,
         remote_url=remote_url)
     if "local_disk" in config:

@@ -74,24 +74,33 @@ def test_install_without_join_key_waits_not_enrolled(guest, packages):
     assert {"video", "render"} <= set(creds[2].split(","))
 
 
-def test_join_key_credential_is_optional_and_delivered(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
-    # Absent /etc/xerotier/join-key: SetCredential= supplies a blank default.
+def credentials_directory(guest: Guest) -> str:
     pid = main_pid(guest)
     assert guest.run(["cat", f"/proc/{pid}/environ"]).stdout.count("CREDENTIALS_DIRECTORY=") == 1
-    cred_dir = guest.run(f"tr '\\0' '\\n' </proc/{pid}/environ | sed -n 's/^CREDENTIALS_DIRECTORY=//p'").stdout.strip()
-    assert guest.read_file(f"{cred_dir}/join-key") == "\n"
+    return guest.run(f"tr '\\0' '\\n' </proc/{pid}/environ | sed -n 's/^CREDENTIALS_DIRECTORY=//p'").stdout.strip()
 
-    # Present: systemd hands its content to the daemon, readable by xerotier only.
-    guest.write_file("/etc/xerotier/join-key", "xjk_systemtest_not_a_real_key\n", mode="0600")
+
+def test_credentials_are_optional_and_delivered(guest, packages):
+    """The join key and the Hugging Face token: each a root-only file the unit may lack."""
+    ensure_installed(guest, packages, packages.deb)
+    guest.wait_active(UNIT)
+    secrets = {"join-key": "xjk_systemtest_not_a_real_key\n", "hf-token": "hf_systemtest_not_a_real_token\n"}
+    # Absent /etc/xerotier/<name>: the unit starts, and SetCredential= supplies a blank default.
+    cred_dir = credentials_directory(guest)
+    for name in secrets:
+        assert guest.read_file(f"{cred_dir}/{name}") == "\n", name
+
+    # Present: systemd hands their content to the daemon, readable by xerotier only.
+    for name, secret in secrets.items():
+        guest.write_file(f"/etc/xerotier/{name}", secret, mode="0600")
     try:
         guest.systemctl("restart", UNIT)
-        pid = main_pid(guest)
-        cred_dir = guest.run(f"tr '\\0' '\\n' </proc/{pid}/environ | sed -n 's/^CREDENTIALS_DIRECTORY=//p'").stdout.strip()
-        assert guest.read_file(f"{cred_dir}/join-key") == "xjk_systemtest_not_a_real_key\n"
-        assert guest.run(["stat", "-c", "%U %a", f"{cred_dir}/join-key"]).stdout.split() == ["xerotier", "400"]
+        cred_dir = credentials_directory(guest)
+        for name, secret in secrets.items():
+            assert guest.read_file(f"{cred_dir}/{name}") == secret, name
+            assert guest.run(["stat", "-c", "%U %a", f"{cred_dir}/{name}"]).stdout.split() == ["xerotier", "400"]
     finally:
-        guest.run(["rm", "-f", "/etc/xerotier/join-key"])
+        guest.run(["rm", "-f", *(f"/etc/xerotier/{name}" for name in secrets)])
         guest.systemctl("restart", UNIT)
     guest.wait_active(UNIT)
 
@@ -238,14 +247,19 @@ def test_upgrade_keeps_edited_config_and_restarts_after_validation(guest, packag
     guest.systemctl("restart", UNIT)
     old_pid = int(guest.wait_active(UNIT)["MainPID"])
 
-    apt_install(guest, packages.guest_path(packages.upgrade_deb))
+    done = apt_install(guest, packages.guest_path(packages.upgrade_deb))
 
     assert installed_version(guest) == packages.upgrade_version
     assert guest.read_file(CONFIG) == edited
     assert guest.stat(CONFIG) == "640 root:xerotier"
     assert guest.read_file(f"{STATE_DIR}/systest-marker") == "kept\n"
-    props = guest.wait_active(UNIT)
-    assert int(props["MainPID"]) != old_pid, "the upgrade did not restart ximd"
+    # The postinst queues the restart (--no-block) and says how to follow it.
+    assert "journalctl -u ximd -f" in done.stdout, done.stdout
+
+    def restarted() -> dict[str, str] | None:
+        props = guest.wait_active(UNIT)
+        return props if int(props["MainPID"]) not in (0, old_pid) else None
+    props = wait_until(restarted, 60, "the upgrade to restart ximd")
     assert props["NRestarts"] == "0"
 
 
@@ -276,8 +290,41 @@ def test_remove_keeps_state_and_purge_removes_it(guest, packages):
     assert guest.exists(f"{STATE_DIR}/systest-marker"), "remove must keep the node's identity"
     assert guest.exists(CONFIG), "remove keeps conffiles"
 
+    # The credential files an admin created go with the purge.
+    for name in ("join-key", "hf-token"):
+        guest.write_file(f"/etc/xerotier/{name}", "not a real secret\n", mode="0600")
     guest.run(["apt-get", "purge", "-y", "-q", "xerotier-agent"], timeout=300)
     for gone in (STATE_DIR, "/var/cache/xerotier", CONFIG, "/etc/xerotier"):
         assert not guest.exists(gone), f"purge left {gone}"
     assert "/etc/xerotier/agent.toml" not in guest.run(["dpkg-statoverride", "--list"]).stdout
     assert installed_version(guest) is None
+
+
+# A router that accepts connections and never answers: enrollment waits for its HTTP
+# timeout (30 s) before READY=1, as a first start waits for a model download.
+BLACKHOLE_ROUTER = ("import socket, time\n"
+                    "s = socket.create_server(('127.0.0.1', 18443))\n"
+                    "time.sleep(3600)\n")
+
+
+def test_install_with_a_join_key_does_not_wait_for_the_start(guest, packages):
+    """Configuration management writes agent.toml with a join key before installing; the
+    start then takes long (here: a router that never answers), and apt must not wait."""
+    assert installed_version(guest) is None  # purged above
+    guest.run(["systemd-run", "--unit=systest-blackhole-router", "/usr/bin/python3", "-c", BLACKHOLE_ROUTER])
+    guest.write_file(CONFIG, '[router]\nurl = "http://127.0.0.1:18443"\nallow_http = true\n'
+                             'join_key = "xjk_systemtest_blackhole_router_key"\n', mode="0640")
+    try:
+        started = time.monotonic()
+        done = apt_install(guest, packages.guest_path(packages.deb))
+        took = time.monotonic() - started
+        # Still activating when apt is done: the postinst queued the start, did not wait for it.
+        assert guest.wait_state(UNIT, ["activating"], timeout=10) == "activating"
+        assert took < 30, f"apt install took {took:.0f}s: it waited for the start"
+        for line in ("systemctl status ximd", "journalctl -u ximd -f"):
+            assert line in done.stdout, done.stdout
+        # The start goes on without apt: enrollment is postponed, the unit waits, active.
+        props = guest.wait_active(UNIT, timeout=90)
+        assert props["StatusText"].startswith("enrollment pending"), props
+    finally:
+        guest.systemctl("stop", "systest-blackhole-router", check=False)

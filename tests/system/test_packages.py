@@ -48,7 +48,14 @@ def test_deb_contents_and_maintainer_scripts(packages):
         # The account exists before the conffile's group is set and before the start.
         assert postinst.index("systemd-sysusers xerotier-agent.conf") \
             < postinst.index("dpkg-statoverride --update --add root xerotier 0640") \
-            < postinst.index("deb-systemd-invoke start 'ximd.service'")
+            < postinst.index("start_without_waiting\n")
+        # Starts and restarts are queued, never waited for (a first start may fetch a
+        # model for an hour): no blocking deb-systemd-invoke start/restart.
+        assert 'systemctl --no-block start "$UNIT"' in postinst
+        assert 'systemctl --no-block try-restart "$UNIT"' in postinst
+        assert "deb-systemd-invoke start" not in postinst and "deb-systemd-invoke try-restart" not in postinst
+        # --no-start drops debhelper's stop on removal: the prerm does it.
+        assert "deb-systemd-invoke stop ximd.service" in (control / "prerm").read_text()
         # Upgrades never stop the old daemon up front (no preinst stop snippet).
         assert not (control / "preinst").exists() or "stop" not in (control / "preinst").read_text()
     finally:
@@ -78,7 +85,8 @@ def test_rpm_builds_lints_and_installs_into_a_scratch_root(tmp_path, packages):
     scripts = run(["rpm", "-qp", "--scripts", rpm_file]).stdout
     for fragment in ("systemd-sysusers", "preset ximd.service", "systemd-tmpfiles --create",
                      "systemd-sysctl 60-xerotier-agent.conf", "disable --now ximd.service",
-                     "ximd config validate", "try-restart ximd.service"):
+                     "ximd config validate", "systemctl --no-block try-restart ximd.service",
+                     "systemctl enable --now --no-block ximd", "journalctl -u ximd -f"):
         assert fragment in scripts, fragment
     config_flags = run(["rpm", "-qp", "--configfiles", rpm_file]).stdout.split()
     assert config_flags == ["/etc/xerotier/agent.toml"]

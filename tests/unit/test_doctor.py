@@ -64,10 +64,35 @@ def test_installed_but_failing_gpu_tool_is_a_failure():
     assert c.status == "fail" and "NVIDIA-SMI has failed" in c.detail and "driver" in c.fix
 
 
-@pytest.mark.parametrize("version, status", [("534.183.01", "fail"), ("535.54.03", "ok"), ("580.159.04", "ok"),
+# The shipped CUDA engine is a CUDA 13 build: NVIDIA's minimum for CUDA 13.x is 580.
+@pytest.mark.parametrize("version, status", [("579.99.99", "fail"), ("580.65.06", "ok"), ("580.159.04", "ok"),
+                                             ("575.57.08", "fail"), ("570.172.08", "fail"),
+                                             ("535.54.03", "fail"), ("525.60.13", "fail"),
                                              ("470.256.02", "fail"), ("unknown", "warn")])
 def test_nvidia_driver_boundary(version, status):
     assert doctor.check_driver((gpu(81559, version),)).status == status
+
+
+def test_the_driver_minimum_is_the_cuda_13_minimum_and_is_said():
+    assert (doctor.ENGINE_CUDA_MAJOR, doctor.MIN_NVIDIA_DRIVER) == (13, 580)
+    old = doctor.check_driver((gpu(81559, "570.172.08"),))
+    assert old.detail == ("NVIDIA driver 570.172.08 is older than 580, the minimum of the CUDA 13 engine "
+                          "(xerotier-engine-install --flavor cuda)")
+    assert old.fix == "install driver 580 or later (e.g. `apt install nvidia-driver-580`)"
+    odd = doctor.check_driver((gpu(81559, "unknown"),))
+    assert odd.fix == "check `nvidia-smi`; the CUDA 13 engine needs 580 or later"
+    assert "(580+)" in doctor.check_gpus(cpu_only_host()).fix
+
+
+@pytest.mark.parametrize("fixture, parse", [
+    ("nvidia-h100-driver580/nvidia-smi-query.csv", hardware.parse_nvidia_query_csv),
+    ("nvidia-h100-driver580/nvidia-smi-q.xml", hardware.parse_nvidia_smi_xml),
+    ("nvidia-h200-driver580/nvidia-smi-query-noheader.csv", hardware.parse_nvidia_query_csv),
+])
+def test_the_captured_580_hosts_pass_the_driver_check(fixture, parse):
+    gpus = parse((FIXTURES / fixture).read_text())
+    c = doctor.check_driver(gpus)
+    assert (c.status, c.detail) == ("ok", "NVIDIA driver 580.159.04 (≥ 580, CUDA 13 engine)")
 
 
 def test_driver_amd_and_none():
@@ -339,7 +364,7 @@ def test_main_exit_code_follows_failures(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True
     names = [c["name"] for c in data["checks"]]
-    assert names == ["gpus", "gpu driver", "vram", "gpu device nodes", "ram", "disk", "/dev/shm",
+    assert names == ["gpus", "gpu driver", "vram", "gpu device nodes", "ram", "disk", "model", "/dev/shm",
                      "socket buffers", "state directory", "cache directory", "engine", "engine sandbox",
                      "lmcache remote", "plan"]
     gpus = data["checks"][0]
