@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hubcache import write_hub_model
 from ximd import config, doctor, identity, models, modelsource
 from ximd.config import SEED_DEFAULT_MODEL
 
@@ -34,15 +35,11 @@ def save_assignment(cfg: config.Config, model: str | None) -> None:
         token="xat_t", assigned_model=model))
 
 
-def cache_snapshot(cfg: config.Config, hf_id: str, revision: str = "abc123") -> Path:
-    """A complete snapshot in the model cache, laid out as the hub client does."""
-    entry = models.ModelCache.from_config(cfg).entry_path(hf_id)
-    snapshot = entry / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps(TINY_CONFIG))
-    (snapshot / "model.safetensors").write_bytes(b"\0" * 4096)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(revision)
+def cache_snapshot(cfg: config.Config, hf_id: str, revision: str = "abc123" * 6 + "abcd",
+                   config_json: bytes | None = None) -> Path:
+    """A complete snapshot in the model cache (the hub client's layout, ximd's completion marker)."""
+    files = {"config.json": config_json or json.dumps(TINY_CONFIG).encode(), "model.safetensors": b"\0" * 4096}
+    _, snapshot = write_hub_model(models.ModelCache.from_config(cfg), hf_id, files, revision=revision)
     return snapshot
 
 
@@ -133,8 +130,7 @@ def test_a_router_assignment_that_is_no_hub_id_is_refused_as_the_daemon_does(tmp
 
 def test_a_broken_cached_config_json_leaves_estimates_and_says_why(tmp_path):
     cfg = make_cfg(tmp_path)
-    snapshot = cache_snapshot(cfg, SEED_DEFAULT_MODEL)
-    (snapshot / "config.json").write_text("{broken")
+    snapshot = cache_snapshot(cfg, SEED_DEFAULT_MODEL, config_json=b"{broken")
     facts, note = modelsource.load_facts(modelsource.locate_for(cfg))
     assert facts is None
     assert note.startswith(f"{SEED_DEFAULT_MODEL} (seed default), cached at {snapshot}: ")
