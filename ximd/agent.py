@@ -3,6 +3,7 @@ and the mesh together.
 
     load config → verify tuning → identity → engine → READY=1 → mesh → serve
     SIGHUP: reload what can change live   SIGTERM: STOPPING=1, drain, exit 0
+    `ximd reexec`: RELOADING=1, hand the engine over, execve in place (ximd.reexec)
 
 Unit-state rules (DESIGN §2): invalid configuration is the only fatal start
 error (exit 78). With nothing to do yet (no identity, no join key, a revoked
@@ -23,10 +24,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ximd import __version__, tuning
+from ximd import __version__, reexec, tuning
 from ximd.config import Config, ConfigError
 from ximd.control import ControlServer, socket_path
-from ximd.exitcodes import EX_CONFIG, EX_OK
+from ximd.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from ximd.identity import Identity
 from ximd.logs import phase_fields, set_level, setup_logging
 from ximd.systemd import Notifier
@@ -53,7 +54,7 @@ LIVE_SETTINGS = {"agent.log_level", "router.join_key", "router.join_key_file"}
 
 # Phases in which the daemon is waiting on a person or the network, not stuck.
 WAITING_PHASES = {"starting", "not-enrolled", "enrolling", "model", "model-waiting", "preparing",
-                  "engine-unavailable"}
+                  "engine-unavailable", "reexec"}
 
 
 def changed_settings(old: Config, new: Config) -> list[str]:
@@ -61,7 +62,8 @@ def changed_settings(old: Config, new: Config) -> list[str]:
 
 
 class Agent:
-    def __init__(self, cfg: Config, notifier: Notifier, load_config: Callable[[], Config]):
+    def __init__(self, cfg: Config, notifier: Notifier, load_config: Callable[[], Config],
+                 resumed: reexec.ReexecState | None = None):
         self.cfg = cfg
         self.notifier = notifier
         self.load_config = load_config
@@ -75,7 +77,11 @@ class Agent:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._lifecycle: asyncio.Task | None = None
-        self.control = ControlServer(socket_path(cfg.runtime_dir), self.status)
+        self.resumed = resumed                  # set when an earlier image of this process re-executed
+        self.generation = resumed.generation if resumed else 0
+        self._reexec: asyncio.Task | None = None
+        self.control = ControlServer(socket_path(cfg.runtime_dir),
+                                     {"status": self._status_reply, "reexec": self.request_reexec})
 
     # -------------------------------------------------------------- state
 
@@ -105,16 +111,23 @@ class Agent:
             return True
         return self.node is not None and self.node.healthy()
 
+    async def _status_reply(self) -> dict[str, Any]:
+        return self.status()
+
     def status(self) -> dict[str, Any]:
         reply: dict[str, Any] = {
             "version": __version__,
             "pid": os.getpid(),
+            "generation": self.generation,
             "phase": self.phase,
             "status": self.status_line,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config_files": list(self.cfg.sources),
             "state_dir": str(self.cfg.state_dir),
         }
+        if self.resumed is not None:
+            reply["reexec"] = {"from_version": self.resumed.from_version,
+                               "requested_at": _iso(self.resumed.requested_at)}
         if self.node is not None:
             reply.update(self.node.status())
         return reply
@@ -140,8 +153,12 @@ class Agent:
 
     async def run(self) -> int:
         self._install_signal_handlers()
-        log.info("ximd %s starting (config: %s)", __version__,
-                 ", ".join(self.cfg.sources) or "built-in defaults", extra=phase_fields("start"))
+        if self.resumed is not None:
+            log.info("ximd %s re-executed in place from %s (pid %d, re-exec %d)", __version__,
+                     self.resumed.from_version, os.getpid(), self.generation, extra=phase_fields("reexec"))
+        else:
+            log.info("ximd %s starting (config: %s)", __version__,
+                     ", ".join(self.cfg.sources) or "built-in defaults", extra=phase_fields("start"))
         for warning in self.cfg.warnings:
             log.warning("%s", warning)
         self.verify_tuning()
@@ -170,6 +187,7 @@ class Agent:
             if outcome.identity is not None:
                 break
             if not outcome.retry:
+                await self._discard_handed_over_engine("this node is not enrolled")
                 self.enter_not_enrolled(outcome.reason)
                 return
             self.set_status("enrolling", f"{outcome.reason}; retrying in {delay:.0f} s")
@@ -190,8 +208,63 @@ class Agent:
 
     async def start_node(self, identity: Identity) -> None:
         from ximd.node import Node
-        node = self.node = Node(self.cfg, identity, self)
+        adopt = self.resumed.engine if self.resumed else None
+        node = self.node = Node(self.cfg, identity, self, adopt=adopt)
         await node.start()
+
+    async def _discard_handed_over_engine(self, why: str) -> None:
+        from ximd.engine.handover import discard
+        if self.resumed is not None and self.resumed.engine is not None:
+            log.warning("stopping the engine the previous image handed over (pid %d): %s",
+                        self.resumed.engine.pid, why, extra=phase_fields("reexec"))
+            await discard(self.resumed.engine, grace_s=10.0)
+            self.resumed = reexec.ReexecState(self.resumed.from_version, self.resumed.to_version,
+                                              self.resumed.generation, self.resumed.requested_at, None)
+
+    # -------------------------------------------------------------- re-exec
+
+    async def request_reexec(self) -> dict[str, Any]:
+        """`ximd reexec`: check that the installed ximd runs, answer, then re-execute in place."""
+        if self._reexec is not None or self.phase == "stopping":
+            return {"error": "a re-exec or a stop is already under way"}
+        try:
+            to_version = await asyncio.to_thread(reexec.preflight)
+        except reexec.ReexecError as exc:
+            log.error("re-exec refused: %s", exc, extra=phase_fields("reexec"))
+            return {"error": f"re-exec refused: {exc}"}
+        self._reexec = asyncio.create_task(self.reexec(to_version))
+        return {"reexec": "started", "pid": os.getpid(), "from_version": __version__, "to_version": to_version,
+                "generation": self.generation}
+
+    async def reexec(self, to_version: str) -> None:
+        """Hand the engine over, then replace this program image (same PID, same unit)."""
+        self.notifier.reloading()
+        self.set_status("reexec", f"re-executing ximd {__version__} → {to_version}: handing over")
+        log.info("re-executing ximd %s → %s in place (pid %d): draining, keeping the engine", __version__,
+                 to_version, os.getpid(), extra=phase_fields("reexec"))
+        if self._lifecycle is not None and not self._lifecycle.done():
+            self._lifecycle.cancel()
+            await asyncio.gather(self._lifecycle, return_exceptions=True)
+        engine = None
+        if self.node is not None:
+            engine = await self.node.hand_over(drain_s=self.cfg.agent.drain_grace_s)
+        await self.control.close()
+        state = reexec.new_state(__version__, to_version, self.generation, engine)
+        try:
+            path = reexec.write_state(self.cfg.runtime_dir, state)
+            argv = reexec.exec_argv()
+            log.info("execve %s", " ".join(argv), extra=phase_fields("reexec"))
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            reexec.execute(argv, path)
+        except OSError as exc:
+            # The engine is detached and the link is down: a clean restart by systemd
+            # (Restart=on-failure; the engine goes with us) is the way back.
+            log.error("re-exec failed: %s; exiting so that systemd starts ximd afresh", exc,
+                      extra=phase_fields("reexec"))
+            self.exit_code = EX_SOFTWARE
+            self.node = None
+            self.request_stop("failed re-exec")
 
     # -------------------------------------------------------------- called by the node (ximd.node.NodeHost)
 
@@ -294,6 +367,10 @@ class Agent:
         log.info("stopped", extra=phase_fields("stop"))
 
 
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+
+
 def run_daemon(load_config: Callable[[], Config]) -> int:
     # A daemon the watchdog kills gets SIGABRT (the unit's WatchdogSec=): every
     # thread's stack then goes to the process's own stderr (the journal), to say
@@ -301,6 +378,14 @@ def run_daemon(load_config: Callable[[], Config]) -> int:
     if sys.__stderr__ is not None:
         faulthandler.enable(file=sys.__stderr__, all_threads=True)
     notifier = Notifier.from_env()
+    try:
+        resumed = reexec.take_state(os.environ)
+    except reexec.ReexecError as exc:
+        # Whatever the old image handed over is lost; its engine is found and stopped
+        # as an orphan of ours before the next one starts.
+        setup_logging("info")
+        log.error("%s; starting afresh", exc, extra=phase_fields("reexec"))
+        resumed = None
     try:
         cfg = load_config()
     except ConfigError as exc:
@@ -312,4 +397,4 @@ def run_daemon(load_config: Callable[[], Config]) -> int:
         notifier.status(f"invalid configuration: {exc.problems[0]}")
         return EX_CONFIG
     setup_logging(cfg.agent.log_level)
-    return asyncio.run(Agent(cfg, notifier, load_config).run())
+    return asyncio.run(Agent(cfg, notifier, load_config, resumed).run())

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[shared], help="ask the running daemon how it is")
     status.add_argument("--format", choices=("text", "json"), default="text")
 
+    re_exec = sub.add_parser("reexec", parents=[shared], help="replace the running daemon in place, keeping the engine",
+                             description="Re-execute the running ximd in place (same PID and unit) so that an "
+                                         "upgraded package takes effect without reloading the model; the engine "
+                                         "is kept when the new version would start it the same way.")
+    re_exec.add_argument("--no-wait", action="store_true", help="return once the daemon has started the switch")
+    re_exec.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                         help="how long to wait for the new image to settle (default 300)")
+
     doctor = sub.add_parser("doctor", parents=[shared], help="check this host against what ximd needs")
     doctor.add_argument("--format", choices=("text", "json"), default="text")
     plan = sub.add_parser("plan", parents=[shared], help="show the engine settings ximd would choose, and why")
@@ -132,6 +140,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(load_config(args), args.format)
 
 
+def cmd_reexec(args: argparse.Namespace) -> int:
+    from ximd.commands import reexec
+    return reexec.main(load_config(args), wait=not args.no_wait, timeout_s=args.timeout)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from ximd.commands import doctor
     return doctor.main(load_config(args), args.format)
@@ -174,6 +187,7 @@ COMMANDS = {
     ("enroll", None): cmd_enroll,
     ("unenroll", None): cmd_unenroll,
     ("status", None): cmd_status,
+    ("reexec", None): cmd_reexec,
     ("doctor", None): cmd_doctor,
     ("plan", None): cmd_plan,
     ("model", "pull"): cmd_model,

@@ -2,7 +2,10 @@
 
 A unix stream socket in the runtime directory (/run/ximd/control.sock), mode
 0660, so root and the service's group can ask. One JSON request line, one
-JSON reply line; nothing here can change the daemon's state.
+JSON reply line. Commands: ``status`` (read only) and ``reexec`` (replace the
+daemon's program image in place, keeping the engine: ximd.reexec; it changes no
+configuration and serves the same model, so the service's group may ask for it
+like `systemctl reload`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,8 @@ SOCKET_NAME = "control.sock"
 # The longest request line read; a longer one is answered with an error unread.
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT_S = 5.0
-COMMANDS = ("status",)
+COMMANDS = ("status", "reexec")
+Handler = Callable[[], Awaitable[dict]]
 
 
 def socket_path(runtime_dir: Path) -> Path:
@@ -30,9 +34,11 @@ def socket_path(runtime_dir: Path) -> Path:
 
 
 class ControlServer:
-    def __init__(self, path: Path, status: Callable[[], dict]):
+    """``handlers`` answer the commands (each a coroutine function returning the reply)."""
+
+    def __init__(self, path: Path, handlers: Mapping[str, Handler]):
         self.path = path
-        self.status = status
+        self.handlers = handlers
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -60,7 +66,12 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=REQUEST_TIMEOUT_S)
             command = parse_request(line)
-            reply = {"error": command.error} if isinstance(command, BadRequest) else self.status()
+            if isinstance(command, BadRequest):
+                reply = {"error": command.error}
+            elif command in self.handlers:
+                reply = await self.handlers[command]()
+            else:
+                reply = {"error": f"{command} is not available now"}
         except (TimeoutError, ConnectionError):
             reply = {"error": "no request"}
         except ValueError:              # readline(): no newline within MAX_REQUEST bytes

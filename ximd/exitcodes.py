@@ -18,6 +18,7 @@ EX_OK = 0
 EX_REFUSED = 1
 EX_NOT_RUNNING = 3            # `ximd status`: no daemon answers, as `systemctl status` of an inactive unit
 EX_UNAVAILABLE = 69           # the router cannot be reached now; nothing changed, try again later
+EX_SOFTWARE = 70              # ximd could not go on (a failed re-exec): systemd restarts it
 EX_CANTCREAT = 73             # a file ximd must write (the identity) could not be written
 EX_CONFIG = 78                # invalid configuration: restarting cannot fix it
 EX_INTERRUPTED = 130          # Ctrl-C: 128 + SIGINT, what a shell reports for it

@@ -26,6 +26,7 @@ from ximd import models
 from ximd.autoconfig import PlanError
 from ximd.config import Config
 from ximd.engine import EngineReport, EngineState, EngineSupervisor, LaunchError
+from ximd.engine.handover import EngineHandover, discard, process_start_time, refusal
 from ximd.identity import Identity
 from ximd.logs import phase_fields
 from ximd.mesh.report import HelloInfo, LeaseInfo
@@ -110,7 +111,9 @@ class NodeHost(Protocol):
 
 
 class Node:
-    def __init__(self, cfg: Config, identity: Identity, host: NodeHost):
+    """``adopt``: the engine an earlier program image of this process handed over (ximd.reexec)."""
+
+    def __init__(self, cfg: Config, identity: Identity, host: NodeHost, adopt: EngineHandover | None = None):
         self.cfg = cfg
         self.identity = identity
         self.host = host
@@ -128,10 +131,19 @@ class Node:
         self._model_hold: int | None = None            # the cache's shared lock on the served model
         self._retry_model = asyncio.Event()
         self._last_model_wait: str | None = None
+        self._adopt = adopt
+        self.adoption: str | None = None               # "adopted", or why the handed-over engine was not
 
     # -------------------------------------------------------------- start
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        finally:
+            if self._adopt is not None:    # handed over, but this start never got to it
+                await self._discard_adopted("the node did not get as far as the engine")
+
+    async def _start(self) -> None:
         if not await self.acquire_model():
             return
         self.host.set_status("preparing", "preparing the engine (hardware, model, plan)")
@@ -145,8 +157,10 @@ class Node:
             return
         launch, plan = self.prepared.launch, self.prepared.plan
         self.metrics.set_kv_tier("lmcache", self.prepared.kv.enabled)
+        adopt = await self._adoptable(launch)
         supervisor = self.supervisor = EngineSupervisor(launch, on_state=self.on_engine_state,
-                                                        startup_timeout=self.cfg.engine.startup_timeout_s)
+                                                        startup_timeout=self.cfg.engine.startup_timeout_s,
+                                                        adopt=adopt)
         self.bridge = Bridge(launch.socket_path, max_concurrent=plan.max_concurrent, send=self.send,
                              models=lambda: [launch.served_model_name],
                              engine_ready=lambda: supervisor.healthy, metrics=self.metrics)
@@ -155,6 +169,29 @@ class Node:
             await self.start_metrics(launch.socket_path)
         self._spawn(supervisor.run(), "engine supervisor")
         self._spawn(self.poll_engine_load(supervisor, launch.socket_path), "engine load poller")
+
+    async def _adoptable(self, launch) -> EngineHandover | None:
+        """The handed-over engine if this image would have started the very same one; otherwise it
+        is stopped (the reason in the journal) and the supervisor starts a fresh one."""
+        handover, self._adopt = self._adopt, None
+        if handover is None:
+            return None
+        why = refusal(handover, launch, process_start_time(handover.pid))
+        if why is None:
+            self.adoption = "adopted"
+            return handover
+        self._adopt = handover
+        await self._discard_adopted(why)
+        return None
+
+    async def _discard_adopted(self, why: str) -> None:
+        handover, self._adopt = self._adopt, None
+        if handover is None:
+            return
+        self.adoption = f"restarted: {why}"
+        log.warning("not keeping the engine the previous image handed over (pid %d): %s; starting it afresh",
+                    handover.pid, why, extra=phase_fields("reexec"))
+        await discard(handover, grace_s=10.0)
 
     def _cannot_start(self, exc: Exception) -> None:
         log.error("engine cannot start: %s", exc, extra=phase_fields("engine"))
@@ -360,6 +397,8 @@ class Node:
             out["engine"] = {"state": str(self.supervisor.state), "model": self.prepared.launch.model,
                              "pid": self.supervisor.pid, "restarts": self.supervisor.restarts,
                              "last_error": self.supervisor.last_error}
+            if self.adoption is not None:
+                out["engine"]["handover"] = self.adoption
             out["plan"] = {"accelerator": self.prepared.plan.accelerator,
                            "max_concurrent": self.prepared.plan.max_concurrent,
                            "tensor_parallel_size": self.prepared.plan.tensor_parallel_size,
@@ -378,6 +417,13 @@ class Node:
     # -------------------------------------------------------------- stop
 
     async def stop(self, drain_s: float) -> None:
+        await self._wind_down(drain_s, keep_engine=False)
+
+    async def hand_over(self, drain_s: float) -> EngineHandover | None:
+        """Wind down like stop() but leave a healthy engine running for the next program image."""
+        return await self._wind_down(drain_s, keep_engine=True)
+
+    async def _wind_down(self, drain_s: float, *, keep_engine: bool) -> EngineHandover | None:
         if self.bridge is not None and self.link is not None and self.link_state is LinkState.CONNECTED \
                 and not await self.link.drain("node stopping"):
             # The router may be gone; in-flight streams still get their grace.
@@ -389,7 +435,13 @@ class Node:
                             left, drain_s)
         if self.link is not None:
             await self.link.close()
-        if self.supervisor is not None:
+        engine = None
+        if self.supervisor is not None and keep_engine and self.supervisor.healthy:
+            try:
+                engine = await self.supervisor.detach()
+            except RuntimeError as exc:
+                log.warning("cannot hand the engine over (%s); the next image starts one", exc)
+        if self.supervisor is not None and engine is None:
             await self.supervisor.stop()
         for task in self._tasks:
             task.cancel()
@@ -401,6 +453,7 @@ class Node:
         if self._model_hold is not None:
             os.close(self._model_hold)
             self._model_hold = None
+        return engine
 
 
 class NodeModelReporter:

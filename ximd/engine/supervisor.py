@@ -18,6 +18,11 @@ with LMCache on is retried once at once without it.
 
 `stop_grace` is 10 s so that SIGTERM + grace + SIGKILL ends inside the 15 s a
 stopping unit is given for its engine (vLLM itself stops in 3-4 s).
+
+Re-executing in place (ximd.reexec): `detach()` ends supervision without
+touching a healthy engine and returns an `EngineHandover`; the next image's
+supervisor, built with `adopt=handover`, follows that engine instead of starting
+one (ximd/engine/child.py says why the engine is a bare posix_spawn child).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +43,8 @@ import aiohttp
 
 from ximd import kvcache
 from ximd.engine import processes, sandbox
+from ximd.engine.child import EngineChild, open_output, resolve, spawn
+from ximd.engine.handover import EngineHandover, fingerprint, process_start_time
 from ximd.engine.launch import EngineLaunch, describe
 from ximd.engine.output import OutputForwarder, clean_line
 
@@ -132,7 +138,7 @@ class EngineSupervisor:
                  backoff: tuple[float, float] = (1.0, 60.0), stable_after: float = 60.0,
                  loading_report_interval: float = 5.0, loading_poll_interval: float = 0.25,
                  stop_grace: float = 10.0, orphan_grace: float = 10.0,
-                 forwarder: OutputForwarder | None = None):
+                 forwarder: OutputForwarder | None = None, adopt: EngineHandover | None = None):
         self.launch = launch
         self.on_state = on_state
         self.health_interval = health_interval
@@ -157,7 +163,10 @@ class EngineSupervisor:
         self.lmcache_dropped = False
         self._sandbox_argv: tuple[str, ...] | None = None   # decided (and logged) at the first start
         self._failures = 0
-        self._proc: asyncio.subprocess.Process | None = None
+        self._child: EngineChild | None = None
+        self._adopt = adopt                     # an engine to follow instead of the first start
+        self.adopted = False                    # whether the running engine came from a handover
+        self._detaching = False
         self._stopping = asyncio.Event()
         self._done = asyncio.Event()
         self._running = False
@@ -196,8 +205,11 @@ class EngineSupervisor:
                     break
                 await self._pause_before_restart()
         finally:
-            await self._stop_process(self.stop_grace)
-            self._set_state(EngineState.STOPPED, "engine stopped")
+            if self._detaching:
+                self._child = None              # the next image follows it now
+            else:
+                await self._stop_process(self.stop_grace)
+                self._set_state(EngineState.STOPPED, "engine stopped")
             self.output.close()
             self._running = False
             self._done.set()
@@ -212,15 +224,42 @@ class EngineSupervisor:
         else:
             await self._stop_process(self.stop_grace)
 
+    async def detach(self) -> EngineHandover:
+        """Stop supervising a healthy engine without stopping it, and say how to find it again.
+
+        The returned descriptor is inheritable: it is meant to cross an execve.
+        Raises RuntimeError when there is no healthy engine to hand over.
+        """
+        child = self._child
+        if child is None or not self.healthy or not self._running or child.poll() is not None:
+            raise RuntimeError("there is no healthy engine to hand over")
+        created = process_start_time(child.pid)
+        if created is None:
+            raise RuntimeError("the engine just exited")
+        output_fd = os.dup(child.output_fd)
+        os.set_inheritable(output_fd, True)
+        handover = EngineHandover(pid=child.pid, output_fd=output_fd, create_time=created,
+                                  fingerprint=fingerprint(self.launch), started_at=self.started_at or time.time(),
+                                  healthy_at=self.healthy_at, starts=self.starts, model=self.launch.model)
+        self._detaching = True
+        self._stopping.set()
+        await self._done.wait()
+        log.info("Detached from the engine (pid %d): it keeps running for the next program image", child.pid)
+        return handover
+
     # ------------------------------------------------------------ one engine lifetime
 
     async def _one_lifetime(self) -> None:
-        self._set_state(EngineState.STARTING, f"starting engine for {self.launch.model}")
-        proc = await self._spawn()
-        if proc is None:
+        child: EngineChild | None
+        if self._adopt is not None:
+            child, self._adopt = self._take_over(self._adopt), None
+        else:
+            self._set_state(EngineState.STARTING, f"starting engine for {self.launch.model}")
+            child = await self._spawn()
+        if child is None:
             self._failures += 1
             return
-        reached_healthy = await self._watch(proc)
+        reached_healthy = await self._watch(child)
         if self._stopping.is_set():
             return
         await self._stop_process(self.stop_grace)   # the rest of the group, if anything is left
@@ -236,7 +275,19 @@ class EngineSupervisor:
             self._set_state(EngineState.BACKOFF, "engine died during start-up with LMCache on; "
                                                  "retrying at once without LMCache")
 
-    async def _spawn(self) -> asyncio.subprocess.Process | None:
+    def _take_over(self, handover: EngineHandover) -> EngineChild:
+        """Follow the engine an earlier image of ximd started (the caller checked it is ours)."""
+        os.set_inheritable(handover.output_fd, False)
+        child = self._child = EngineChild(handover.pid, handover.output_fd)
+        self.pid, self.adopted = child.pid, True
+        self.started_at, self.healthy_at = handover.started_at, handover.healthy_at
+        self.starts = handover.starts
+        self.restarts = self.starts - 1
+        log.info("Adopted the running engine (pid %d) for %s, started %.0f s ago", child.pid, self.launch.model,
+                 time.time() - handover.started_at, extra={"fields": {"XIM_ENGINE_PID": child.pid}})
+        return child
+
+    async def _spawn(self) -> EngineChild | None:
         try:
             removed = await asyncio.to_thread(processes.remove_orphans, self.launch.instance_id,
                                               self.launch.socket_path, self.orphan_grace)
@@ -246,8 +297,7 @@ class EngineSupervisor:
         if removed:
             log.warning("Removed %d process(es) of an earlier engine of ours before starting", len(removed))
         program = self.launch.argv[0]
-        if not (shutil.which(program, path=self.launch.env.get("PATH")) if os.sep not in program
-                else os.access(program, os.X_OK)):
+        if resolve(program, self.launch.env.get("PATH")) is None:
             # Checked here because setpriv would start and only then fail to exec it.
             self._fail(f"cannot start the engine ({program}): no such executable file")
             return None
@@ -257,27 +307,24 @@ class EngineSupervisor:
             self.launch.socket_path.unlink(missing_ok=True)
             if self._sandbox_argv is None:
                 self._sandbox_argv = sandbox_prefix(self.launch.sandbox)
-            proc = await asyncio.create_subprocess_exec(
-                *parent_death_prefix(), *self._sandbox_argv, *self.launch.argv, env=dict(self.launch.env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                limit=OUTPUT_LINE_LIMIT)
+            child = spawn([*parent_death_prefix(), *self._sandbox_argv, *self.launch.argv], dict(self.launch.env))
         except OSError as exc:
             self._fail(f"cannot start the engine ({self.launch.argv[0]}): {exc.strerror or exc}")
             return None
         self.output.forget_tail()
-        self._proc, self.pid = proc, proc.pid
+        self._child, self.pid, self.adopted = child, child.pid, False
         self.started_at, self.healthy_at = time.time(), None
         self.starts += 1
         self.restarts = self.starts - 1
-        log.info("Engine started (pid %d) for %s on %s", proc.pid, self.launch.model, self.launch.socket_path,
-                 extra={"fields": {"XIM_ENGINE_PID": proc.pid}})
-        return proc
+        log.info("Engine started (pid %d) for %s on %s", child.pid, self.launch.model, self.launch.socket_path,
+                 extra={"fields": {"XIM_ENGINE_PID": child.pid}})
+        return child
 
-    async def _watch(self, proc: asyncio.subprocess.Process) -> bool:
+    async def _watch(self, child: EngineChild) -> bool:
         """Follow one engine until it exits, wedges, times out or we stop; True if it got healthy."""
-        pump = asyncio.create_task(self._pump(proc))
-        exited = asyncio.create_task(self._exit_of(proc))
+        reader, transport = await open_output(child.output_fd, OUTPUT_LINE_LIMIT)
+        pump = asyncio.create_task(self._pump(reader))
+        exited = asyncio.create_task(self._exit_of(child))
         stopping = asyncio.create_task(self._stopping.wait())
         began = time.monotonic()
         last_report = began
@@ -334,21 +381,25 @@ class EngineSupervisor:
         finally:
             for task in (exited, stopping):
                 task.cancel()
-            if proc.returncode is None:
-                await self._stop_process(self.stop_grace)
-            await self._finish_pump(pump)
+            if self._detaching:
+                pump.cancel()                   # the next image reads on from its own descriptor
+                transport.close()
+            else:
+                if child.poll() is None:
+                    await self._stop_process(self.stop_grace)
+                await self._finish_pump(pump)
+                transport.close()
 
     @staticmethod
-    async def _exit_of(proc: asyncio.subprocess.Process) -> int:
-        """The engine's exit status as soon as it exits.
+    async def _exit_of(child: EngineChild) -> int:
+        """The engine's exit status as soon as it exits (and is reaped).
 
-        Not proc.wait(): asyncio wakes that only once the output pipe is closed too,
-        and the engine's children (EngineCore) keep it open after the engine dies.
-        The return code itself is set the moment the child watcher reaps it.
+        Not the end of its output: the engine's children (EngineCore) keep the pipe
+        open after the engine itself dies.
         """
-        while proc.returncode is None:
+        while (code := child.poll()) is None:
             await asyncio.sleep(EXIT_POLL_S)
-        return proc.returncode
+        return code
 
     async def _health(self, session: aiohttp.ClientSession) -> tuple[bool, str]:
         try:
@@ -362,10 +413,7 @@ class EngineSupervisor:
         except (aiohttp.ClientError, OSError) as exc:
             return False, f"{type(exc).__name__}: {exc}"
 
-    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        reader = proc.stdout
-        if reader is None:     # started with stdout=PIPE: there is always one
-            return
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
         while True:
             try:
                 raw = await reader.readline()
@@ -384,16 +432,16 @@ class EngineSupervisor:
             pump.cancel()
 
     async def _stop_process(self, grace: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
+        child, self._child = self._child, None
+        if child is None:
             return
-        pgid = proc.pid   # start_new_session made the engine its group's leader
+        pgid = child.pid   # spawned with setsid: the engine leads its own group
         survivors = await processes.terminate_group(pgid, grace)
-        if proc.returncode is None:
+        if child.poll() is None:
             try:
-                await asyncio.wait_for(proc.wait(), timeout=processes.KILL_WAIT_S)
+                await asyncio.wait_for(self._exit_of(child), timeout=processes.KILL_WAIT_S)
             except TimeoutError:
-                survivors.append(proc.pid)
+                survivors.append(child.pid)
         if survivors:
             log.error("Engine processes %s survive SIGKILL; the next start will look for them again", survivors)
         self.pid = None
