@@ -53,6 +53,8 @@ def test_deb_contents_and_maintainer_scripts(packages):
         # model for an hour): no blocking deb-systemd-invoke start/restart.
         assert 'systemctl --no-block start "$UNIT"' in postinst
         assert 'systemctl --no-block try-restart "$UNIT"' in postinst
+        # An upgrade re-executes a running daemon in place (the engine keeps its model).
+        assert "ximd reexec --no-wait" in postinst
         assert "deb-systemd-invoke start" not in postinst and "deb-systemd-invoke try-restart" not in postinst
         # --no-start drops debhelper's stop on removal: the prerm does it.
         assert "deb-systemd-invoke stop ximd.service" in (control / "prerm").read_text()
@@ -85,7 +87,8 @@ def test_rpm_builds_lints_and_installs_into_a_scratch_root(tmp_path, packages):
     scripts = run(["rpm", "-qp", "--scripts", rpm_file]).stdout
     for fragment in ("systemd-sysusers", "preset ximd.service", "systemd-tmpfiles --create",
                      "systemd-sysctl 60-xerotier-agent.conf", "disable --now ximd.service",
-                     "ximd config validate", "systemctl --no-block try-restart ximd.service",
+                     "ximd config validate", "ximd reexec --no-wait",
+                     "systemctl --no-block try-restart ximd.service",
                      "systemctl enable --now --no-block ximd", "journalctl -u ximd -f"):
         assert fragment in scripts, fragment
     config_flags = run(["rpm", "-qp", "--configfiles", rpm_file]).stdout.split()
