@@ -61,10 +61,15 @@ class Reporter(Protocol):
 @dataclass(frozen=True)
 class HubSource:
     """Where models come from: the downloader (None when downloads are off) and, for the
-    wording of problems, the endpoint and the token."""
+    wording of problems, the endpoint, the token and whether a token file waits for a restart
+    (ximd.models.credentials.token_awaits_restart)."""
     downloader: Downloader | None
     endpoint: str
     token: HubToken | None
+    token_awaits_restart: bool = False
+
+    def explain(self, problem: HubProblem, hf_id: str) -> str:
+        return explain(problem, hf_id, self.token, self.endpoint, self.token_awaits_restart)
 
 
 class JournalReporter:
@@ -138,7 +143,7 @@ async def _fetch_complete(hf_id: str, cache: ModelCache, source: HubSource, repo
     try:
         manifest = select_for_serving(await downloader.manifest(hf_id))
     except HubProblem as problem:
-        raise ModelWait(problem.kind, explain(problem, hf_id, source.token, source.endpoint)) from None
+        raise ModelWait(problem.kind, source.explain(problem, hf_id)) from None
     make_room(cache, manifest)
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         await _download(cache, manifest, downloader, source, reporter)
@@ -153,7 +158,7 @@ async def _fetch_complete(hf_id: str, cache: ModelCache, source: HubSource, repo
     else:
         corrupt = HubProblem("corrupt", None, f"{len(bad)} file(s) failed the hub's checksums twice ({names}); "
                                               "check the mirror (HF_ENDPOINT) or the disk")
-        raise ModelWait("corrupt", explain(corrupt, hf_id, source.token, source.endpoint))
+        raise ModelWait("corrupt", source.explain(corrupt, hf_id))
     cache.mark_complete(manifest)
     log.info("model %s is complete: revision %s, %d files, %s, every file checked against the hub's checksums",
              hf_id, manifest.revision, len(manifest.files), gb_text(manifest.total_bytes),
@@ -190,7 +195,7 @@ async def _download(cache: ModelCache, manifest: Manifest, downloader: Downloade
     try:
         await downloader.fetch(manifest, str(cache.hub))
     except HubProblem as problem:
-        raise ModelWait(problem.kind, explain(problem, hf_id, source.token, source.endpoint)) from None
+        raise ModelWait(problem.kind, source.explain(problem, hf_id)) from None
     finally:
         watcher.cancel()
     reporter.progress(Progress(hf_id, "downloading", cache.present_bytes(manifest), manifest.total_bytes, None))
