@@ -21,6 +21,7 @@ from ximd.models.credentials import HubToken, read_hf_token
 from ximd.models.hub import HubProblem, download_env, explain
 from ximd.models.manifest import Manifest, ManifestError, RepoFile, check_files, select_for_serving
 from ximd.models.progress import LogPacer, Progress, RateMeter, StallWatch, log_line, progress_line
+from ximd.units import size_text
 
 GB = 10**9
 MB = 10**6
@@ -223,6 +224,10 @@ def test_rate_is_averaged_over_recent_samples():
     for t in range(3, 30):
         rate = meter.add(t, 2 * MB + (t - 2) * 5 * MB)
     assert rate == pytest.approx(5 * MB)
+
+
+def test_small_models_are_sized_in_megabytes_not_as_zero_gigabytes():
+    assert (size_text(6_560_017), size_text(16.1e9), size_text(0.1e9)) == ("6.6 MB", "16.1 GB", "0.1 GB")
 
 
 def test_the_start_timeout_is_extended_only_while_bytes_arrive():

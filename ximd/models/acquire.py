@@ -30,8 +30,8 @@ from ximd.models.choice import ModelError
 from ximd.models.credentials import HubToken
 from ximd.models.hub import Downloader, HubProblem, explain
 from ximd.models.manifest import Manifest, RepoFile, Stopped, check_files, select_for_serving
-from ximd.models.progress import LogPacer, Progress, RateMeter, log_line
-from ximd.units import gb_text
+from ximd.models.progress import LogPacer, Progress, RateMeter, amount_text, log_line
+from ximd.units import size_text
 
 log = logging.getLogger("ximd.models")
 
@@ -161,7 +161,7 @@ async def _fetch_complete(hf_id: str, cache: ModelCache, source: HubSource, repo
         raise ModelWait("corrupt", source.explain(corrupt, hf_id))
     cache.mark_complete(manifest)
     log.info("model %s is complete: revision %s, %d files, %s, every file checked against the hub's checksums",
-             hf_id, manifest.revision, len(manifest.files), gb_text(manifest.total_bytes),
+             hf_id, manifest.revision, len(manifest.files), size_text(manifest.total_bytes),
              extra=phase_fields("model", XIM_MODEL=hf_id))
     return cache.snapshot_path(hf_id, manifest.revision)
 
@@ -183,11 +183,11 @@ async def _download(cache: ModelCache, manifest: Manifest, downloader: Downloade
     hf_id = manifest.repo
     present = cache.present_bytes(manifest)
     if present:
-        log.info("resuming the download of %s: %s of %s already here", hf_id, gb_text(present),
-                 gb_text(manifest.total_bytes), extra=phase_fields("model", XIM_MODEL=hf_id))
+        log.info("resuming the download of %s: %s already here", hf_id, amount_text(present, manifest.total_bytes),
+                 extra=phase_fields("model", XIM_MODEL=hf_id))
     else:
         log.info("downloading %s (revision %s, %d files, %s) from %s into %s", hf_id, manifest.revision,
-                 len(manifest.files), gb_text(manifest.total_bytes), source.endpoint, cache.root,
+                 len(manifest.files), size_text(manifest.total_bytes), source.endpoint, cache.root,
                  extra=phase_fields("model", XIM_MODEL=hf_id))
     cache.make_dir(cache.hub)
     watcher = asyncio.create_task(_watch(lambda: cache.present_bytes(manifest), hf_id, "downloading",
