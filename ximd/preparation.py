@@ -22,7 +22,7 @@ from ximd.config import Config
 from ximd.engine import EngineLaunch, EnginePaths, build_launch
 from ximd.logs import phase_fields
 from ximd.models.acquire import HubSource
-from ximd.models.credentials import read_hf_token
+from ximd.models.credentials import read_hf_token, token_awaits_restart
 from ximd.models.hub import Downloader, download_env, endpoint_of
 
 log = logging.getLogger("ximd")
@@ -56,10 +56,12 @@ def hub_source(cfg: Config, environ: Mapping[str, str] | None = None) -> HubSour
     env = os.environ if environ is None else environ
     token = read_hf_token(cfg.model_cache.hf_token_file, env)
     endpoint = endpoint_of(env)
+    awaits_restart = token is None and token_awaits_restart(cfg.model_cache.hf_token_file, env)
     if env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return HubSource(None, endpoint, token)
+        return HubSource(None, endpoint, token, awaits_restart)
     python = EnginePaths.from_config(cfg).python
-    return HubSource(Downloader(python, download_env(env, str(cfg.model_cache_path), token)), endpoint, token)
+    return HubSource(Downloader(python, download_env(env, str(cfg.model_cache_path), token)), endpoint, token,
+                     awaits_restart)
 
 
 def prepare_engine(cfg: Config, assigned_model: str | None) -> Prepared:

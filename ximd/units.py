@@ -17,6 +17,12 @@ def gb_text(value: float) -> str:
     return f"{value / GB:.1f} GB"
 
 
+def size_text(value: float) -> str:
+    """A file's or a model's size: ``16.1 GB``, or megabytes below a tenth of a GB (``6.6 MB``),
+    where gb_text would say ``0.0 GB``."""
+    return gb_text(value) if value >= GB / 10 else f"{value / 10 ** 6:.1f} MB"
+
+
 def gib_text(value: float) -> str:
     """``value`` bytes in GiB, or MiB below a tenth of a GiB: ``2.0 GiB``, ``64.0 MiB``."""
     return f"{value / GIB:.1f} GiB" if value >= GIB / 10 else f"{value / MIB:.1f} MiB"

@@ -104,7 +104,7 @@ def test_a_gated_model_waits_for_a_token_and_the_token_goes_to_the_hub(engine_py
     assert waiting.value.kind == "gated"
     assert waiting.value.line == (f"model {REPO} is gated: accept its licence at {hub.url}/{REPO}, put a token of "
                                   "that account in /etc/xerotier/hf-token (or model_cache.hf_token_file), then "
-                                  "`systemctl reload ximd`")
+                                  "`systemctl restart ximd`")
     with pytest.raises(ModelWait, match="the token from a test has no access"):
         fetch(engine_py, hub, cache, token="hf_wrong")
     assert cache.snapshot(REPO) is None

@@ -5,7 +5,7 @@ this server with HF_ENDPOINT=http://127.0.0.1:PORT. Standard library only: the s
 runs as a script inside a bare Debian guest (python3 only), e.g. as a transient unit:
 
     python3 hubstub.py --repo org/name=/srv/model --port 8099 [--rate BYTES_PER_S]
-                       [--token-file F] [--mode MODE] [--cut-after-bytes N]
+                       [--token-file F [--require-token]] [--mode MODE] [--cut-after-bytes N]
 
 What huggingface_hub 2.4.0 asks of the hub to download a repository (read from its
 _snapshot_download.py, file_download.py, hf_api.py and utils/_http.py):
@@ -54,6 +54,8 @@ Modes (stub.mode = ..., or POST /_stub/config {"mode": ..., "rate": ..., ...}):
              its first byte, `cut_drops` times (None: for ever) — then bodies flow again;
   gated      metadata is public; file HEAD/GET answer 401 without a bearer token and 403
              with a wrong one (X-Error-Code: GatedRepo → GatedRepoError);
+             `require_token` (--require-token) gates the files the same way in every
+             other mode too, so that a gated repository can also be throttled or cut;
   corrupt    file bodies have some bytes flipped: same size, same headers;
   down       every hub request answers 503.
 Unknown repos answer 404 with X-Error-Code: RepoNotFound in every mode but `down`.
@@ -199,12 +201,13 @@ class HubStub:
     """The stand-in hub, served from a background thread: `with HubStub({"org/m": dir}) as hub: hub.url`."""
 
     def __init__(self, repos: dict[str, Path | str], *, host: str = "127.0.0.1", port: int = 0, mode: str = "normal",
-                 rate: int = DEFAULT_RATE, token: str | None = None, cut_after_bytes: int = 0,
-                 cut_drops: int | None = None, quiet: bool = True):
+                 rate: int = DEFAULT_RATE, token: str | None = None, require_token: bool = False,
+                 cut_after_bytes: int = 0, cut_drops: int | None = None, quiet: bool = True):
         self.repos = {repo_id: Repo(repo_id, Path(root)) for repo_id, root in repos.items()}
         self.host, self.port, self.quiet = host, port, quiet
         self.rate = rate
         self.token = token
+        self.require_token = require_token
         self.cut_after_bytes = cut_after_bytes
         self.cut_drops = cut_drops
         self.bytes_served = 0
@@ -234,11 +237,13 @@ class HubStub:
             self._pace_next = 0.0
 
     def configure(self, settings: dict) -> None:
-        """What POST /_stub/config does: change any of mode, rate, token, cut_after_bytes, cut_drops."""
-        unknown = set(settings) - {"mode", "rate", "token", "cut_after_bytes", "cut_drops"}
+        """What POST /_stub/config does: change any of mode, rate, token, require_token,
+        cut_after_bytes, cut_drops."""
+        names = ("rate", "token", "require_token", "cut_after_bytes", "cut_drops")
+        unknown = set(settings) - {"mode", *names}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
-        for name in ("rate", "token", "cut_after_bytes", "cut_drops"):
+        for name in names:
             if name in settings:
                 setattr(self, name, settings[name])
         if "mode" in settings:
@@ -246,7 +251,7 @@ class HubStub:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"mode": self._mode, "bytes_served": self.bytes_served,
+            return {"mode": self._mode, "require_token": self.require_token, "bytes_served": self.bytes_served,
                     "requests": [r._asdict() for r in self.requests],
                     "repos": {r.repo_id: {"sha": r.sha, "size": r.total_size} for r in self.repos.values()}}
 
@@ -286,6 +291,11 @@ class HubStub:
     def record(self, served: Served) -> None:
         with self._lock:
             self.requests.append(served)
+
+    @property
+    def gates_files(self) -> bool:
+        """Whether file HEAD/GET need the token now: mode gated, or require_token in any mode."""
+        return self._mode == "gated" or self.require_token
 
     def authorized(self, header: str | None) -> bool:
         if not self.token or not header or not header.startswith("Bearer "):
@@ -469,7 +479,7 @@ class HubHandler(BaseHTTPRequestHandler):
             siblings.append(sibling)
         return {"_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0],
                 "sha": repo.sha, "private": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-                "gated": "manual" if self.stub.mode == "gated" else False, "siblings": siblings}
+                "gated": "manual" if self.stub.gates_files else False, "siblings": siblings}
 
     @staticmethod
     def tree(repo: Repo, folder: str, recursive: bool) -> list[dict]:
@@ -512,7 +522,7 @@ class HubHandler(BaseHTTPRequestHandler):
             self.send_body(entry, first, last)
 
     def check_gate(self, repo: Repo, authorized: bool) -> None:
-        if self.stub.mode != "gated" or authorized:
+        if not self.stub.gates_files or authorized:
             return
         if self.headers.get("Authorization"):
             raise HubError(403, "GatedRepo", f"Access to model {repo.repo_id} is restricted and you are not in the "
@@ -596,6 +606,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", default="normal", choices=MODES)
     parser.add_argument("--rate", type=int, default=DEFAULT_RATE, help="bytes/s in mode throttled")
     parser.add_argument("--token-file", type=Path, help="file holding the token mode gated requires")
+    parser.add_argument("--require-token", action="store_true",
+                        help="gate the files (as mode gated does) whatever the mode, e.g. throttled")
     parser.add_argument("--cut-after-bytes", type=int, default=0)
     parser.add_argument("--cut-drops", type=int, default=None)
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -611,8 +623,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"hubstub: --repo wants ORG/NAME=DIR, not {spec!r}")
         repos[repo_id] = Path(root)
     token = args.token_file.read_text().strip() if args.token_file else None
+    if args.require_token and not token:
+        raise SystemExit("hubstub: --require-token needs --token-file")
     stub = HubStub(repos, host=args.host, port=args.port, mode=args.mode, rate=args.rate, token=token,
-                   cut_after_bytes=args.cut_after_bytes, cut_drops=args.cut_drops, quiet=not args.verbose)
+                   require_token=args.require_token, cut_after_bytes=args.cut_after_bytes, cut_drops=args.cut_drops,
+                   quiet=not args.verbose)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())   # `systemctl stop` ends it cleanly
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -227,6 +227,24 @@ def test_gated_and_down_answers(tmp_path):
             hub.mode = "sideways"
 
 
+def test_require_token_gates_files_in_any_mode_so_a_gated_repo_can_be_throttled(tmp_path):
+    root = make_repo(tmp_path / "repo")
+    size = (root / "small.safetensors").stat().st_size
+    with HubStub({"org/small": root}, mode="throttled", rate=size * 2, token="s3cret", require_token=True) as hub:
+        status, _, body = request(hub.url, "GET", "/api/models/org/small")
+        assert status == 200 and json.loads(body)["gated"] == "manual"          # metadata stays public
+        status, headers, _ = request(hub.url, "GET", "/org/small/resolve/main/small.safetensors")
+        assert (status, headers["X-Error-Code"]) == (401, "GatedRepo")
+        began = time.monotonic()
+        status, _, body = request(hub.url, "GET", "/org/small/resolve/main/small.safetensors",
+                                  {"Authorization": "Bearer s3cret"})
+        assert status == 200 and len(body) == size and time.monotonic() - began >= 0.4   # and still throttled
+        assert [(r.status, r.authorized) for r in hub.requests[1:]] == [(401, False), (200, True)]
+        hub.configure({"require_token": False})
+        assert request(hub.url, "GET", "/org/small/resolve/main/config.json")[0] == 200
+        assert hub.stats()["require_token"] is False
+
+
 def test_script_mode_runs_on_the_system_python_and_is_driven_over_http(tmp_path):
     if not Path(SYSTEM_PYTHON).exists():
         pytest.skip(f"{SYSTEM_PYTHON} is not installed")

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.support.hubcache import manifest_of, repo_file, tiny_files, write_hub_model
+from ximd.models import credentials
 from ximd.models.acquire import make_room
 from ximd.models.cache import CacheEntry, ModelBusy, ModelCache, plan_room
 from ximd.models.choice import ModelError
@@ -20,6 +21,7 @@ from ximd.models.credentials import HubToken, read_hf_token
 from ximd.models.hub import HubProblem, download_env, explain
 from ximd.models.manifest import Manifest, ManifestError, RepoFile, check_files, select_for_serving
 from ximd.models.progress import LogPacer, Progress, RateMeter, StallWatch, log_line, progress_line
+from ximd.units import size_text
 
 GB = 10**9
 MB = 10**6
@@ -224,6 +226,10 @@ def test_rate_is_averaged_over_recent_samples():
     assert rate == pytest.approx(5 * MB)
 
 
+def test_small_models_are_sized_in_megabytes_not_as_zero_gigabytes():
+    assert (size_text(6_560_017), size_text(16.1e9), size_text(0.1e9)) == ("6.6 MB", "16.1 GB", "0.1 GB")
+
+
 def test_the_start_timeout_is_extended_only_while_bytes_arrive():
     watch = StallWatch(stall_s=30)
     assert watch.moving(0, 0) and watch.moving(100, 10) and watch.moving(100, 39)
@@ -268,7 +274,7 @@ def test_a_token_file_that_is_set_but_unusable_says_so(tmp_path):
 @pytest.mark.parametrize("kind, status, token, expected", [
     ("gated", 401, None, "model org/m is gated: accept its licence at https://huggingface.co/org/m, put a token "
                          "of that account in /etc/xerotier/hf-token (or model_cache.hf_token_file), then "
-                         "`systemctl reload ximd`"),
+                         "`systemctl restart ximd`"),
     ("gated", 403, HubToken("t", "f"), "model org/m is gated and the token from f has no access"),
     ("not_found", 404, None, "model org/m was not found at https://huggingface.co: check the name, or it is "
                              "private and no token is set"),
@@ -278,6 +284,30 @@ def test_a_token_file_that_is_set_but_unusable_says_so(tmp_path):
 def test_each_hub_problem_says_what_to_do(kind, status, token, expected):
     line = explain(HubProblem(kind, status, "detail"), "org/m", token, "https://huggingface.co")
     assert line.startswith(expected) or expected in line
+
+
+def test_a_token_file_that_came_after_the_start_asks_for_a_restart_not_a_reload(tmp_path, monkeypatch):
+    # systemd hands a service its credentials at start only: a reload leaves the blank fallback.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "hf-token").write_text("\n")
+    etc_token = tmp_path / "hf-token"
+    monkeypatch.setattr(credentials, "DEFAULT_TOKEN_PATH", str(etc_token))
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert not credentials.token_awaits_restart("", env)            # no token file yet: nothing to restart for
+    etc_token.write_text("hf_new\n")
+    etc_token.chmod(0)                                              # root's file: only its existence is seen
+    assert credentials.token_awaits_restart("", env)
+    assert not credentials.token_awaits_restart("/etc/my-token", env)   # ximd's own file: a reload reads it
+    assert not credentials.token_awaits_restart("", {})                   # not under the unit (`ximd model pull`)
+    (creds / "hf-token").write_text("hf_new\n")
+    assert not credentials.token_awaits_restart("", env)            # started with it: nothing waits
+    for problem in (HubProblem("gated", 401, "d"), HubProblem("http", 401, "d")):
+        line = explain(problem, "org/m", None, "https://huggingface.co", token_awaits_restart=True)
+        assert line == ("model org/m is gated and /etc/xerotier/hf-token came after ximd started: systemd hands "
+                        "it over only at start, so `systemctl restart ximd`")
+    assert "came after" not in explain(HubProblem("gated", 403, "d"), "org/m", HubToken("t", "f"),
+                                       "https://huggingface.co", token_awaits_restart=True)
 
 
 def test_repo_file_etag_is_what_the_hub_client_names_the_blob():

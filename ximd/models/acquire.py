@@ -30,8 +30,8 @@ from ximd.models.choice import ModelError
 from ximd.models.credentials import HubToken
 from ximd.models.hub import Downloader, HubProblem, explain
 from ximd.models.manifest import Manifest, RepoFile, Stopped, check_files, select_for_serving
-from ximd.models.progress import LogPacer, Progress, RateMeter, log_line
-from ximd.units import gb_text
+from ximd.models.progress import LogPacer, Progress, RateMeter, amount_text, log_line
+from ximd.units import size_text
 
 log = logging.getLogger("ximd.models")
 
@@ -61,10 +61,15 @@ class Reporter(Protocol):
 @dataclass(frozen=True)
 class HubSource:
     """Where models come from: the downloader (None when downloads are off) and, for the
-    wording of problems, the endpoint and the token."""
+    wording of problems, the endpoint, the token and whether a token file waits for a restart
+    (ximd.models.credentials.token_awaits_restart)."""
     downloader: Downloader | None
     endpoint: str
     token: HubToken | None
+    token_awaits_restart: bool = False
+
+    def explain(self, problem: HubProblem, hf_id: str) -> str:
+        return explain(problem, hf_id, self.token, self.endpoint, self.token_awaits_restart)
 
 
 class JournalReporter:
@@ -138,7 +143,7 @@ async def _fetch_complete(hf_id: str, cache: ModelCache, source: HubSource, repo
     try:
         manifest = select_for_serving(await downloader.manifest(hf_id))
     except HubProblem as problem:
-        raise ModelWait(problem.kind, explain(problem, hf_id, source.token, source.endpoint)) from None
+        raise ModelWait(problem.kind, source.explain(problem, hf_id)) from None
     make_room(cache, manifest)
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         await _download(cache, manifest, downloader, source, reporter)
@@ -153,10 +158,10 @@ async def _fetch_complete(hf_id: str, cache: ModelCache, source: HubSource, repo
     else:
         corrupt = HubProblem("corrupt", None, f"{len(bad)} file(s) failed the hub's checksums twice ({names}); "
                                               "check the mirror (HF_ENDPOINT) or the disk")
-        raise ModelWait("corrupt", explain(corrupt, hf_id, source.token, source.endpoint))
+        raise ModelWait("corrupt", source.explain(corrupt, hf_id))
     cache.mark_complete(manifest)
     log.info("model %s is complete: revision %s, %d files, %s, every file checked against the hub's checksums",
-             hf_id, manifest.revision, len(manifest.files), gb_text(manifest.total_bytes),
+             hf_id, manifest.revision, len(manifest.files), size_text(manifest.total_bytes),
              extra=phase_fields("model", XIM_MODEL=hf_id))
     return cache.snapshot_path(hf_id, manifest.revision)
 
@@ -178,11 +183,11 @@ async def _download(cache: ModelCache, manifest: Manifest, downloader: Downloade
     hf_id = manifest.repo
     present = cache.present_bytes(manifest)
     if present:
-        log.info("resuming the download of %s: %s of %s already here", hf_id, gb_text(present),
-                 gb_text(manifest.total_bytes), extra=phase_fields("model", XIM_MODEL=hf_id))
+        log.info("resuming the download of %s: %s already here", hf_id, amount_text(present, manifest.total_bytes),
+                 extra=phase_fields("model", XIM_MODEL=hf_id))
     else:
         log.info("downloading %s (revision %s, %d files, %s) from %s into %s", hf_id, manifest.revision,
-                 len(manifest.files), gb_text(manifest.total_bytes), source.endpoint, cache.root,
+                 len(manifest.files), size_text(manifest.total_bytes), source.endpoint, cache.root,
                  extra=phase_fields("model", XIM_MODEL=hf_id))
     cache.make_dir(cache.hub)
     watcher = asyncio.create_task(_watch(lambda: cache.present_bytes(manifest), hf_id, "downloading",
@@ -190,7 +195,7 @@ async def _download(cache: ModelCache, manifest: Manifest, downloader: Downloade
     try:
         await downloader.fetch(manifest, str(cache.hub))
     except HubProblem as problem:
-        raise ModelWait(problem.kind, explain(problem, hf_id, source.token, source.endpoint)) from None
+        raise ModelWait(problem.kind, source.explain(problem, hf_id)) from None
     finally:
         watcher.cancel()
     reporter.progress(Progress(hf_id, "downloading", cache.present_bytes(manifest), manifest.total_bytes, None))

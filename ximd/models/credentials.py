@@ -5,7 +5,11 @@ unit's credential ``hf-token`` (``LoadCredential=hf-token:/etc/xerotier/hf-token
 a root-only file systemd hands to the service alone; outside the unit, root
 reads that file itself), then ``HF_TOKEN`` in
 ximd's environment (how 0.1 took it). Read afresh for every download, so a
-token put in place is used at the next `systemctl reload ximd`. Only the
+token file of ximd's own (model_cache.hf_token_file) is used at the next
+`systemctl reload ximd`; but systemd (252 and later releases alike) hands a
+service its credentials only when it starts, so a token put in
+/etc/xerotier/hf-token reaches the running daemon with `systemctl restart ximd`
+(cheap while a model waits: no engine runs yet). Only the
 downloader's environment gets it: never argv, the engine, STATUS or a log
 line (a log names the token's source, never its value).
 """
@@ -50,6 +54,21 @@ def _read_token_file(path: Path, source: str) -> str:
     if stat.S_IMODE(st.st_mode) & 0o004:
         log.warning("the Hugging Face token file %s is readable by every user: chmod 0600 it", path)
     return raw.decode(errors="replace").strip()
+
+
+def token_awaits_restart(token_file: str, environ: Mapping[str, str]) -> bool:
+    """Whether a token file was put in place that this process cannot have until it restarts:
+    ximd runs under the unit (a credentials directory), its ``hf-token`` credential is the blank
+    fallback, and /etc/xerotier/hf-token exists now. Only its existence is looked at (it is
+    root's, 0600): systemd copies it into the credential at the next start, not at a reload."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if token_file or not directory:
+        return False
+    try:
+        blank = not (Path(directory) / CREDENTIAL_NAME).read_bytes()[:MAX_TOKEN_BYTES].strip()
+    except OSError:
+        blank = True
+    return blank and os.path.lexists(DEFAULT_TOKEN_PATH)
 
 
 def read_hf_token(token_file: str, environ: Mapping[str, str]) -> HubToken | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ximd.hubenv import DOWNLOAD_ENV_NAMES, passed_through
 from ximd.models.choice import ModelError
-from ximd.models.credentials import TOKEN_ENV_NAMES, HubToken
+from ximd.models.credentials import DEFAULT_TOKEN_PATH, TOKEN_ENV_NAMES, HubToken
 from ximd.models.manifest import Manifest, ManifestError
 
 log = logging.getLogger("ximd.models")
@@ -186,12 +186,21 @@ def download_env(environ: Mapping[str, str], hf_home: str, token: HubToken | Non
     return env
 
 
-def explain(problem: HubProblem, hf_id: str, token: HubToken | None, endpoint: str) -> str:
-    """What the operator reads in STATUS and the journal: what happened, what to do."""
+def explain(problem: HubProblem, hf_id: str, token: HubToken | None, endpoint: str,
+            token_awaits_restart: bool = False) -> str:
+    """What the operator reads in STATUS and the journal: what happened, what to do.
+
+    A token goes into /etc/xerotier/hf-token, which systemd hands to ximd as a credential
+    only when the service starts: `systemctl restart ximd` (a reload cannot bring it), and
+    ``token_awaits_restart`` says that file is there already."""
     page = f"{endpoint}/{hf_id}"
+    refused = problem.kind == "gated" or (problem.kind == "http" and problem.status == 401)
+    if refused and token is None and token_awaits_restart:
+        return (f"model {hf_id} is gated and {DEFAULT_TOKEN_PATH} came after ximd started: systemd hands it "
+                "over only at start, so `systemctl restart ximd`")
     if problem.kind == "gated" and token is None:
         return (f"model {hf_id} is gated: accept its licence at {page}, put a token of that account in "
-                "/etc/xerotier/hf-token (or model_cache.hf_token_file), then `systemctl reload ximd`")
+                f"{DEFAULT_TOKEN_PATH} (or model_cache.hf_token_file), then `systemctl restart ximd`")
     if problem.kind == "gated":
         return (f"model {hf_id} is gated and the token from {token.source if token else '-'} has no access: "
                 f"accept its licence at {page} with that token's account, then `systemctl reload ximd`")
@@ -201,7 +210,7 @@ def explain(problem: HubProblem, hf_id: str, token: HubToken | None, endpoint: s
         return (f"model {hf_id} was not found at {endpoint}: check the name, or it is private and {access}")
     if problem.kind == "http" and problem.status == 401:
         return (f"the hub at {endpoint} refused the token from {token.source if token else 'nowhere'} "
-                "(HTTP 401): put a valid token in /etc/xerotier/hf-token, then `systemctl reload ximd`")
+                f"(HTTP 401): put a valid token in {DEFAULT_TOKEN_PATH}, then `systemctl restart ximd`")
     if problem.kind == "http":
         return (f"the hub at {endpoint} answered HTTP {problem.status} for {hf_id} ({problem.detail}); "
                 "retrying (check HF_ENDPOINT if it is a mirror)")
