@@ -220,8 +220,9 @@ def test_journal_lines_come_every_tenth_or_every_30_seconds():
 def test_rate_is_averaged_over_recent_samples():
     meter = RateMeter(window_s=10)
     assert meter.add(0, 0) is None
-    assert meter.add(2, 2 * MB) == pytest.approx(MB)
-    for t in range(3, 30):
+    assert meter.add(2, 2 * MB) is None            # too soon to tell
+    assert meter.add(6, 6 * MB) == pytest.approx(MB)
+    for t in range(7, 30):
         rate = meter.add(t, 2 * MB + (t - 2) * 5 * MB)
     assert rate == pytest.approx(5 * MB)
 

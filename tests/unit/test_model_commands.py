@@ -46,8 +46,8 @@ def test_list_shows_size_state_and_use(cfg_args, capsys):
     assert cli.main(["model", "list", *cfg_args]) == EX_OK
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["MODEL", "SIZE", "STATE", "IN", "USE", "LAST", "USED"]
-    assert out[1].split()[:5] == ["org/done", "0.0", "GB", "complete", "no"]
-    assert out[2].split()[:5] == ["org/half", "0.0", "GB", "partial", "no"]
+    assert out[1].split()[:5] == ["org/done", "0.0", "MB", "complete", "no"]
+    assert out[2].split()[:5] == ["org/half", "0.0", "MB", "partial", "no"]
     assert out[3].startswith("2 model(s)")
     assert cli.main(["model", "list", "--format", "json", *cfg_args]) == EX_OK
     rows = json.loads(capsys.readouterr().out)

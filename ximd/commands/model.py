@@ -26,7 +26,7 @@ from ximd.models.cache import CacheEntry
 from ximd.models.importing import build_manifest, find_source, install
 from ximd.models.progress import LogPacer, Progress, log_line, progress_line
 from ximd.privileges import become, owner_to_become
-from ximd.units import gb_text
+from ximd.units import gb_text, size_text
 
 
 def _fail(text: str, status: int = EX_REFUSED) -> int:
@@ -144,10 +144,10 @@ def render_list(rows: list[dict[str, Any]], cache: ModelCache) -> str:
     lines = [f"{'MODEL':<{width}}  {'SIZE':>9}  {'STATE':<10}  {'IN USE':<6}  LAST USED"]
     for r in rows:
         state = "complete" if r["complete"] else "partial"
-        lines.append(f"{r['model']:<{width}}  {gb_text(r['size_bytes']):>9}  {state:<10}  "
+        lines.append(f"{r['model']:<{width}}  {size_text(r['size_bytes']):>9}  {state:<10}  "
                      f"{'yes' if r['in_use'] else 'no':<6}  {r['last_used']}")
     total = sum(r["size_bytes"] for r in rows)
-    lines.append(f"{len(rows)} model(s), {gb_text(total)} of the {gb_text(cache.max_bytes)} cap, in {cache.root}")
+    lines.append(f"{len(rows)} model(s), {size_text(total)} of the {gb_text(cache.max_bytes)} cap, in {cache.root}")
     return "\n".join(lines)
 
 
@@ -173,7 +173,7 @@ def remove(cfg: Config, model: str) -> int:
     except ModelBusy:
         return _fail(f"{model} is in use (the running ximd serves it, or a download holds it); "
                      "serve another model first")
-    print(f"removed {model} ({gb_text(entry.size_bytes)})")
+    print(f"removed {model} ({size_text(entry.size_bytes)})")
     return EX_OK
 
 
@@ -206,5 +206,5 @@ def import_model(cfg: Config, what: str, as_id: str | None) -> int:
         reporter.close()
         return _fail(str(exc))
     print(f"{source.hf_id} is complete in {snapshot} (revision {manifest.revision}, {len(manifest.files)} files, "
-          f"{gb_text(manifest.total_bytes)}, checked)")
+          f"{size_text(manifest.total_bytes)}, checked)")
     return EX_OK

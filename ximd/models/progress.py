@@ -13,6 +13,9 @@ from ximd.units import GB
 
 MB = 1000 ** 2
 RATE_WINDOW_S = 20.0          # the rate is an average over this much recent time
+# No rate (nor time left) until this much time has been measured: the partial file grows
+# in 1 MiB steps, so a rate from the first seconds of a slow link is wildly off.
+RATE_MIN_SPAN_S = 5.0
 LOG_EVERY_FRACTION = 0.10     # a journal line at every 10 % ...
 LOG_EVERY_S = 30.0            # ... or every 30 s, whichever comes first
 
@@ -89,7 +92,7 @@ class RateMeter:
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
         first_t, first_done = self._samples[0]
-        if now - first_t < 1.0:
+        if now - first_t < RATE_MIN_SPAN_S:
             return None
         return max(0.0, (done - first_done) / (now - first_t))
 
