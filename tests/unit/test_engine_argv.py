@@ -320,3 +320,12 @@ def test_launch_is_immutable():
     launch = EngineLaunch(("a",), {}, Path("/run/x.sock"), "m", "id")
     with pytest.raises(dataclasses.FrozenInstanceError):
         launch.argv = ("b",)
+
+
+def test_vllms_leftover_dist_files_go_before_a_start_and_the_rest_of_tmp_stays(tmp_path):
+    from ximd.engine.supervisor import remove_stale_temporaries
+    (tmp_path / "vllm_dist_1234").write_text("x")
+    (tmp_path / "torchinductor_root").mkdir()
+    remove_stale_temporaries(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torchinductor_root"]
+    remove_stale_temporaries(None)

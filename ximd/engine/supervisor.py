@@ -122,6 +122,19 @@ def sandbox_prefix(policy: sandbox.Policy | None) -> tuple[str, ...]:
     return sandbox.launcher_argv(policy)
 
 
+def remove_stale_temporaries(tmpdir: str | None) -> None:
+    """vLLM leaves a small ``vllm_dist_*`` file in TMPDIR at every start and never removes it;
+    with no engine of ours running (the orphan check just made sure) none is in use. The
+    rest of TMPDIR (torch's precompiled headers) is worth keeping across restarts."""
+    if not tmpdir:
+        return
+    for stale in Path(tmpdir).glob("vllm_dist_*"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
 def exit_description(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -296,6 +309,7 @@ class EngineSupervisor:
             return None
         if removed:
             log.warning("Removed %d process(es) of an earlier engine of ours before starting", len(removed))
+        remove_stale_temporaries(self.launch.env.get("TMPDIR"))
         program = self.launch.argv[0]
         if resolve(program, self.launch.env.get("PATH")) is None:
             # Checked here because setpriv would start and only then fail to exec it.
