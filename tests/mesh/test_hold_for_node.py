@@ -13,6 +13,8 @@ asserted loosely: at least the bound, well under a generous ceiling.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import http.client
 import json
 import time
@@ -23,6 +25,9 @@ import pytest
 from tests.security.rawnode import MODEL, RawNode, chat_body, get, in_thread, post_json, serve_whole_answer, start_request
 from tests.support.router import RouterProcess, wait_for
 from xim_proto import codec
+from xim_router import cli, keys, openai_api
+from xim_router import store as store_mod
+from xim_router.mesh import Router, Session
 
 ANSWER = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]}
 RECONNECT_S = 1.5            # how long the node is away in the reconnect tests
@@ -233,3 +238,46 @@ def test_a_router_that_stops_answers_held_requests_at_once(tmp_path):
         assert status == 503 and body["error"]["code"] == "draining" and "Retry-After" in headers, body
     finally:
         router.stop()
+
+
+# ---------------------------------------------------------------- the parts, in process
+
+
+def test_hold_for_node_takes_a_duration_or_0():
+    assert [cli._duration_or_zero(t) for t in ("0", "0s", "0.0", "2.5s", "1m")] == [0, 0, 0, 2.5, 60]
+    for bad in ("-1s", "soon", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli._duration_or_zero(bad)
+    with pytest.raises(ValueError, match="0 or more"):
+        openai_api.api_settings(hold_s=-1)
+
+
+def _lease(seq: int, state: str) -> codec.Lease:
+    return codec.Lease(seq=seq, running=0, waiting=0, kv_cache_usage=0.0, engine_state="ready",
+                       models=[codec.Model(name=MODEL, state=state)], in_flight=[], max_concurrent=4,
+                       draining=False)
+
+
+def test_availability_is_signalled_when_a_model_becomes_ready_not_on_every_lease(tmp_path):
+    store = store_mod.Store(tmp_path / "state")
+    router = Router(store, keys.load_or_create_keypair(tmp_path / "state"), mesh_bind="tcp://127.0.0.1:0")
+    hello = codec.Hello(token="t", versions=[1], agent_version="test", hostname="h", capabilities=[],
+                        hardware={}, models=[codec.Model(name=MODEL, state="loading")], max_concurrent=4)
+    session = Session(agent_id="a", worker_id="w", routing_id=b"r", connection_fd=None, session_id="s",
+                      version=1, hello=hello, connected_at=0.0, last_seen=0.0)
+    router._bind(session)
+
+    async def scenario() -> list[bool]:
+        seen = []
+        for seq, state in enumerate(("loading", "ready", "ready", "loading", "ready"), 1):
+            event = router.availability()
+            router._on_session_message(session, _lease(seq, state))
+            seen.append(event.is_set())
+        await asyncio.gather(*router._background, return_exceptions=True)
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == [False, True, False, False, True]
+    finally:
+        router.store_worker.close()
+        store.close()
