@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,13 @@ def _duration(text: str) -> float:
         return keys.parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration_or_zero(text: str) -> float:
+    """A duration, or 0 (which parse_duration refuses: a zero TTL is a mistake, a zero wait is not)."""
+    if re.fullmatch(r"\s*0+(\.0*)?\s*[smhd]?\s*", text):
+        return 0.0
+    return _duration(text)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -107,6 +115,14 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
                        help="accept the API keys in PATH, one per line ('#' comments)")
     group.add_argument("--request-timeout", type=float, default=dataplane.Settings.request_timeout_s,
                        metavar="SECONDS", help="deadline of one request (default %(default)g)")
+    group.add_argument("--hold-for-node", type=_duration_or_zero, default=dataplane.Settings.hold_s,
+                       metavar="DURATION",
+                       help="how long a request for a model whose nodes are away for now (re-executing "
+                            "for an upgrade, reconnecting, draining, loading) waits for one before its "
+                            "retryable 503 (default %(default)gs; 0 = answer at once)")
+    group.add_argument("--hold-max-requests", type=_positive_int, default=dataplane.Settings.hold_max,
+                       metavar="N", help="requests that may wait for a node at once; more get the 503 "
+                                         "at once (default %(default)d)")
 
 
 
@@ -380,7 +396,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def api_settings_from(args: argparse.Namespace) -> openai_api.ApiSettings:
     """The OpenAI API's settings from the serving flags; ValueError with a message for the operator."""
-    return openai_api.api_settings(args.api_key, args.api_key_file, args.request_timeout)
+    return openai_api.api_settings(args.api_key, args.api_key_file, args.request_timeout,
+                                   args.hold_for_node, args.hold_max_requests)
 
 
 def router_settings_from(args: argparse.Namespace) -> RouterSettings:

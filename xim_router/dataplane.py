@@ -15,6 +15,17 @@ what it yields into OpenAI responses.
 - **Retrying.** A retryable refusal that comes before anything reached the
   client (at_capacity, draining, engine_unavailable, a dead link) moves the
   request to the next agent, up to `Settings.max_attempts`.
+- **Holding.** A node that re-executes in place for an upgrade drains, drops
+  its link and says hello again a few seconds later. A request for a model
+  the router knows but no session can take now (its nodes are draining,
+  loading or away), or that every agent tried refused with one of
+  `HOLD_FOR`, waits for one (`Router.availability`, no polling) up to
+  `Settings.hold_s` from its arrival, then is sent — or fails with the
+  retryable 503 it would have got at once, saying how long it waited. At
+  most `Settings.hold_max` requests wait at once (each holds its body and a
+  client connection); beyond that the 503 comes at once. An unknown model
+  (404) and full agents (429: backpressure) are answered at once; a client
+  that goes away stops waiting (`Presence`).
 - **Credits.** The infer grants `initial_credit` chunk frames; every
   `credit_batch` frames the HTTP side has written out, one ``credit``
   message grants that many again. A client that stops reading stops the
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -37,6 +49,9 @@ log = logging.getLogger("xim_router.dataplane")
 
 # Refusals worth trying on another agent, if nothing was sent to the client yet.
 RETRY_ELSEWHERE = frozenset({"at_capacity", "draining", "engine_unavailable", "agent_unavailable"})
+# Those worth waiting out for a while when no agent is left to try: a node switching
+# over (draining, reconnecting, loading). at_capacity is backpressure: answered at once.
+HOLD_FOR = RETRY_ELSEWHERE - {"at_capacity"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ class Settings:
     credit_batch: int = 8                # frames written to the client per credit message
     max_attempts: int = 3                # agents tried for one request
     grace_s: float = 5.0                 # how much longer than the deadline the router waits
+    hold_s: float = 10.0                 # how long a request may wait for a node (0: not at all)
+    hold_max: int = 256                  # requests that may wait for a node at once
 
 
 class RequestFailed(Exception):
@@ -192,11 +209,14 @@ class ClientGone(Exception):
 
 
 class Presence:
-    """Whether the client is still there, for whichever exchange serves it now."""
+    """Whether the client is still there, for whichever exchange serves it now,
+    or for the wait before one (a request held for a node)."""
 
     def __init__(self) -> None:
         self.gone = False
         self.exchange: Exchange | None = None
+        self.ended: RequestFailed | None = None     # the router ends the request (stopping)
+        self._wake = asyncio.Event()
 
     def attach(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -206,8 +226,46 @@ class Presence:
     def mark_gone(self) -> None:
         if not self.gone:
             self.gone = True
+            self._wake.set()
             if self.exchange is not None:
                 self.exchange.client_gone()
+
+    def end(self, failure: RequestFailed) -> None:
+        """The router gives up on this request (it is stopping): a wait for a node ends
+        with ``failure``; an exchange already under way is the caller's to end."""
+        self.ended = failure
+        self._wake.set()
+
+    async def interrupted(self) -> None:
+        """Returns once the client is gone or the router ended the request."""
+        await self._wake.wait()
+
+
+class Holds:
+    """The requests waiting for a node (Settings.hold_s), shared by one router's handlers:
+    how many wait now, bounded by Settings.hold_max, and what the waits came to."""
+
+    def __init__(self) -> None:
+        self.waiting = 0            # now
+        self.held = 0               # requests that waited, since the start
+        self.waited_s = 0.0         # their waits together
+        self.outcomes: dict[str, int] = {}   # sent, gave_up, client_gone, stopped, full
+
+    def enter(self, limit: int) -> bool:
+        if self.waiting >= limit:
+            self._count("full")
+            return False
+        self.waiting += 1
+        self.held += 1
+        return True
+
+    def leave(self, waited_s: float, outcome: str) -> None:
+        self.waiting -= 1
+        self.waited_s += waited_s
+        self._count(outcome)
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 # Markers the queue carries besides the agent's messages.
@@ -220,45 +278,127 @@ def new_request_id() -> str:
 
 
 async def start(router: Router, settings: Settings, *, model: str, endpoint: str, body: bytes,
-                stream: bool, presence: Presence | None = None) -> tuple[Exchange, codec.Message]:
+                stream: bool, presence: Presence | None = None,
+                holds: Holds | None = None) -> tuple[Exchange, codec.Message]:
     """Send the request to the best agent and wait for its first answer.
 
     Returns the exchange and the first chunk (or the done of a short answer).
     Raises RequestFailed if no agent takes it; retryable refusals before the
-    first answer move on to the next agent. ``presence`` lets the HTTP side
-    cancel while this still waits for the first answer.
+    first answer move on to the next agent. When none is left to try and the
+    model is only away for now, it waits for a node up to ``settings.hold_s``
+    (`_Hold`). ``presence`` lets the HTTP side cancel while this still waits
+    for a node or the first answer (ClientGone).
     """
     presence = presence or Presence()
+    hold = _Hold(router, settings, holds or Holds(), presence, model)
     request_id = new_request_id()
-    tried: list[str] = []
+    tried: set[str] = set()            # sessions tried since the last wait
     last: RequestFailed | None = None
-    for attempt in range(settings.max_attempts):
-        try:
-            agents = [s for s in choose(router, model) if s.worker_id not in tried]
-        except RequestFailed as exc:
-            raise (last if last is not None and exc.code == "at_capacity" else exc) from None
-        if not agents:
-            break
-        worker_id = agents[0].worker_id
-        tried.append(worker_id)
-        rid = request_id if attempt == 0 else f"{request_id}-{attempt}"
-        exchange = Exchange(router, settings, rid, worker_id)
-        presence.attach(exchange)
-        try:
-            await router.send(worker_id, codec.Infer(
-                id=rid, model=model, endpoint=endpoint, body=body, stream=stream,
-                deadline_s=settings.request_timeout_s, credit=settings.initial_credit))
-            return exchange, await exchange.next()
-        except AgentUnavailable as exc:
-            exchange.close()
-            last = RequestFailed("agent_unavailable", f"agent {worker_id}: {exc}", 503)
-        except RequestFailed as exc:
-            exchange.close()
-            if exc.code not in RETRY_ELSEWHERE:
+    backpressure = False               # an agent said at_capacity: not worth waiting for
+    attempt = 0
+    try:
+        while attempt < settings.max_attempts:
+            try:
+                agents = [s for s in choose(router, model) if s.session_id not in tried]
+            except RequestFailed as exc:
+                if exc.code == "at_capacity":
+                    raise (last if last is not None else exc) from None
+                if exc.code not in HOLD_FOR:
+                    raise                                   # an unknown model: 404 at once
+                await hold.wait(exc)                        # away for now: wait for a node
+                tried.clear()
+                continue
+            if not agents:
+                if last is None or backpressure or last.code not in HOLD_FOR:
+                    break
+                await hold.wait(last)       # every agent refused for now: wait for a change
+                tried.clear()
+                continue
+            session = agents[0]
+            worker_id = session.worker_id
+            tried.add(session.session_id)
+            rid = request_id if attempt == 0 else f"{request_id}-{attempt}"
+            attempt += 1
+            exchange = Exchange(router, settings, rid, worker_id)
+            presence.attach(exchange)
+            try:
+                await router.send(worker_id, codec.Infer(
+                    id=rid, model=model, endpoint=endpoint, body=body, stream=stream,
+                    deadline_s=settings.request_timeout_s, credit=settings.initial_credit))
+                return exchange, await exchange.next()
+            except AgentUnavailable as exc:
+                exchange.close()
+                last = RequestFailed("agent_unavailable", f"agent {worker_id}: {exc}", 503)
+            except RequestFailed as exc:
+                exchange.close()
+                if exc.code not in RETRY_ELSEWHERE:
+                    raise
+                last = exc
+                backpressure = backpressure or exc.code == "at_capacity"
+            except BaseException:
+                exchange.cancel("router gave up")
                 raise
-            last = exc
-        except BaseException:
-            exchange.cancel("router gave up")
-            raise
-        log.info("request %s: agent %s refused (%s); trying another", rid, worker_id, last.code)
-    raise last or RequestFailed("at_capacity", f"no agent could take a '{model}' request", 429)
+            log.info("request %s: agent %s refused (%s); trying another", rid, worker_id, last.code)
+        raise last or RequestFailed("at_capacity", f"no agent could take a '{model}' request", 429)
+    finally:
+        hold.done()
+
+
+class _Hold:
+    """One request's wait for a node: its budget from arrival, its place among the `Holds`."""
+
+    def __init__(self, router: Router, settings: Settings, holds: Holds, presence: Presence, model: str):
+        self.router, self.settings, self.holds, self.presence = router, settings, holds, presence
+        self.model = model
+        self.arrived = time.monotonic()
+        self.deadline = self.arrived + settings.hold_s
+        self.since: float | None = None        # when it began to wait (it holds a place)
+        self.outcome = "sent"
+
+    async def wait(self, failure: RequestFailed) -> None:
+        """Wait until some session may take more than before, the client goes, or the
+        budget ends; the last two raise (ClientGone, or ``failure`` saying it waited)."""
+        if self.settings.hold_s <= 0:
+            raise failure                        # holding is off: the answer comes at once
+        event = self.router.availability()     # taken before the wait: no change is missed
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self._gave_up(failure)
+        if self.since is None:
+            if not self.holds.enter(self.settings.hold_max):
+                raise RequestFailed(failure.code, f"{failure.message} ({self.settings.hold_max} "
+                                                  "requests already wait for a node)",
+                                    failure.http_status, failure.retryable)
+            self.since = time.monotonic()
+            log.debug("a request for '%s' waits up to %.1f s for a node (%s)", self.model, left,
+                      failure.code)
+        changed = asyncio.ensure_future(event.wait())
+        interrupted = asyncio.ensure_future(self.presence.interrupted())
+        try:
+            await asyncio.wait((changed, interrupted), timeout=left,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            interrupted.cancel()
+        if self.presence.gone:
+            self.outcome = "client_gone"
+            raise ClientGone()
+        if self.presence.ended is not None:
+            self.outcome = "stopped"
+            raise self.presence.ended
+        if not event.is_set():
+            raise self._gave_up(failure)
+
+    def _gave_up(self, failure: RequestFailed) -> RequestFailed:
+        self.outcome = "gave_up"
+        waited = time.monotonic() - self.arrived
+        return RequestFailed(failure.code, f"{failure.message} (waited {waited:.1f} s for a node "
+                                           "to take it)",
+                             failure.http_status, failure.retryable)
+
+    def done(self) -> None:
+        if self.since is not None:
+            waited = time.monotonic() - self.since
+            self.holds.leave(waited, self.outcome)
+            log.debug("a request for '%s' waited %.2f s for a node: %s", self.model, waited, self.outcome)
+            self.since = None

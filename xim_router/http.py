@@ -25,7 +25,12 @@ MAX_BODY_BYTES = 1 << 20
 
 async def healthz(request: web.Request) -> web.Response:
     router: Router = request.app[ROUTER_KEY]
-    return web.json_response({"status": "ok", "agents_connected": len(router.sessions)})
+    body: dict = {"status": "ok", "agents_connected": len(router.sessions)}
+    holds = request.app.get(openai_api.HOLDS_KEY)        # on the listener that serves the API
+    if holds is not None:
+        body.update(requests_held=holds.waiting, requests_held_total=holds.held,
+                    requests_held_seconds_total=round(holds.waited_s, 3))
+    return web.json_response(body)
 
 
 def build_app(router: Router, modules: tuple = ROUTE_MODULES) -> web.Application:

@@ -113,6 +113,11 @@ class Session:
     def serves(self, model: str) -> bool:
         return any(m.name == model and m.state == "ready" for m in self.models())
 
+    def ready_models(self) -> frozenset[str]:
+        """The models this session may be given requests for now (draining: none)."""
+        return frozenset() if self.draining else \
+            frozenset(m.name for m in self.models() if m.state == "ready")
+
 
 @dataclass
 class PendingRequest:
@@ -173,6 +178,9 @@ class Router:
         self._latest_lease: dict[str, tuple[codec.Lease, float]] = {}   # agent id -> not yet stored
         self._hellos_checking: set[str] = set()      # agent ids whose hello waits on the store
         self._allowances: dict[str, _Allowance] = {}  # agent id -> its unsolicited-frame budget
+        # Set, then replaced, whenever a session may take a model it could not before
+        # (a hello, a lease, a policy): requests held for a node wait on it (`availability`).
+        self._available = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -253,6 +261,17 @@ class Router:
     def candidates(self, model: str) -> list[Session]:
         """Active, non-draining sessions whose last report says ``model`` is ready."""
         return [s for s in self.sessions.values() if not s.draining and s.serves(model)]
+
+    def availability(self) -> asyncio.Event:
+        """An event set the next time some session becomes able to serve a model it could
+        not serve before: a node's hello (a reconnect, the end of a drain), a lease that
+        makes a model ready, a policy that allows one. Take it before looking at the
+        candidates, then wait on it; look again once it is set."""
+        return self._available
+
+    def _more_available(self) -> None:
+        self._available.set()
+        self._available = asyncio.Event()
 
     def in_flight(self, worker_id: str) -> int:
         return sum(1 for r in self._requests.values() if r.worker_id == worker_id)
@@ -513,6 +532,8 @@ class Router:
                           last_seen=time.monotonic(), policy=agent.policy)
         self._bind(session)
         self.absent_models.pop(agent_id, None)
+        if session.ready_models():
+            self._more_available()
         self._record_later(f"agent {worker_id} as active", self.store.set_state, agent_id, store_mod.ACTIVE)
         s = self.settings
         self._reply(routing_id, codec.Welcome(
@@ -545,7 +566,10 @@ class Router:
     def _on_session_message(self, session: Session, msg: codec.Message) -> None:
         if isinstance(msg, codec.Lease):
             self.stats.leases += 1
+            before = session.ready_models()
             session.lease, session.lease_at = msg, time.time()
+            if not session.ready_models() <= before:
+                self._more_available()
             self._record_lease(session.agent_id, msg, session.lease_at)
             self._ignore_refused(session)
             mine = {rid for rid, r in self._requests.items() if r.worker_id == session.worker_id}
@@ -602,7 +626,10 @@ class Router:
         for agent in agents:
             session = self.sessions.get(agent.worker_id)
             if session is not None and session.agent_id == agent.agent_id and session.policy != agent.policy:
+                before = session.ready_models()
                 session.policy = agent.policy
+                if not session.ready_models() <= before:
+                    self._more_available()
                 log.info("agent %s now %s", session.worker_id, agent.policy.describe())
                 self._ignore_refused(session)
 

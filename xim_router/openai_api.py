@@ -17,6 +17,9 @@ What an OpenAI client sees, built on `xim_router.dataplane`:
   official client raises.
 - A client that disconnects cancels the request on its agent, which frees
   the engine slot.
+- A request for a model whose nodes are only away for now (re-executing,
+  reconnecting, draining, loading) waits for one up to ``--hold-for-node``
+  before its 503 (xim_router.dataplane, "Holding").
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ log = logging.getLogger("xim_router.openai")
 
 SETTINGS_KEY = "xim_router.openai"
 LIVE_KEY = "xim_router.openai.live"          # the Presence of every request being served
+HOLDS_KEY = "xim_router.openai.holds"        # the requests waiting for a node (dataplane.Holds)
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
 DISCONNECT_POLL_S = 0.25
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -70,14 +74,21 @@ def read_key_file(path: str) -> list[str]:
 
 
 def api_settings(api_keys: Iterable[str] = (), api_key_file: str | None = None,
-                 request_timeout_s: float = dataplane.Settings.request_timeout_s) -> ApiSettings:
+                 request_timeout_s: float = dataplane.Settings.request_timeout_s,
+                 hold_s: float = dataplane.Settings.hold_s,
+                 hold_max: int = dataplane.Settings.hold_max) -> ApiSettings:
     """ApiSettings from the operator's values; ValueError with a message for the operator."""
     keys = [k.strip() for k in api_keys if k.strip()]
     if api_key_file:
         keys += read_key_file(api_key_file)
     if not request_timeout_s > 0:
         raise ValueError("--request-timeout must be > 0")
-    return ApiSettings(api_keys=frozenset(keys), dataplane=dataplane.Settings(request_timeout_s=request_timeout_s))
+    if not hold_s >= 0:
+        raise ValueError("--hold-for-node must be 0 or more")
+    if hold_max < 1:
+        raise ValueError("--hold-max-requests must be at least 1")
+    return ApiSettings(api_keys=frozenset(keys), dataplane=dataplane.Settings(
+        request_timeout_s=request_timeout_s, hold_s=hold_s, hold_max=hold_max))
 
 
 def configure(app: web.Application, settings: ApiSettings) -> None:
@@ -90,6 +101,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app[LIVE_KEY] = set()
+    app[HOLDS_KEY] = dataplane.Holds()
     app.on_shutdown.append(end_live_requests)
 
 
@@ -100,6 +112,7 @@ async def end_live_requests(app: web.Application) -> None:
     stream would otherwise hold `xim-router` up for as long as it runs.
     """
     for presence in list(app[LIVE_KEY]):
+        presence.end(RequestFailed("draining", "the router is stopping; retry shortly", 503))
         exchange = presence.exchange
         if exchange is not None and not exchange.finished:
             exchange.queue.put_nowait(codec.error_for(
@@ -235,7 +248,8 @@ async def serve_call(request: web.Request, settings: ApiSettings, call: Call,
     try:
         exchange, first = await dataplane.start(
             request.app[ROUTER_KEY], settings.dataplane, model=call.model,
-            endpoint=ENDPOINTS[request.path], body=call.body, stream=call.stream, presence=presence)
+            endpoint=ENDPOINTS[request.path], body=call.body, stream=call.stream, presence=presence,
+            holds=request.app[HOLDS_KEY])
     except RequestFailed as exc:
         watcher.cancel()
         return error_response(exc, param="model" if exc.code == "model_not_found" else None)

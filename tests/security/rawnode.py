@@ -11,6 +11,7 @@ blocking and belong to one thread; HTTP calls to the router run in others
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -49,18 +50,28 @@ class RawNode:
         self.worker_id: str = body["worker_id"]
         self.token: str = body["token"]
         self.seq = 0
+        self._router, self._keys = router, (public, secret)
+        self._connect(self.worker_id.encode())
+
+    def _connect(self, routing_id: bytes) -> None:
+        public, secret = self._keys
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         transport.apply_common_options(self.sock)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
-        self.sock.setsockopt(zmq.CURVE_SERVERKEY, router.public_key.encode())
+        self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        self.sock.setsockopt(zmq.CURVE_SERVERKEY, self._router.public_key.encode())
         self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public.encode())
         self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret.encode())
-        self.sock.connect(router.mesh_endpoint)
+        self.sock.connect(self._router.mesh_endpoint)
 
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+    def reconnect(self) -> None:
+        """The same node on a new connection (as after a re-exec): a fresh random routing id;
+        call it after close(); the caller says hello again."""
+        self._connect(os.urandom(16))
 
     # ------------------------------------------------------------ sending
 
