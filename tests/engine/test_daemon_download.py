@@ -58,21 +58,26 @@ def downloaders() -> list[psutil.Process]:
             and REPO in p.info["cmdline"]]
 
 
-def test_gated_waits_ready_then_a_reload_with_a_token_downloads_and_a_stop_ends_it(tmp_path, router, hub,
+def test_gated_waits_ready_then_a_reload_with_a_token_file_downloads_and_a_stop_ends_it(tmp_path, router, hub,
                                                                                    engine_py):
     daemon, credentials = start_daemon(tmp_path, router, hub, engine_py)
     try:
         ready = daemon.notify.wait_for("READY", "1", timeout=60)
         gated = (f"model {REPO} is gated: accept its licence at {hub.url}/{REPO}, put a token of that account "
-                 "in /etc/xerotier/hf-token (or model_cache.hf_token_file), then `systemctl reload ximd` "
+                 "in /etc/xerotier/hf-token (or model_cache.hf_token_file), then `systemctl restart ximd` "
                  "(next try in 30 s)")
         assert ready["STATUS"] == gated
         status = json.loads(daemon.cli("status", "--format", "json").stdout)
         assert status["phase"] == "model-waiting" and status["status"] == gated
         assert daemon.log().count(f"model {REPO} is gated") == 1
 
-        # The token arrives (what `systemctl reload` after writing /etc/xerotier/hf-token does).
-        (credentials / "hf-token").write_text(TOKEN + "\n")
+        # The token arrives in a file named by the configuration: a reload reads it at once
+        # (a token in /etc/xerotier/hf-token reaches the unit only at a restart).
+        token_file = tmp_path / "hf-token"
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+        daemon.config_path.write_text(daemon.config_path.read_text().replace(
+            "[engine]\n", f'[model_cache]\nhf_token_file = "{token_file}"\n[engine]\n'))
         hub.rate = 400_000                         # about 16 s: slow enough to stop it half-way
         hub.mode = "throttled"
         hub.token = TOKEN
