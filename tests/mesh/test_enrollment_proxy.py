@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import trustme
 
 from tests.mesh.helpers import load_config, write_agent_config
 from tests.support.proxy import Proxy
-from tests.support.router import RouterProcess
 from ximd import enrollment
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
@@ -25,21 +23,6 @@ def clean_proxy_env(monkeypatch):
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-@pytest.fixture
-def tls_router(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    ca.cert_pem.write_to_path(str(ca_path))
-    proc = RouterProcess(tmp_path, tls=(cert_path, key_path))
-    try:
-        yield proc.start(), ca_path
-    finally:
-        proc.stop()
 
 
 def enroll_over_https(router, ca_path, tmp_path):
