@@ -13,7 +13,9 @@
 # the build runs in a scratch copy of the source tree with debian/ in place and a
 # changelog generated from the version: pyproject.toml stays the one place to bump.
 # Needs: dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
-#        python3-setuptools lintian git
+#        python3-setuptools lintian git, and for the unit tests the build runs:
+#        python3-pytest python3-aiohttp python3-msgpack python3-psutil python3-redis
+#        python3-yaml python3-zmq (or DEB_BUILD_OPTIONS=nocheck)
 set -eu
 
 die() { echo "build-deb: $*" >&2; exit 1; }

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from xim_proto import __version__
 from xim_proto.addresses import parse_host_port
+from xim_proto.cliout import FORMATS, format_name, local_text, quiet_on_closed_stdout, rfc3339
 from xim_proto.joinkey import fingerprint
 from xim_proto.modelid import is_model_id
 from xim_router import dataplane, exposure, keys, openai_api, server
@@ -28,6 +30,9 @@ from xim_router.server import Bound, ServeOptions, StartupError
 
 DEFAULT_STATE_DIR = "/var/lib/xim-router"
 EXIT_USAGE = 2          # what argparse returns for a bad command line: an unsafe one is refused alike
+EXIT_PIPE = 141         # stdout's reader went away (`| head`): what a shell reports for coreutils killed by SIGPIPE
+# The moments a row holds as seconds since the epoch: JSON shows them in RFC 3339 UTC.
+TIME_FIELDS = ("created_at", "expires_at", "enrolled_at", "state_since", "last_seen_at")
 
 log = logging.getLogger("xim_router")
 
@@ -126,11 +131,24 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 
+def add_format(parser: argparse.ArgumentParser) -> None:
+    """`--format text|json`, spelled as ximd spells it ('table' is still accepted for text)."""
+    parser.add_argument("--format", type=format_name, choices=FORMATS, default="text",
+                        help="text (a table, the default) or json (timestamps in RFC 3339 UTC)")
+
+
+def json_rows(rows: list[dict]) -> str:
+    """Rows as `--format json` prints them: every moment in RFC 3339 UTC."""
+    return json.dumps([{k: rfc3339(v) if k in TIME_FIELDS else v for k, v in row.items()} for row in rows],
+                      indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xim-router",
         description="The open router that ximd nodes join: enrollment, the CurveZMQ mesh, "
                     "and (with serving) an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"xim-router {__version__}")
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument("--state-dir", default=os.environ.get("XIM_ROUTER_STATE_DIR", DEFAULT_STATE_DIR),
                        help="keys and the SQLite store (default: $XIM_ROUTER_STATE_DIR or %(default)s)")
@@ -192,13 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_arguments(create, replacing=False)
     listing = jk_sub.add_parser("list", parents=[state],
                                 help="list join keys: fingerprint, uses left, expiry, model (never the key)")
-    listing.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(listing)
     jk_revoke = jk_sub.add_parser("revoke", parents=[state],
                                   help="revoke a join key: no agent can enroll with it any more")
     jk_revoke.add_argument("fingerprint", help="as `join-key list` shows it (sha256:…)")
 
     agents = sub.add_parser("agents", parents=[state], help="list enrolled agents; set what one may serve")
-    agents.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(agents)
     agents_sub = agents.add_subparsers(dest="subcommand")
     agent_set = agents_sub.add_parser(
         "set", parents=[state_again], help="change what an agent may serve",
@@ -241,7 +259,7 @@ def cmd_join_key_create(args: argparse.Namespace) -> int:
                                 max_concurrent_ceiling=policy.max_concurrent)
     print(key)
     print(f"join key {fingerprint(key)}: {args.uses} use(s), valid until "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(time.time() + args.ttl))}; "
+          f"{local_text(time.time() + args.ttl)}; "
           f"its nodes {policy.describe()}", file=sys.stderr)
     return 0
 
@@ -280,17 +298,16 @@ def join_key_rows(join_keys: list[store_mod.JoinKey], now: float) -> list[dict]:
             return "expired"
         return "used up" if k.uses_left <= 0 else "valid"
     return [{"fingerprint": k.fingerprint, "state": state(k), "uses_left": max(k.uses_left, 0),
-             "created_at": k.created_at, "expires_at": k.expires_at,
-             "expires": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(k.expires_at)),
-             "model": k.model} for k in join_keys]
+             "created_at": k.created_at, "expires_at": k.expires_at, "model": k.model} for k in join_keys]
 
 
 def cmd_join_key_list(args: argparse.Namespace) -> int:
     rows = join_key_rows(open_store(args.state_dir).join_keys(), time.time())
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json_rows(rows))
     else:
-        print(render_table([{c: cell_text(v) for c, v in r.items()} for r in rows],
+        print(render_table([{c: cell_text(v) for c, v in r.items()} | {"expires": local_text(r["expires_at"])}
+                            for r in rows],
                            ["fingerprint", "state", "uses_left", "expires", "model"])
               if rows else "no join keys")
     return 0
@@ -376,7 +393,7 @@ def render_table(rows: list[dict[str, str]], columns: list[str]) -> str:
 def cmd_agents(args: argparse.Namespace) -> int:
     rows = agent_rows(open_store(args.state_dir).agents(), time.time())
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json_rows(rows))
     else:
         print(render_table([table_cells(r) for r in rows], AGENT_COLUMNS) if rows else "no agents enrolled")
     return 0
@@ -481,6 +498,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `xim-router … | head`: the reader leaving ends the command quietly, as it ends coreutils.
+    return quiet_on_closed_stdout(lambda: dispatch(argv), EXIT_PIPE)
+
+
+def dispatch(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handler = COMMANDS[(args.command, getattr(args, "subcommand", None))]
     try:

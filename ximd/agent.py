@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from xim_proto.cliout import rfc3339
 from ximd import __version__, reexec, tuning
 from ximd.config import Config, ConfigError
 from ximd.control import ControlServer, socket_path
@@ -367,8 +368,8 @@ class Agent:
         log.info("stopped", extra=phase_fields("stop"))
 
 
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+def _iso(epoch: float) -> str | None:
+    return rfc3339(epoch)
 
 
 def run_daemon(load_config: Callable[[], Config]) -> int:

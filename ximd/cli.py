@@ -2,7 +2,8 @@
 
 What each command prints, and its exit status, is ximd.commands'. Heavy
 modules are imported inside the commands that need them so that `ximd --help`
-and `ximd status` stay instant.
+and `ximd status` stay instant, and after the configuration is loaded, so that a
+user who may not read it is told so at once (exit 77).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import argparse
 import asyncio
 import sys
 
+from xim_proto.cliout import FORMATS, format_name, quiet_on_closed_stdout
 from ximd import __version__
 from ximd import config as configmod
 from ximd.commands import config as config_cmd
 from ximd.config import ConfigError
-from ximd.exitcodes import EX_INTERRUPTED
+from ximd.exitcodes import EX_INTERRUPTED, EX_PIPE
 from ximd.logs import setup_logging
 
 
@@ -56,6 +58,12 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
     return configmod.load(args.config, flags=flags_from(args))
 
 
+def add_format(parser: argparse.ArgumentParser, text_is: str = "human-readable text") -> None:
+    """`--format text|json`, spelled alike on every command of both programs."""
+    parser.add_argument("--format", type=format_name, choices=FORMATS, default="text",
+                        help=f"text ({text_is}, the default) or json (timestamps in RFC 3339 UTC)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     shared = setting_flags()
     parser = argparse.ArgumentParser(
@@ -76,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("unenroll", parents=[shared], help="tell the router and remove this node's identity")
 
     status = sub.add_parser("status", parents=[shared], help="ask the running daemon how it is")
-    status.add_argument("--format", choices=("text", "json"), default="text")
+    add_format(status)
 
     re_exec = sub.add_parser("reexec", parents=[shared], help="replace the running daemon in place, keeping the engine",
                              description="Re-execute the running ximd in place (same PID and unit) so that an "
@@ -87,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how long to wait for the new image to settle (default 300)")
 
     doctor = sub.add_parser("doctor", parents=[shared], help="check this host against what ximd needs")
-    doctor.add_argument("--format", choices=("text", "json"), default="text")
+    add_format(doctor)
     plan = sub.add_parser("plan", parents=[shared], help="show the engine settings ximd would choose, and why")
-    plan.add_argument("--format", choices=("text", "json"), default="text")
+    add_format(plan)
 
     model = sub.add_parser("model", help="fetch, list, remove or import models in the cache")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
@@ -99,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Works before enrollment; resumes an interrupted download.")
     pull.add_argument("model", nargs="?", metavar="MODEL", help="a Hugging Face id (org/name)")
     listing = model_sub.add_parser("list", parents=[shared], help="the cached models, sizes, state and use")
-    listing.add_argument("--format", choices=("text", "json"), default="text")
+    add_format(listing)
     rm = model_sub.add_parser("rm", parents=[shared], help="remove a model from the cache (not the one in use)")
     rm.add_argument("model", metavar="MODEL")
     imp = model_sub.add_parser("import", parents=[shared], help="install a model copied from another machine",
@@ -113,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     show = cfg_sub.add_parser("show", parents=[shared], help="print the effective configuration")
     show.add_argument("--origin", action="store_true", help="say where each value came from")
-    show.add_argument("--format", choices=("toml", "json"), default="toml")
+    add_format(show, "TOML; 'toml' is accepted too")
     validate = cfg_sub.add_parser("validate", help="check a config file (and its .d/ drop-ins)")
     validate.add_argument("path", nargs="?", help=f"default {configmod.DEFAULT_CONFIG_PATH}")
     return parser
@@ -136,42 +144,46 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     from ximd.commands import status
-    return status.main(load_config(args), args.format)
+    return status.main(cfg, args.format)
 
 
 def cmd_reexec(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     from ximd.commands import reexec
-    return reexec.main(load_config(args), wait=not args.no_wait, timeout_s=args.timeout)
+    return reexec.main(cfg, wait=not args.no_wait, timeout_s=args.timeout)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     from ximd.commands import doctor
-    return doctor.main(load_config(args), args.format)
+    return doctor.main(cfg, args.format)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     from ximd.commands import plan
-    return plan.main(load_config(args), args.format)
+    return plan.main(cfg, args.format)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from ximd.commands import enroll
     cfg = load_config(args)
+    from ximd.commands import enroll
     setup_logging(cfg.agent.log_level)
     return asyncio.run(enroll.main_enroll(cfg, join_key_file=args.join_key_file, force=args.force))
 
 
 def cmd_unenroll(args: argparse.Namespace) -> int:
-    from ximd.commands import enroll
     cfg = load_config(args)
+    from ximd.commands import enroll
     setup_logging(cfg.agent.log_level)
     return asyncio.run(enroll.main_unenroll(cfg))
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from ximd.commands import model
     cfg = load_config(args)
+    from ximd.commands import model
     setup_logging(cfg.agent.log_level)
     if args.model_command == "pull":
         return model.pull(cfg, args.model)
@@ -199,15 +211,26 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, for messages: "status", "config show"."""
+    sub = getattr(args, "config_command", None) or getattr(args, "model_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def dispatch(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handler = COMMANDS[(args.command, getattr(args, "config_command", None) or getattr(args, "model_command", None))]
     try:
         return handler(args)
     except ConfigError as exc:
-        return config_cmd.invalid(exc)
+        return config_cmd.invalid(exc, command_name(args))
     except KeyboardInterrupt:
         return EX_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `ximd … | head`: the reader leaving ends the command quietly, as it ends coreutils.
+    return quiet_on_closed_stdout(lambda: dispatch(argv), EX_PIPE)
 
 
 if __name__ == "__main__":

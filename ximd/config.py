@@ -268,6 +268,9 @@ class EngineSection:
     startup_timeout_s: float = setting(900.0, Number(integer=False, low=0, low_open=True),
                                        "How long a model load may take before the engine counts as failed.",
                                        env="XEROTIER_AGENT_ENGINE_STARTUP_TIMEOUT_S")
+    access_log: bool = setting(False, Flag(), "The engine's own access log: one journal line per request "
+                               "under ximd-engine (off: unreadable at production rates).",
+                               env="XEROTIER_AGENT_ENGINE_ACCESS_LOG")
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,10 @@ def schema() -> dict[str, SettingInfo]:
 SCHEMA = schema()
 ENV_TO_SETTING = {info.env: name for name, info in SCHEMA.items() if info.env}
 FLAG_TO_SETTING = {info.flag: name for name, info in SCHEMA.items() if info.flag}
+# Each key name to the section that has it (the first, should two sections share one).
+KEY_SECTIONS: dict[str, str] = {}
+for _name in SCHEMA:
+    KEY_SECTIONS.setdefault(_name.split(".", 1)[1], _name.split(".", 1)[0])
 
 
 # ---------------------------------------------------------------- the result
@@ -414,6 +421,7 @@ class ConfigProblem:
     key: str             # "section.key", "section", or "" for the whole file
     message: str
     line: int | None = None
+    denied: bool = False  # the file exists but this user may not read it (EACCES/EPERM)
 
     def __str__(self) -> str:
         where = f"{self.source}:{self.line}" if self.line else self.source
@@ -468,8 +476,14 @@ def load(config_file: str | os.PathLike | None = None, env: Mapping[str, str] | 
 
     if use_env:
         take(systemd_directory_layer(env))
-    for path in [main, *dropin_paths(main)]:
-        if path == main and not path.exists() and not explicit:
+    try:
+        dropins = dropin_paths(main)
+    except PermissionError as exc:
+        dropins = []
+        problems.append(ConfigProblem(str(main.with_name(main.name + ".d")), "",
+                                      f"cannot list: {exc.strerror or exc}", denied=True))
+    for path in [main, *dropins]:
+        if path == main and not explicit and not _present(path):
             continue
         layer, found = file_layer(path)
         problems += found
@@ -494,6 +508,14 @@ def load(config_file: str | os.PathLike | None = None, env: Mapping[str, str] | 
     return Config(**sections, origins=origins, sources=tuple(sources), warnings=tuple(warnings))
 
 
+def _present(path: Path) -> bool:
+    """Whether the file exists; one behind a directory this user may not search counts (and is then denied)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return True
+
+
 def systemd_directory_layer(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     layer = {}
     for name, var in SYSTEMD_DIRECTORIES.items():
@@ -509,6 +531,8 @@ def file_layer(path: Path) -> tuple[dict[str, tuple[Any, str]], list[ConfigProbl
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}, [ConfigProblem(source, "", "file not found")]
+    except PermissionError as exc:
+        return {}, [ConfigProblem(source, "", f"cannot read: {exc.strerror or exc}", denied=True)]
     except OSError as exc:
         return {}, [ConfigProblem(source, "", f"cannot read: {exc.strerror or exc}")]
     except UnicodeDecodeError as exc:
@@ -520,6 +544,18 @@ def file_layer(path: Path) -> tuple[dict[str, tuple[Any, str]], list[ConfigProbl
         return {}, [ConfigProblem(source, "", f"TOML syntax error: {exc}", line)]
     layer, problems = {}, []
     for section, table in data.items():
+        if section not in SECTIONS and not isinstance(table, dict) and section in KEY_SECTIONS:
+            # A key above the first [section] header: TOML makes it top-level.
+            owner = KEY_SECTIONS[section]
+            problems.append(ConfigProblem(
+                source, section, f"a key outside any section: it belongs under [{owner}] "
+                f"({owner}.{section}); move the line below the [{owner}] header",
+                _line_of_key(text, None, section)))
+            continue
+        if section not in SECTIONS and not isinstance(table, dict):
+            problems.append(ConfigProblem(source, section, "a key outside any section, and no section has it"
+                                          + _did_you_mean(section, KEY_SECTIONS), _line_of_key(text, None, section)))
+            continue
         if section not in SECTIONS:
             problems.append(ConfigProblem(source, section, "unknown section" + _did_you_mean(section, SECTIONS),
                                           _line_of_section(text, section)))

@@ -109,6 +109,10 @@ class NotRunning(Exception):
     pass
 
 
+class NotPermitted(NotRunning):
+    """The socket is there but this user may not connect to it (it is root's and the xerotier group's)."""
+
+
 def query(path: Path, command: str = "status", timeout: float = 5.0) -> dict:
     """Ask the daemon; NotRunning says plainly when nobody answers."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -118,8 +122,7 @@ def query(path: Path, command: str = "status", timeout: float = 5.0) -> dict:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NotRunning(f"ximd is not running (no daemon answers on {path})") from exc
         except PermissionError as exc:
-            raise NotRunning(f"permission denied on {path}: run as root or as a member of "
-                             f"the xerotier group") from exc
+            raise NotPermitted(f"permission denied on {path}") from exc
         sock.sendall(json.dumps({"command": command}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):

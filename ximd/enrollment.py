@@ -174,7 +174,10 @@ async def _post(url: str, *, body: dict, ssl_arg, token: str | None = None,
                 timeout_s: float = HTTP_TIMEOUT_S) -> dict:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+        # trust_env: HTTPS_PROXY/HTTP_PROXY and NO_PROXY from the environment (the unit's
+        # Environment= or a drop-in), as curl and apt honour them on a host behind a proxy.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                         trust_env=True) as http:
             # No redirects: following one would re-send the join key or the token
             # to wherever the answer points, https → http included.
             async with http.post(url, json=body, headers=headers, ssl=ssl_arg,

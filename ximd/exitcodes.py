@@ -20,5 +20,13 @@ EX_NOT_RUNNING = 3            # `ximd status`: no daemon answers, as `systemctl 
 EX_UNAVAILABLE = 69           # the router cannot be reached now; nothing changed, try again later
 EX_SOFTWARE = 70              # ximd could not go on (a failed re-exec): systemd restarts it
 EX_CANTCREAT = 73             # a file ximd must write (the identity) could not be written
+# A command run by a user who may not read the configuration (0640 root:xerotier):
+# it needs root or the xerotier group. Not 78: the file is fine, the caller is not
+# allowed, and a script can tell the two apart (sysexits' EX_NOPERM).
+EX_NOPERM = 77
 EX_CONFIG = 78                # invalid configuration: restarting cannot fix it
 EX_INTERRUPTED = 130          # Ctrl-C: 128 + SIGINT, what a shell reports for it
+# Standard output's reader went away (`ximd … | head`): nothing more is said, and the
+# status is what a shell reports for coreutils killed by SIGPIPE (128 + 13), so that
+# `set -o pipefail` scripts see `ximd … | head` exactly as they see `seq … | head`.
+EX_PIPE = 141

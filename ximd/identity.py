@@ -50,6 +50,14 @@ class IdentityError(EnrollmentError):
     """The identity file exists but cannot be used."""
 
 
+class IdentityDenied(IdentityError):
+    """This user may not read the enrollment directory (it is the service account's, 0700)."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
 class IdentitySaveError(EnrollmentError):
     """A file of the enrollment directory could not be written (full disk, unsafe directory…)."""
 
@@ -175,6 +183,8 @@ def _read(state_dir: str | os.PathLike, name: str) -> tuple[str, os.stat_result]
             return None if fd is None else read_text_at(fd, name, shown=str(shown))
     except UnsafePath as exc:
         raise IdentityError(str(exc)) from None
+    except PermissionError as exc:
+        raise IdentityDenied(f"cannot read {shown}: {exc.strerror or exc}", shown) from None
     except OSError as exc:
         raise IdentityError(f"cannot read {shown}: {exc.strerror or exc}") from None
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 
 from xim_proto import codec
+from xim_proto.cliout import rfc3339
 from ximd import models
 from ximd.autoconfig import PlanError
 from ximd.config import Config
@@ -476,5 +477,6 @@ class NodeModelReporter:
         self.host.model_progress(progress_line(p), moving=self.stall.moving(p.done, time.monotonic()))
 
 
-def _when(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch)) if epoch else "-"
+def _when(epoch: float) -> str | None:
+    """A moment in the status reply: RFC 3339 UTC (`ximd status` shows it in local time), None when unset."""
+    return rfc3339(epoch)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+import trustme
 
 from tests.mesh.helpers import load_config, write_agent_config
+from tests.support.router import RouterProcess
 from xim_router import store as store_mod
 from ximd import config as configmod
 
@@ -35,3 +37,19 @@ def agent_cfg(tmp_path, router):
 def mesh_log(caplog):
     caplog.set_level(logging.DEBUG, logger="ximd")
     return caplog
+
+
+@pytest.fixture
+def tls_router(tmp_path):
+    """A real `xim-router serve` over HTTPS with a test CA: (router, the CA's PEM path)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    proc = RouterProcess(tmp_path, tls=(cert_path, key_path))
+    try:
+        yield proc.start(), ca_path
+    finally:
+        proc.stop()

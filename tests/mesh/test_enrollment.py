@@ -11,10 +11,8 @@ import socket
 import stat
 
 import pytest
-import trustme
 
 from tests.mesh.helpers import enroll_fresh, load_config, write_agent_config
-from tests.support.router import RouterProcess
 from ximd import enrollment, exitcodes
 from ximd.commands import enroll as enroll_cmd
 from ximd.enrollment import EnrollmentRejected, RouterConfigError, RouterUnreachable
@@ -124,21 +122,6 @@ def test_no_router_url(tmp_path):
 
 
 # ---------------------------------------------------------------- HTTPS
-
-
-@pytest.fixture
-def tls_router(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    ca.cert_pem.write_to_path(str(ca_path))
-    proc = RouterProcess(tmp_path, tls=(cert_path, key_path))
-    try:
-        yield proc.start(), ca_path
-    finally:
-        proc.stop()
 
 
 def test_https_enrollment_with_a_ca_file(tls_router, tmp_path):

@@ -156,6 +156,30 @@ def test_unknown_section(tmp_path):
     assert problem.key == "engien" and "did you mean 'engine'" in problem.message and problem.line == 1
 
 
+def test_a_key_above_its_section_says_where_it_belongs(tmp_path):
+    path = write(tmp_path / "agent.toml", "# node\nmax_concurrent = 4\n[agent]\nlog_level = \"info\"\n")
+    [problem] = problems_of(config_file=path, env={})
+    assert (problem.key, problem.line) == ("max_concurrent", 2)
+    assert "unknown section" not in problem.message
+    assert "belongs under [agent] (agent.max_concurrent)" in problem.message
+
+
+def test_a_top_level_key_no_section_has_gets_a_suggestion(tmp_path):
+    path = write(tmp_path / "agent.toml", "max_concurent = 4\n")
+    [problem] = problems_of(config_file=path, env={})
+    assert "outside any section" in problem.message and "did you mean 'max_concurrent'" in problem.message
+
+
+def test_an_unreadable_file_is_denied_not_invalid(tmp_path, monkeypatch):
+    path = write(tmp_path / "agent.toml", "[agent]\n")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_text", refuse)
+    [problem] = problems_of(config_file=path, env={})
+    assert problem.denied and problem.source == str(path)
+
+
 def test_wrong_type(tmp_path):
     path = write(tmp_path / "agent.toml", "[agent]\nmax_concurrent = \"lots\"\n")
     [problem] = problems_of(config_file=path, env={})

@@ -103,6 +103,21 @@ def test_extra_args_come_last_so_the_operator_wins(tmp_path):
     assert argv.index("--max-num-seqs") < len(argv) - 4  # ours first, theirs last (argparse keeps the last)
 
 
+def test_per_request_access_log_lines_are_off_by_default(cfg):
+    argv = list(build_launch(cfg, gpu_plan(), model(), paths_for(cfg)).argv)
+    assert "--disable-uvicorn-access-log" in argv
+    # vLLM's request logging (parameters, prompts at debug) is never turned on.
+    assert "--enable-log-requests" not in argv
+
+
+@pytest.mark.parametrize("setting", ["true", "1", "on"])
+def test_engine_access_log_setting_turns_them_on(tmp_path, setting):
+    cfg = config(tmp_path, XEROTIER_AGENT_ENGINE_ACCESS_LOG=setting)
+    assert cfg.engine.access_log is True
+    argv = list(build_launch(cfg, tiny_cpu_plan(), model(), paths_for(cfg)).argv)
+    assert "--disable-uvicorn-access-log" not in argv and "--enable-log-requests" not in argv
+
+
 def test_served_model_name_from_config_wins(tmp_path):
     cfg = config(tmp_path, XEROTIER_AGENT_SERVED_MODEL_NAME="tiny")
     launch = build_launch(cfg, tiny_cpu_plan(), model(), paths_for(cfg))

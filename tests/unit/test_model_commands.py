@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -53,6 +54,7 @@ def test_list_shows_size_state_and_use(cfg_args, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["complete"], r["in_use"]) for r in rows] == [("org/done", True, False),
                                                                        ("org/half", False, False)]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["last_used"]) for r in rows), rows
 
 
 def test_rm_removes_a_model_but_refuses_the_one_in_use(cfg_args, capsys):

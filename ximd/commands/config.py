@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 from ximd import config as configmod
+from ximd.commands.permissions import group_of, needs_privilege
 from ximd.configdoc import literal
 from ximd.exitcodes import EX_CONFIG, EX_OK
 
 
 def show(cfg: configmod.Config, *, origin: bool, fmt: str) -> int:
-    """`ximd config show [--origin] [--format json]`: the effective values; load warnings on stderr."""
+    """`ximd config show [--origin] [--format text|json]`: the effective values; load warnings on stderr."""
     print(render_config(cfg, origin=origin, fmt=fmt))
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -53,8 +54,15 @@ def validate(path: str | Path | None) -> int:
     return EX_OK
 
 
-def invalid(exc: configmod.ConfigError) -> int:
-    """Any command whose configuration does not load: every problem on stderr, exit 78."""
+def invalid(exc: configmod.ConfigError, command: str = "") -> int:
+    """Any command whose configuration does not load: every problem on stderr, exit 78.
+
+    A file this user may not read is no invalid configuration: the command needs
+    root or the file's group (xerotier), and says so with exit 77.
+    """
+    denied = [p for p in exc.problems if p.denied]
+    if denied:
+        return needs_privilege(command, "read " + ", ".join(p.source for p in denied), group_of(denied[0].source))
     print("ximd: invalid configuration:", file=sys.stderr)
     for problem in exc.problems:
         print(f"  {problem}", file=sys.stderr)

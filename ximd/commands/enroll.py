@@ -12,6 +12,7 @@ import sys
 from typing import IO
 
 from xim_proto.joinkey import fingerprint
+from ximd.commands.permissions import needs_privilege
 from ximd.config import Config
 from ximd.enrollment import (
     EnrollmentError,
@@ -28,6 +29,7 @@ from ximd.enrollment import (
 from ximd.exitcodes import EX_CANTCREAT, EX_CONFIG, EX_OK, EX_REFUSED, EX_UNAVAILABLE
 from ximd.identity import (
     Identity,
+    IdentityDenied,
     IdentityError,
     IdentitySaveError,
     identity_path,
@@ -57,6 +59,8 @@ async def main_enroll(cfg: Config, *, join_key_file: str | None = None, force: b
     state_dir = cfg.agent.state_dir
     try:
         current = load_identity(state_dir)
+    except IdentityDenied as exc:
+        return needs_privilege("enroll", f"read {exc.path}", group=None)
     except IdentityError as exc:
         if not force:
             _fail(f"{exc} (or run `ximd enroll --force` to replace it)")
@@ -115,6 +119,8 @@ async def main_unenroll(cfg: Config) -> int:
     state_dir = cfg.agent.state_dir
     try:
         identity = load_identity(state_dir)
+    except IdentityDenied as exc:
+        return needs_privilege("unenroll", f"read {exc.path}", group=None)
     except IdentityError as exc:
         _fail(str(exc))
         return EX_CONFIG

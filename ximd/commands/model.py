@@ -16,6 +16,7 @@ import sys
 import time
 from typing import IO, Any
 
+from xim_proto.cliout import from_rfc3339, local_text, rfc3339
 from ximd import preparation
 from ximd.config import Config
 from ximd.exitcodes import EX_OK, EX_REFUSED, EX_UNAVAILABLE
@@ -134,7 +135,11 @@ def in_use(cache: ModelCache, entry: CacheEntry) -> bool:
 def describe(cache: ModelCache, entry: CacheEntry) -> dict[str, Any]:
     return {"model": entry.hf_id, "size_bytes": entry.size_bytes, "complete": entry.complete,
             "revision": entry.revision, "in_use": in_use(cache, entry),
-            "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(entry.last_used))}
+            "last_used": rfc3339(entry.last_used)}
+
+
+def last_used_text(moment: str | None) -> str:
+    return local_text(from_rfc3339(moment)) if moment else "-"
 
 
 def render_list(rows: list[dict[str, Any]], cache: ModelCache) -> str:
@@ -145,7 +150,7 @@ def render_list(rows: list[dict[str, Any]], cache: ModelCache) -> str:
     for r in rows:
         state = "complete" if r["complete"] else "partial"
         lines.append(f"{r['model']:<{width}}  {size_text(r['size_bytes']):>9}  {state:<10}  "
-                     f"{'yes' if r['in_use'] else 'no':<6}  {r['last_used']}")
+                     f"{'yes' if r['in_use'] else 'no':<6}  {last_used_text(r['last_used'])}")
     total = sum(r["size_bytes"] for r in rows)
     lines.append(f"{len(rows)} model(s), {size_text(total)} of the {gb_text(cache.max_bytes)} cap, in {cache.root}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ximd import control
+from ximd.commands.permissions import group_of, needs_privilege
 from ximd.config import Config
 from ximd.exitcodes import EX_NOT_RUNNING, EX_OK, EX_REFUSED, EX_UNAVAILABLE
 
@@ -64,6 +65,8 @@ def main(cfg: Config, *, wait: bool = True, timeout_s: float = 300.0) -> int:
     try:
         before = control.query(path)
         answer = control.query(path, "reexec", timeout=PREFLIGHT_ANSWER_S)
+    except control.NotPermitted:
+        return needs_privilege("reexec", f"connect to {path}", group_of(path))
     except control.NotRunning as exc:
         print(str(exc), file=sys.stderr)
         return EX_NOT_RUNNING

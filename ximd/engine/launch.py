@@ -112,7 +112,8 @@ def instance_id(state_dir: Path) -> str:
 
 
 def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path, plan, *,
-                kv_transfer_config: str | None = None, extra_args: tuple[str, ...] = ()) -> tuple[str, ...]:
+                kv_transfer_config: str | None = None, extra_args: tuple[str, ...] = (),
+                access_log: bool = False) -> tuple[str, ...]:
     argv = [python, "-m", ENGINE_MODULE,
             # The = form: a value that starts with '-' is still a value, never a flag.
             f"--model={model_arg}",
@@ -136,6 +137,12 @@ def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path
             argv += ["--distributed-executor-backend", "uni"]
     if kv_transfer_config:
         argv += ["--kv-transfer-config", kv_transfer_config]
+    if not access_log:
+        # One uvicorn line per request ("POST /v1/chat/completions HTTP/1.1" 200 OK) drowns the
+        # journal at production rates (engine.access_log turns it on). vLLM's request logging
+        # (--enable-log-requests, which would also log parameters) is off by default since 0.10,
+        # and every engine ximd installs is newer (cpu 0.32, cuda 0.33, rocm 0.18): it stays off.
+        argv.append("--disable-uvicorn-access-log")
     # Last, so the operator's arguments win over ours (argparse keeps the last value).
     argv += list(extra_args)
     return tuple(argv)
@@ -216,7 +223,7 @@ def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
     lmcache_on = bool(kv is not None and kv.enabled)
     argv = engine_argv(paths.python, model_ref.model_arg, served, paths.socket_path, plan,
                        kv_transfer_config=kv.kv_transfer_config if lmcache_on else None,
-                       extra_args=tuple(cfg.engine.extra_args))
+                       extra_args=tuple(cfg.engine.extra_args), access_log=cfg.engine.access_log)
     env = engine_env(paths, plan, model_env=model_ref.env, instance=instance,
                      kv_env=kv.env if lmcache_on else None)
     dirs = (*engine_dirs(paths).values(), paths.runtime_dir)
