@@ -7,6 +7,7 @@ One booted guest for the module; the tests run in file order, and each one state
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -164,6 +165,38 @@ def test_reload_works_without_bin_kill(guest, packages):
     finally:
         for path in hidden:
             guest.run(["mv", path + ".hidden", path])
+
+
+# ximd's journal handler as the packaged daemon has it (python3-systemd), one record
+# far over a default socket's datagram: the hand-written protocol lost its traceback.
+BIG_RECORD = """
+import logging, sys
+from ximd import logs
+handler = logs.JournalHandler()
+handler.setFormatter(logging.Formatter("%(message)s"))
+log = logging.getLogger("ximd.probe")
+log.addHandler(handler)
+log.propagate = False
+try:
+    raise RuntimeError("engine wedged")
+except RuntimeError:
+    log.error("%s", "x" * 200_000, exc_info=True, extra={"fields": {"XIM_PHASE": "probe", "XIM_PROBE": sys.argv[1]}})
+"""
+
+
+def test_a_200kb_record_reaches_the_real_journal_whole(guest, packages):
+    ensure_installed(guest, packages, packages.deb)
+    probe = f"big-{time.monotonic_ns()}"
+    guest.run(["/usr/bin/python3", "-c", BIG_RECORD, probe])
+
+    def entry() -> dict | None:
+        out = guest.run(["journalctl", "--no-pager", "-o", "json", "--all", f"XIM_PROBE={probe}"], check=False).stdout
+        return json.loads(out.splitlines()[0]) if out.strip() else None
+
+    found = wait_until(entry, 15, "the record in the journal")
+    assert found["MESSAGE"].startswith("x" * 200_000 + "\nTraceback (most recent call last):")
+    assert found["MESSAGE"].rstrip().endswith("RuntimeError: engine wedged")
+    assert found["XIM_PHASE"] == "probe" and found["PRIORITY"] == "3" and found["SYSLOG_IDENTIFIER"] == "ximd"
 
 
 def test_memory_and_address_limits_are_applied(guest, packages):
