@@ -37,6 +37,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / ".demo"
 VENV_BIN = Path(sys.executable).parent
@@ -192,28 +194,18 @@ def mint_join_key() -> str:
     return done.stdout.strip().splitlines()[0]
 
 
-def toml_string(value: str) -> str:
-    return json.dumps(value)      # a JSON string is a valid TOML basic string
-
-
 def write_config(router_url: str, join_key: str, python: str, model: Path, metrics_port: int) -> Path:
     path = DEMO / "agent.toml"
-    path.write_text(
-        "# Written by tools/demo.py for a local demo.\n"
-        "[agent]\n"
-        f"state_dir = {toml_string(str(DEMO / 'state'))}\n"
-        f"cache_dir = {toml_string(str(DEMO / 'cache'))}\n"
-        f"runtime_dir = {toml_string(str(DEMO / 'run'))}\n"
-        "[router]\n"
-        f"url = {toml_string(router_url)}\n"
-        f"join_key = {toml_string(join_key)}\n"
-        "insecure = true          # plain http on loopback\n"
-        "[engine]\n"
-        f"model = {toml_string(str(model))}\n"
-        f"served_model_name = {toml_string(SERVED_MODEL)}\n"
-        f"python = {toml_string(python)}\n"
-        "[metrics]\n"
-        f"listen = {toml_string(f'127.0.0.1:{metrics_port}')}\n")
+    settings = {
+        "agent": {"state_dir": str(DEMO / "state"), "cache_dir": str(DEMO / "cache"),
+                  "runtime_dir": str(DEMO / "run")},
+        "router": {"url": router_url, "join_key": join_key, "insecure": True},
+        "engine": {"model": str(model), "served_model_name": SERVED_MODEL, "python": python},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+    }
+    path.write_text("# Written by tools/demo.py for a local demo.\n"
+                    "# router.insecure: the router speaks plain http on loopback.\n"
+                    + tomli_w.dumps(settings))
     path.chmod(0o600)           # it holds the join key
     return path
 

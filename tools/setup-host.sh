@@ -15,6 +15,7 @@ PACKAGES=(
   rpm rpmlint               # the .rpm
   procps psmisc             # ps/pkill in tests
   groff-base man-db zsh     # the man pages rendered as lintian does; the zsh completion run
+  libsystemd-dev pkg-config gcc python3-dev   # systemd-python (python3-systemd's source) from pip
 )
 
 missing=()

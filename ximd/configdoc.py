@@ -7,7 +7,7 @@ committed etc/agent.toml equals `render()`. Regenerate with
 
 from __future__ import annotations
 
-import json
+import tomli_w
 
 from ximd.config import SCHEMA, SECTIONS, SYSTEMD_DIRECTORIES
 
@@ -30,14 +30,15 @@ HEADER = """\
 
 
 def literal(value) -> str:
-    """A TOML literal for a setting's value (a TOML basic string is JSON-compatible)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    """A setting's value as TOML, written by tomli-w.
+
+    tomli-w has no call for a bare value, so it writes `v = <value>` and the value
+    is what follows; lists are kept on one line (tomli-w breaks them over several),
+    which `config show --origin` needs for its comment and this file for its `#`.
+    """
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(literal(v) for v in value) + "]"
-    return json.dumps(value)
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")
 
 
 def render() -> str:

@@ -1,20 +1,25 @@
 """Logging: native journal entries under systemd, one readable line otherwise.
 
-Under systemd, records go to journald's native socket with
+Under systemd, records go to the journal through python-systemd
+(`systemd.journal.send`, libsystemd's sd_journal_send: a record too big for one
+datagram, a long traceback say, travels whole through a memfd) with
 SYSLOG_IDENTIFIER=ximd (ximd-engine for the engine's own output) and any
 structured fields a caller passes as `extra={"fields": {"XIM_PHASE": ...}}`,
-so `journalctl -u ximd XIM_PHASE=engine` works. By hand, stderr gets one
-line per event.
+so `journalctl -u ximd XIM_PHASE=engine` works. Without python-systemd (a pip
+install without a compiler) the journal gets stderr lines with a `<priority>`
+prefix through the unit's stream. By hand, stderr gets one line per event.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
-import struct
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ximd import sdbackend
 
 TRACE = 5
 NOTICE = 25
@@ -50,46 +55,48 @@ def identifier_for(logger_name: str) -> str:
     return "ximd-engine" if logger_name.startswith(ENGINE_LOGGER) else "ximd"
 
 
-def journal_fields(record: logging.LogRecord, message: str) -> dict[str, str]:
-    fields = {
-        "MESSAGE": message,
+def journal_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """Every field of the record's journal entry but MESSAGE, as `systemd.journal.send` takes them."""
+    fields: dict[str, Any] = {
         "PRIORITY": str(syslog_priority(record.levelno)),
         "SYSLOG_IDENTIFIER": identifier_for(record.name),
         "CODE_FILE": record.pathname,
-        "CODE_LINE": str(record.lineno),
+        "CODE_LINE": record.lineno,
         "CODE_FUNC": record.funcName,
         "LOGGER": record.name,
     }
     for key, value in (getattr(record, "fields", None) or {}).items():
-        fields[key.upper()] = str(value)
+        fields[journal_key(key)] = str(value)
     return fields
 
 
-def encode_journal(fields: Mapping[str, str]) -> bytes:
-    """journald's native datagram format (systemd.journal-fields(7) / native protocol)."""
-    out = bytearray()
-    for key, value in fields.items():
-        data = value.encode("utf-8", "replace")
-        if b"\n" in data:
-            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-        else:
-            out += key.encode() + b"=" + data + b"\n"
-    return bytes(out)
+def journal_key(name: str) -> str:
+    """A journal field name: upper-case letters, digits and `_`, not led by `_` or a digit.
+
+    journald refuses a whole entry over one bad name, so a caller's key is made valid
+    rather than trusted.
+    """
+    key = re.sub(r"[^A-Z0-9_]", "_", name.upper()).lstrip("_")
+    return key if key and not key[0].isdigit() else f"X_{key}"
 
 
 class JournalHandler(logging.Handler):
-    def __init__(self, path: str = JOURNAL_SOCKET):
+    """Native journal entries through python-systemd (`send` is `systemd.journal.send`)."""
+
+    def __init__(self, send: Callable[..., Any] | None = None):
         super().__init__()
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        send = send or sdbackend.journal_sender()
+        if send is None:
+            raise RuntimeError("python-systemd is not installed")
+        self.send = send
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = self.format(record)
-            self.sock.sendto(encode_journal(journal_fields(record, message)), self.path)
+            self.send(message, **journal_fields(record))
         except OSError:
-            # Too large for one datagram, or journald restarting: keep the line.
-            sys.stderr.write(f"<{syslog_priority(record.levelno)}>{record.getMessage()}\n")
+            # journald restarting: keep the line on stderr, which the unit's stream carries.
+            sys.stderr.write(f"<{syslog_priority(record.levelno)}>{self.format(record)}\n")
         except Exception:
             self.handleError(record)
 
@@ -97,12 +104,16 @@ class JournalHandler(logging.Handler):
 class LineFormatter(logging.Formatter):
     """`2026-11-27 10:30:00 info    ximd: message  XIM_PHASE=engine`"""
 
-    def __init__(self, timestamps: bool = True):
+    def __init__(self, timestamps: bool = True, priority_prefix: bool = False):
         super().__init__("%(asctime)s " if timestamps else "", datefmt="%Y-%m-%d %H:%M:%S")
         self.timestamps = timestamps
+        # `<4>` before the line: the journal's stream reader takes it as the entry's PRIORITY.
+        self.priority_prefix = priority_prefix
 
     def format(self, record: logging.LogRecord) -> str:
         head = self.formatTime(record, self.datefmt) + " " if self.timestamps else ""
+        if self.priority_prefix:
+            head = f"<{syslog_priority(record.levelno)}>{head}"
         fields = getattr(record, "fields", None) or {}
         tail = "".join(f"  {k}={v}" for k, v in fields.items())
         text = f"{head}{record.levelname.lower():<8} {identifier_for(record.name)}: {record.getMessage()}{tail}"
@@ -146,13 +157,16 @@ def setup_logging(level: str, env: Mapping[str, str] | None = None) -> logging.H
     for old in list(root.handlers):
         root.removeHandler(old)
     handler: logging.Handler
-    if stderr_is_journal(env) and os.path.exists(JOURNAL_SOCKET):
-        handler = JournalHandler()
+    to_journal = stderr_is_journal(env)
+    send = sdbackend.journal_sender() if to_journal and os.path.exists(JOURNAL_SOCKET) else None
+    if send is not None:
+        handler = JournalHandler(send)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = StderrHandler()
-        # Under systemd without the native socket the journal stamps lines itself.
-        handler.setFormatter(LineFormatter(timestamps="INVOCATION_ID" not in env))
+        # Under systemd without native entries the journal stamps lines itself and
+        # takes each line's priority from its prefix.
+        handler.setFormatter(LineFormatter(timestamps="INVOCATION_ID" not in env, priority_prefix=to_journal))
     root.addHandler(handler)
     set_level(level)
     return handler

@@ -1,16 +1,18 @@
 """Talking to systemd: sd_notify messages and the watchdog's pacing.
 
-Written against the protocol (sd_notify(3)) rather than a library so that it
-works on every distribution's Python without a compiled dependency. Without
-NOTIFY_SOCKET every call is a no-op, so the daemon runs the same by hand.
+The messages go through a systemd client library (ximd.sdbackend chooses:
+python-systemd where installed, sdnotify otherwise). Without NOTIFY_SOCKET every
+call is a no-op, so the daemon runs the same by hand. A notification never
+blocks: when the manager's queue is full the line is dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Mapping
+
+from ximd import sdbackend
 
 log = logging.getLogger(__name__)
 
@@ -18,20 +20,35 @@ log = logging.getLogger(__name__)
 class Notifier:
     """Sends state lines to the service manager's notification socket."""
 
-    def __init__(self, address: str | None, watchdog_usec: int | None = None):
-        self.address = address
+    def __init__(self, sender: sdbackend.Sender | None, watchdog_usec: int | None = None):
+        self.sender = sender
         self.watchdog_usec = watchdog_usec
-        self._sock: socket.socket | None = None
         self._warned = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
-        env = os.environ if env is None else env
-        return cls(env.get("NOTIFY_SOCKET") or None, watchdog_usec_for_us(env))
+    def from_env(cls, backend: str | None = None) -> Notifier:
+        """The notifier this process's environment asks for (both libraries read NOTIFY_SOCKET there)."""
+        env = os.environ
+        address = env.get("NOTIFY_SOCKET") or None
+        usec = watchdog_usec_for_us(env)
+        if address is None:
+            return cls(None, usec)
+        chosen = sdbackend.choose(backend)
+        if chosen is None:
+            # The unit will time out waiting for READY=1: say why, once, where it shows.
+            what = f"{backend} is not installed" if backend else "neither python-systemd nor sdnotify is installed"
+            log.error("NOTIFY_SOCKET is set but %s: systemd will not hear from ximd "
+                      "(install python3-systemd, or pip install 'xerotier-agent[sdnotify]')", what)
+            return cls(None, usec)
+        return cls(sdbackend.sender(chosen, address), usec)
+
+    @property
+    def backend(self) -> str | None:
+        return self.sender.name if self.sender is not None else None
 
     @property
     def enabled(self) -> bool:
-        return self.address is not None
+        return self.sender is not None
 
     def watchdog_interval(self) -> float | None:
         """Seconds between WATCHDOG=1 pings: half the timeout, as sd_watchdog_enabled(3) advises."""
@@ -57,29 +74,22 @@ class Notifier:
         self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def send(self, *lines: str) -> bool:
-        if self.address is None:
+        if self.sender is None:
             return False
         try:
-            # Never block the event loop on the manager: a full queue drops the line.
-            self._socket().sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, _sockaddr(self.address))
+            self.sender.send("\n".join(lines))
             return True
         except OSError as exc:
-            # Losing the manager's socket must not take the daemon down, but it
-            # is worth one clear line: the unit will look wrong from outside.
+            # Losing the manager's socket (or a full queue) must not take the daemon
+            # down, but it is worth one clear line: the unit will look wrong from outside.
             if not self._warned:
-                log.warning("cannot notify systemd at %s: %s", self.address, exc)
+                log.warning("cannot notify systemd (%s): %s", self.sender.name, exc)
                 self._warned = True
             return False
 
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        return self._sock
-
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self.sender is not None:
+            self.sender.close()
 
 
 def watchdog_usec_for_us(env: Mapping[str, str]) -> int | None:
@@ -90,11 +100,6 @@ def watchdog_usec_for_us(env: Mapping[str, str]) -> int | None:
     if pid and pid != str(os.getpid()):
         return None
     return int(usec)
-
-
-def _sockaddr(address: str) -> str | bytes:
-    # "@name" is an abstract socket: a leading NUL on the wire.
-    return b"\0" + address[1:].encode() if address.startswith("@") else address
 
 
 def under_systemd(env: Mapping[str, str] | None = None) -> bool:

@@ -10,11 +10,14 @@ from ximd.config import load
 from ximd.systemd import Notifier
 
 
-def make_agent(tmp_path, receiver: NotifyReceiver) -> Agent:
+def make_agent(tmp_path, receiver: NotifyReceiver, monkeypatch) -> Agent:
     cfg = load(None, env={"XEROTIER_AGENT_RUNTIME_DIR": str(tmp_path / "run"),
                           "XEROTIER_AGENT_STATE_DIR": str(tmp_path / "state")})
-    notifier = Notifier.from_env(receiver.env(watchdog_usec=400_000))
-    return Agent(cfg, notifier, lambda: cfg)
+    # Both notification libraries read NOTIFY_SOCKET from the process's environment.
+    for key, value in receiver.env(watchdog_usec=400_000).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    return Agent(cfg, Notifier.from_env(), lambda: cfg)
 
 
 async def run_for(agent: Agent, seconds: float) -> None:
@@ -24,17 +27,17 @@ async def run_for(agent: Agent, seconds: float) -> None:
     await asyncio.wait_for(loop, timeout=2)
 
 
-def test_fed_while_healthy_and_starved_when_not(tmp_path):
+def test_fed_while_healthy_and_starved_when_not(tmp_path, monkeypatch):
     receiver = NotifyReceiver(tmp_path)
     try:
-        agent = make_agent(tmp_path, receiver)
+        agent = make_agent(tmp_path, receiver, monkeypatch)
         agent.phase = "not-enrolled"
         asyncio.run(run_for(agent, 1.0))
         receiver.poll(0.2)
         healthy_pings = len(receiver.times_of("WATCHDOG"))
 
         receiver.messages.clear()
-        agent = make_agent(tmp_path, receiver)
+        agent = make_agent(tmp_path, receiver, monkeypatch)
         agent.phase = "not-enrolled"
         agent.healthy = lambda: False  # e.g. an engine wedged past its threshold
         asyncio.run(run_for(agent, 1.0))

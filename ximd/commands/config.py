@@ -39,8 +39,13 @@ def render_config(cfg: configmod.Config, *, origin: bool, fmt: str) -> str:
             lines += ([""] if section else []) + [f"[{sec}]"]
             section = sec
         line = f"{key} = {literal(configmod.shown_value(name, value))}"
-        lines.append(f"{line:<56} # {where}" if origin else line)
+        lines.append(f"{line:<56} # {origin_comment(where)}" if origin else line)
     return "\n".join(lines)
+
+
+def origin_comment(where: str) -> str:
+    """An origin as a TOML comment may hold it: a path with a control character is shown quoted."""
+    return where if where.isprintable() else literal(where)
 
 
 def validate(path: str | Path | None) -> int:
