@@ -7,6 +7,7 @@ One booted guest for the module; the tests run in file order, and each one state
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -237,7 +238,7 @@ def test_stop_leaves_nothing_behind(guest, packages):
     guest.wait_active(UNIT)
 
 
-def test_upgrade_keeps_edited_config_and_restarts_after_validation(guest, packages):
+def test_upgrade_keeps_edited_config_and_reexecutes_in_place_after_validation(guest, packages):
     ensure_installed(guest, packages, packages.deb)
     assert installed_version(guest) == packages.version
     edited = guest.read_file(CONFIG).replace('#log_level = "info"', 'log_level = "debug"')
@@ -253,14 +254,20 @@ def test_upgrade_keeps_edited_config_and_restarts_after_validation(guest, packag
     assert guest.read_file(CONFIG) == edited
     assert guest.stat(CONFIG) == "640 root:xerotier"
     assert guest.read_file(f"{STATE_DIR}/systest-marker") == "kept\n"
-    # The postinst queues the restart (--no-block) and says how to follow it.
-    assert "journalctl -u ximd -f" in done.stdout, done.stdout
+    # The postinst asks the running daemon to re-execute in place (--no-wait) and says
+    # how to follow it.
+    assert "re-executing in place" in done.stdout and "journalctl -u ximd -f" in done.stdout, done.stdout
 
-    def restarted() -> dict[str, str] | None:
-        props = guest.wait_active(UNIT)
-        return props if int(props["MainPID"]) not in (0, old_pid) else None
-    props = wait_until(restarted, 60, "the upgrade to restart ximd")
-    assert props["NRestarts"] == "0"
+    def reexecuted() -> dict | None:
+        out = guest.run(["ximd", "status", "--format", "json"], check=False).stdout
+        status = json.loads(out) if out.strip() else {}
+        return status if status.get("version") == packages.upgrade_version else None
+    status = wait_until(reexecuted, 60, "the upgrade to re-execute ximd in place")
+    assert status["pid"] == old_pid and status["generation"] == 1, status
+    # The new image waits as the old one did, READY again (active, not reloading).
+    props = wait_until(lambda: (p := guest.wait_active(UNIT))["StatusText"].startswith("not enrolled") and p, 30,
+                       "the re-executed ximd to wait, not enrolled")
+    assert int(props["MainPID"]) == old_pid and props["NRestarts"] == "0", props
 
 
 def test_upgrade_with_invalid_config_keeps_the_running_daemon(guest, packages):
