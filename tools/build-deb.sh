@@ -36,6 +36,7 @@ trap 'rm -rf "$work"' EXIT INT TERM
 src="$work/xerotier-agent-$version"
 
 "$root/tools/export-source.sh" "$src"
+stamp_version "$src"
 
 cp -a "$root/packaging/debian" "$src/debian"
 # The sysusers and tmpfiles snippets are shared with the RPM; debhelper wants them here.

@@ -30,6 +30,7 @@ top=$(mktemp -d "${TMPDIR:-/tmp}/build-rpm.XXXXXX")
 trap 'rm -rf "$top"' EXIT INT TERM
 mkdir -p "$top/SOURCES"
 "$root/tools/export-source.sh" "$top/xerotier-agent-$version"
+stamp_version "$top/xerotier-agent-$version"
 tar -C "$top" -czf "$top/SOURCES/xerotier-agent-$version.tar.gz" "xerotier-agent-$version"
 cp "$root/systemd/xerotier-agent.sysusers" "$top/SOURCES/"
 

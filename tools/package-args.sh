@@ -23,3 +23,13 @@ if [ -z "$version" ]; then
     version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
         "$root/pyproject.toml") || die "cannot read [project] version from $root/pyproject.toml"
 fi
+
+# The daemon reports the package's version (`ximd status`, `ximd reexec`, the router's
+# agent list): written into the scratch copy's xim_proto/__init__.py, which holds the
+# one __version__ both programs re-export. A no-op when VERSION is pyproject.toml's.
+stamp_version() {
+    init="$1/xim_proto/__init__.py"
+    grep -q '^__version__ = ' "$init" || die "no __version__ line in $init"
+    sed -i "s/^__version__ = \"[^\"]*\"/__version__ = \"$version\"/" "$init"
+    grep -q "^__version__ = \"$version\"" "$init" || die "could not write version $version into $init"
+}

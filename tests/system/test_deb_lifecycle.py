@@ -270,7 +270,7 @@ def test_stop_leaves_nothing_behind(guest, packages):
     guest.wait_active(UNIT)
 
 
-def test_upgrade_keeps_edited_config_and_reexecutes_after_validation(guest, packages):
+def test_upgrade_keeps_edited_config_and_reexecutes_in_place_after_validation(guest, packages):
     ensure_installed(guest, packages, packages.deb)
     assert installed_version(guest) == packages.version
     edited = guest.read_file(CONFIG).replace('#log_level = "info"', 'log_level = "debug"')
@@ -286,19 +286,20 @@ def test_upgrade_keeps_edited_config_and_reexecutes_after_validation(guest, pack
     assert guest.read_file(CONFIG) == edited
     assert guest.stat(CONFIG) == "640 root:xerotier"
     assert guest.read_file(f"{STATE_DIR}/systest-marker") == "kept\n"
-    # The postinst re-executes the running daemon in place (not waited for) and says how to follow it.
+    # The postinst asks the running daemon to re-execute in place (--no-wait) and says
+    # how to follow it.
     assert "re-executing in place" in done.stdout and "journalctl -u ximd -f" in done.stdout, done.stdout
 
     def reexecuted() -> dict | None:
-        answer = guest.run(["ximd", "status", "--format", "json"], check=False)
-        status = json.loads(answer.stdout) if answer.returncode == 0 else {}
-        # The package's version is not the program's (an upgrade package built from the same
-        # tree carries the same ximd): the new image is told by its generation.
-        return status if status.get("generation") == 1 and status.get("phase") not in ("starting", "reexec") else None
-    status = wait_until(reexecuted, 60, "the re-executed ximd to answer")
-    assert status["pid"] == old_pid, status
-    props = guest.wait_active(UNIT)
-    assert int(props["MainPID"]) == old_pid and props["NRestarts"] == "0"
+        out = guest.run(["ximd", "status", "--format", "json"], check=False).stdout
+        status = json.loads(out) if out.strip() else {}
+        return status if status.get("version") == packages.upgrade_version else None
+    status = wait_until(reexecuted, 60, "the upgrade to re-execute ximd in place")
+    assert status["pid"] == old_pid and status["generation"] == 1, status
+    # The new image waits as the old one did, READY again (active, not reloading).
+    props = wait_until(lambda: (p := guest.wait_active(UNIT))["StatusText"].startswith("not enrolled") and p, 30,
+                       "the re-executed ximd to wait, not enrolled")
+    assert int(props["MainPID"]) == old_pid and props["NRestarts"] == "0", props
 
 
 def test_upgrade_with_invalid_config_keeps_the_running_daemon(guest, packages):
