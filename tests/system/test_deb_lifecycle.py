@@ -298,6 +298,9 @@ def test_remove_keeps_state_and_purge_removes_it(guest, packages):
         assert not guest.exists(gone), f"purge left {gone}"
     assert "/etc/xerotier/agent.toml" not in guest.run(["dpkg-statoverride", "--list"]).stdout
     assert installed_version(guest) is None
+    # Its protocol package stays (a dependency, for `apt autoremove`); gone with it too, so
+    # that the next install starts from nothing.
+    guest.run(["apt-get", "purge", "-y", "-q", "python3-xim-proto"], timeout=300)
 
 
 # A router that accepts connections and never answers: enrollment waits for its HTTP
