@@ -1,13 +1,16 @@
 #!/bin/sh
-# Build the xerotier-agent .deb with dpkg-buildpackage (debhelper + pybuild) on the
-# distribution's own python3, and check it with lintian.
+# Build the .deb packages of the source package xerotier-agent with dpkg-buildpackage
+# (debhelper + pybuild) on the distribution's own python3, and check them with lintian:
+# xerotier-agent (the node, ximd), xim-router (the router) and python3-xim-proto (the
+# protocol package both depend on).
 #
 # Usage: tools/build-deb.sh [--version VERSION] [--no-lint] [OUTDIR]
-#   OUTDIR     where xerotier-agent_<version>_all.deb lands (default: dist/)
+#   OUTDIR     where <package>_<version>_all.deb land (default: dist/)
 #   --version  package version; default: [project] version in pyproject.toml
 #              (the system test builds a higher one to exercise upgrades)
 #   --no-lint  skip lintian (the build itself is unchanged)
-# Prints the path of the .deb on stdout; logs go to stderr.
+# Prints the path of each .deb on stdout, one a line, xerotier-agent's first; logs go
+# to stderr.
 #
 # debian/ lives in packaging/debian/ (the repository root is the Python project), so
 # the build runs in a scratch copy of the source tree with debian/ in place and a
@@ -40,8 +43,10 @@ stamp_version "$src"
 
 cp -a "$root/packaging/debian" "$src/debian"
 # The sysusers and tmpfiles snippets are shared with the RPM; debhelper wants them here.
-cp "$root/systemd/xerotier-agent.sysusers" "$src/debian/xerotier-agent.sysusers"
-cp "$root/systemd/xerotier-agent.tmpfiles" "$src/debian/xerotier-agent.tmpfiles"
+for package in xerotier-agent xim-router; do
+    cp "$root/systemd/$package.sysusers" "$src/debian/$package.sysusers"
+    cp "$root/systemd/$package.tmpfiles" "$src/debian/$package.tmpfiles"
+done
 
 maintainer=$(sed -n 's/^Maintainer: //p' "$src/debian/control")
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -62,13 +67,21 @@ echo "build-deb: dpkg-buildpackage xerotier-agent $version" >&2
     dpkg-buildpackage -us -uc -b >"$work/build.log" 2>&1) \
     || { tail -n 40 "$work/build.log" >&2; die "dpkg-buildpackage failed (log above)"; }
 
-deb="$work/xerotier-agent_${version}_all.deb"
-[ -f "$deb" ] || die "dpkg-buildpackage did not produce $(basename "$deb")"
+debs=""
+for package in xerotier-agent xim-router python3-xim-proto; do
+    deb="$work/${package}_${version}_all.deb"
+    [ -f "$deb" ] || die "dpkg-buildpackage did not produce $(basename "$deb")"
+    debs="$debs $deb"
+done
 if [ "$lint" = yes ]; then
     echo "build-deb: lintian" >&2
     # Errors fail the build; warnings and info are printed for the reader.
-    lintian --fail-on error "$deb" >&2 || die "lintian reports errors for $(basename "$deb")"
+    # shellcheck disable=SC2086 # three paths without spaces (mktemp's)
+    lintian --fail-on error $debs >&2 || die "lintian reports errors"
 fi
 mkdir -p "$outdir"
-cp "$deb" "$outdir/"
-echo "$(cd "$outdir" && pwd)/$(basename "$deb")"
+outdir=$(cd "$outdir" && pwd)
+for deb in $debs; do
+    cp "$deb" "$outdir/"
+    echo "$outdir/$(basename "$deb")"
+done

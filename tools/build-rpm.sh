@@ -1,12 +1,13 @@
 #!/bin/sh
-# Build the xerotier-agent .rpm (Fedora 40+ / RHEL 10 target) with rpmbuild, and check
-# it with rpmlint.
+# Build the .rpm packages of xerotier-agent.spec (Fedora 40+ / RHEL 10 target) with
+# rpmbuild, and check them with rpmlint: xerotier-agent, xim-router, python3-xim-proto.
 #
 # Usage: tools/build-rpm.sh [--version VERSION] [--no-lint] [OUTDIR]
-#   OUTDIR     where xerotier-agent-<version>-1.noarch.rpm lands (default: dist/)
+#   OUTDIR     where <package>-<version>-1.noarch.rpm land (default: dist/)
 #   --version  package version; default: [project] version in pyproject.toml
 #   --no-lint  skip rpmlint
-# Prints the path of the .rpm on stdout; logs go to stderr.
+# Prints the path of each .rpm on stdout, one a line, xerotier-agent's first; logs go
+# to stderr.
 #
 # On Debian, rpmbuild runs with --nodeps: its rpm database knows none of the dpkg
 # packages, so every BuildRequires would look missing. The spec falls back to plain
@@ -32,7 +33,7 @@ mkdir -p "$top/SOURCES"
 "$root/tools/export-source.sh" "$top/xerotier-agent-$version"
 stamp_version "$top/xerotier-agent-$version"
 tar -C "$top" -czf "$top/SOURCES/xerotier-agent-$version.tar.gz" "xerotier-agent-$version"
-cp "$root/systemd/xerotier-agent.sysusers" "$top/SOURCES/"
+cp "$root/systemd/xerotier-agent.sysusers" "$root/systemd/xim-router.sysusers" "$top/SOURCES/"
 
 # Reproducible: the last commit's date, not the build's.
 epoch=$(git -C "$root" log -1 --format=%ct 2>/dev/null || date +%s)
@@ -49,13 +50,21 @@ env -u VIRTUAL_ENV -u PYTHONPATH -u PYTHONHOME PATH=/usr/sbin:/usr/bin:/sbin:/bi
     rpmbuild -bb --nodeps --define "_topdir $top" "$top/SOURCES/xerotier-agent.spec" >"$top/build.log" 2>&1 \
     || { tail -n 40 "$top/build.log" >&2; die "rpmbuild failed (log above)"; }
 
-rpm_file=$(find "$top/RPMS" -name "xerotier-agent-$version-*.noarch.rpm" | head -n 1)
-[ -n "$rpm_file" ] || die "rpmbuild did not produce xerotier-agent-$version-*.noarch.rpm"
+rpm_files=""
+for package in xerotier-agent xim-router python3-xim-proto; do
+    rpm_file=$(find "$top/RPMS" -name "$package-$version-*.noarch.rpm" | head -n 1)
+    [ -n "$rpm_file" ] || die "rpmbuild did not produce $package-$version-*.noarch.rpm"
+    rpm_files="$rpm_files $rpm_file"
+done
 if [ "$lint" = yes ]; then
     echo "build-rpm: rpmlint" >&2
-    rpmlint -r "$rpmlintrc" "$top/SOURCES/xerotier-agent.spec" "$rpm_file" >&2 \
-        || die "rpmlint reports errors for $(basename "$rpm_file")"
+    # shellcheck disable=SC2086 # paths without spaces (mktemp's)
+    rpmlint -r "$rpmlintrc" "$top/SOURCES/xerotier-agent.spec" $rpm_files >&2 \
+        || die "rpmlint reports errors"
 fi
 mkdir -p "$outdir"
-cp "$rpm_file" "$outdir/"
-echo "$(cd "$outdir" && pwd)/$(basename "$rpm_file")"
+outdir=$(cd "$outdir" && pwd)
+for rpm_file in $rpm_files; do
+    cp "$rpm_file" "$outdir/"
+    echo "$outdir/$(basename "$rpm_file")"
+done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ from xim_proto.addresses import parse_host_port
 from xim_proto.cliout import FORMATS, format_name, local_text, quiet_on_closed_stdout, rfc3339
 from xim_proto.joinkey import fingerprint
 from xim_proto.modelid import is_model_id
-from xim_router import dataplane, exposure, keys, openai_api, server
+from xim_proto.privileges import become, owner_to_become
+from xim_router import config, dataplane, exposure, keys, notify, openai_api, server
 from xim_router import store as store_mod
 from xim_router.http import quiet_malformed_requests
 from xim_router.mesh import RouterSettings
@@ -131,34 +133,11 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 
-def add_format(parser: argparse.ArgumentParser) -> None:
-    """`--format text|json`, spelled as ximd spells it ('table' is still accepted for text)."""
-    parser.add_argument("--format", type=format_name, choices=FORMATS, default="text",
-                        help="text (a table, the default) or json (timestamps in RFC 3339 UTC)")
-
-
-def json_rows(rows: list[dict]) -> str:
-    """Rows as `--format json` prints them: every moment in RFC 3339 UTC."""
-    return json.dumps([{k: rfc3339(v) if k in TIME_FIELDS else v for k, v in row.items()} for row in rows],
-                      indent=2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="xim-router",
-        description="The open router that ximd nodes join: enrollment, the CurveZMQ mesh, "
-                    "and (with serving) an OpenAI-compatible API.")
-    parser.add_argument("--version", action="version", version=f"xim-router {__version__}")
-    state = argparse.ArgumentParser(add_help=False)
-    state.add_argument("--state-dir", default=os.environ.get("XIM_ROUTER_STATE_DIR", DEFAULT_STATE_DIR),
-                       help="keys and the SQLite store (default: $XIM_ROUTER_STATE_DIR or %(default)s)")
-    # For a subcommand under a command that takes --state-dir too: given on either side
-    # of the subcommand's name, without the subcommand's default overwriting it.
-    state_again = argparse.ArgumentParser(add_help=False)
-    state_again.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", parents=[state], help="run the router")
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """The flags of ``xim-router serve``: also the keys of router.toml (xim_router.config)."""
+    serve.add_argument("--config", metavar="PATH",
+                       help=f"read these options from PATH first; a flag wins over the file (default: "
+                            f"${config.PATH_ENV}, or {config.DEFAULT_PATH} when it exists)")
     listen = serve.add_argument_group("listening")
     listen.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), metavar="HOST:PORT",
                         help="OpenAI API address, and enrollment's unless --enroll-http "
@@ -195,6 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["debug", "info", "warning", "error"])
     add_api_arguments(serve)
 
+
+def add_format(parser: argparse.ArgumentParser) -> None:
+    """`--format text|json`, spelled as ximd spells it ('table' is still accepted for text)."""
+    parser.add_argument("--format", type=format_name, choices=FORMATS, default="text",
+                        help="text (a table, the default) or json (timestamps in RFC 3339 UTC)")
+
+
+def json_rows(rows: list[dict]) -> str:
+    """Rows as `--format json` prints them: every moment in RFC 3339 UTC."""
+    return json.dumps([{k: rfc3339(v) if k in TIME_FIELDS else v for k, v in row.items()} for row in rows],
+                      indent=2)
+
+
+def build_parser(serve_defaults: dict[str, object] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xim-router",
+        description="The open router that ximd nodes join: enrollment, the CurveZMQ mesh, "
+                    "and (with serving) an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"xim-router {__version__}")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state-dir", default=os.environ.get("XIM_ROUTER_STATE_DIR", DEFAULT_STATE_DIR),
+                       help="keys and the SQLite store (default: $XIM_ROUTER_STATE_DIR or %(default)s)")
+    # For a subcommand under a command that takes --state-dir too: given on either side
+    # of the subcommand's name, without the subcommand's default overwriting it.
+    state_again = argparse.ArgumentParser(add_help=False)
+    state_again.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[state], help="run the router")
+    add_serve_arguments(serve)
+    # router.toml's values, under the flags (`main` reads the file).
+    serve.set_defaults(**(serve_defaults or {}))
+
     join_key = sub.add_parser("join-key", help="manage join keys")
     jk_sub = join_key.add_subparsers(dest="subcommand", required=True)
     create = jk_sub.add_parser(
@@ -227,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     revoke = sub.add_parser("revoke", parents=[state], help="revoke an agent's identity")
     revoke.add_argument("agent_id")
+
+    config_cmd = sub.add_parser("config", help="check router.toml")
+    config_sub = config_cmd.add_subparsers(dest="subcommand", required=True)
+    validate = config_sub.add_parser("validate", help="check the configuration file without starting anything "
+                                                      f"(exit {config.EX_CONFIG} when it is invalid)")
+    validate.add_argument("config", nargs="?", metavar="PATH",
+                          help=f"default: ${config.PATH_ENV}, or {config.DEFAULT_PATH}")
     return parser
 
 
@@ -418,23 +437,35 @@ def api_settings_from(args: argparse.Namespace) -> openai_api.ApiSettings:
 
 
 def router_settings_from(args: argparse.Namespace) -> RouterSettings:
-    """The mesh's lease timing from the flags; StartupError when they contradict each other."""
+    """The mesh's lease timing from the flags; config.ConfigError when they contradict each other."""
     if args.lease_timeout <= args.lease_interval:
-        raise StartupError("--lease-timeout must be longer than --lease-interval")
+        raise config.ConfigError("--lease-timeout must be longer than --lease-interval")
     return RouterSettings(lease_interval_s=args.lease_interval, lease_timeout_s=args.lease_timeout,
                           dead_after_s=args.dead_after, token_ttl_s=args.token_ttl,
                           token_grace_s=args.refresh_grace,
                           sweep_interval_s=min(1.0, args.lease_interval / 2))
 
 
+def with_credentials(args: argparse.Namespace) -> argparse.Namespace:
+    """Under xim-router.service: the TLS files and the API key file that systemd handed over
+    as credentials, where neither a flag nor router.toml names one."""
+    if args.tls_cert is None and args.tls_key is None:
+        args.tls_cert = config.credential_path(config.TLS_CERT_CREDENTIAL)
+        args.tls_key = config.credential_path(config.TLS_KEY_CREDENTIAL)
+    if args.api_key_file is None:
+        args.api_key_file = config.credential_path(config.API_KEYS_CREDENTIAL)
+    return args
+
+
 def serve_options(args: argparse.Namespace) -> ServeOptions:
-    """What `server.start` needs, checked in the order the operator reads the flags."""
+    """What `server.start` needs, checked in the order the operator reads the flags.
+    config.ConfigError for what the operator configured wrong (restarting cannot fix it)."""
     settings = router_settings_from(args)
-    ssl_context = server.tls_context(args.tls_cert, args.tls_key)
     try:
+        ssl_context = server.tls_context(args.tls_cert, args.tls_key)
         api = api_settings_from(args)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+    except (StartupError, ValueError) as exc:
+        raise config.ConfigError(str(exc)) from None
     return ServeOptions(state_dir=Path(args.state_dir), http=args.http, mesh=args.mesh,
                         advertise=tuple(args.advertise), settings=settings, api=api,
                         ssl_context=ssl_context, enroll_http=args.enroll_http)
@@ -465,6 +496,7 @@ async def serve(options: ServeOptions) -> int:
     running = await server.start(options)
     # The same facts go to the log when serving starts.
     print(serving_line(running.bound), flush=True)
+    notify.send("READY=1", f"STATUS=serving {running.bound.http_url}, mesh {running.bound.mesh_endpoint}")
     status = await running.serve_until_signalled()
     sys.stdout.flush()
     return status
@@ -475,9 +507,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_malformed_requests()
     try:
-        options = serve_options(args)
+        options = serve_options(with_credentials(args))
         checked_exposure(args, options)
         return asyncio.run(serve(options))
+    except config.ConfigError as exc:
+        print(f"xim-router: invalid configuration: {exc}", file=sys.stderr)
+        notify.send(f"STATUS=invalid configuration: {exc}")
+        return config.EX_CONFIG
     except UnsafeExposure as exc:
         print(f"xim-router: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -486,7 +522,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def from_file(action: argparse.Action, value: object) -> object:
+    """A router.toml value as the flag of ``action`` would have it; ValueError saying what it
+    must be. Flags take text: a number is its text, a switch takes true or false, a repeatable
+    flag a list."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            raise ValueError('must be a list, e.g. ["…"]')
+        return [_one_from_file(action, item) for item in value]
+    return _one_from_file(action, value)
+
+
+def _one_from_file(action: argparse.Action, value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"must be a string or a number, not {type(value).__name__}")
+    text = str(value)
+    try:
+        converted = action.type(text) if callable(action.type) else text
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{text!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+def serve_config_defaults(given: str | None) -> dict[str, object]:
+    """router.toml's values for `serve`: --config, $XIM_ROUTER_CONFIG or the default file."""
+    path, required = config.config_path(given)
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(parser)
+    converters = {action.dest: functools.partial(from_file, action) for action in parser._actions
+                  if action.option_strings and action.dest not in config.NOT_IN_FILE}
+    return config.file_values(path, converters, required=required)
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    path, required = config.config_path(args.config)
+    if not required and not path.exists():
+        print(f"{path}: absent; `xim-router serve` uses its defaults")
+        return 0
+    try:
+        settings = serve_config_defaults(str(path))
+    except config.ConfigError as exc:
+        print(f"xim-router: invalid configuration: {exc}", file=sys.stderr)
+        return config.EX_CONFIG
+    print(f"{path}: valid ({len(settings)} setting(s))")
+    return 0
+
+
+# Commands that only read and write the store: run by root, they become the state
+# directory's owner (the service's account), so that what they create stays its own.
+ADMIN_COMMANDS = {"join-key", "agents", "revoke"}
+
+
 COMMANDS = {
+    ("config", "validate"): cmd_config_validate,
     ("serve", None): cmd_serve,
     ("join-key", "create"): cmd_join_key_create,
     ("join-key", "list"): cmd_join_key_list,
@@ -497,14 +591,37 @@ COMMANDS = {
 }
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line; for `serve`, over router.toml's values (a flag wins over the file)."""
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        return args
+    defaults = serve_config_defaults(args.config)
+    # A list from the file is replaced by the flags, not appended to.
+    advertise = defaults.pop("advertise", [])
+    args = build_parser(defaults).parse_args(argv)
+    args.advertise = args.advertise or advertise
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # `xim-router … | head`: the reader leaving ends the command quietly, as it ends coreutils.
     return quiet_on_closed_stdout(lambda: dispatch(argv), EXIT_PIPE)
 
 
 def dispatch(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(argv)
+    except config.ConfigError as exc:
+        print(f"xim-router: invalid configuration: {exc}", file=sys.stderr)
+        notify.send(f"STATUS=invalid configuration: {exc}")
+        return config.EX_CONFIG
     handler = COMMANDS[(args.command, getattr(args, "subcommand", None))]
+    if args.command in ADMIN_COMMANDS:
+        owner = owner_to_become([Path(args.state_dir)])
+        if owner is not None:
+            become(owner)
     try:
         return handler(args)
     except KeyboardInterrupt:

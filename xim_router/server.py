@@ -16,7 +16,7 @@ from pathlib import Path
 import zmq
 from aiohttp import web
 
-from xim_router import enroll_api, keys, openai_api
+from xim_router import enroll_api, keys, notify, openai_api
 from xim_router import store as store_mod
 from xim_router.http import build_app
 from xim_router.mesh import Router, RouterSettings
@@ -85,6 +85,7 @@ class Running:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping")
+        notify.send("STOPPING=1", "STATUS=stopping")
         for runner in self.runners:
             await runner.cleanup()
         await self.router.stop()

@@ -1,37 +1,6 @@
-"""Root running a `ximd` command on the service account's files.
+"""Root running a `ximd` command on the service account's files: xim_proto.privileges,
+which xim-router's admin commands use too."""
 
-The daemon runs as ``xerotier`` and owns its state and model cache. When an
-operator runs `ximd model pull` as root, the files must still end up the
-daemon's: the command reads what only root may (the token) and then becomes
-the owner of the cache for the rest, as `sudo -u xerotier` would.
-"""
+from xim_proto.privileges import Owner, become, owner_to_become
 
-from __future__ import annotations
-
-import os
-from collections.abc import Iterable
-from pathlib import Path
-
-Owner = tuple[int, int]
-
-
-def owner_to_become(paths: Iterable[Path]) -> Owner | None:
-    """The owner of the first of ``paths`` that exists, when we are root and it is someone
-    else; None when there is nobody to become."""
-    if os.geteuid() != 0:
-        return None
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
-    return None
-
-
-def become(owner: Owner) -> None:
-    """Drop root for good: no supplementary groups, the owner's group, then its uid."""
-    uid, gid = owner
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
+__all__ = ["Owner", "become", "owner_to_become"]

@@ -1,5 +1,6 @@
-"""Fixtures of the system tests: the built .deb packages, a cached bookworm rootfs with
-their dependencies baked in, and a booted guest with a real systemd.
+"""Fixtures of the system tests: the built .deb packages (xerotier-agent, xim-router and
+python3-xim-proto, from one source), a cached bookworm rootfs with their dependencies
+baked in, and a booted guest with a real systemd.
 
 Needs root and: systemd-container debootstrap zstd dpkg-dev debhelper dh-python
 pybuild-plugin-pyproject python3-all lintian (see tools/build-deb.sh). The first run on
@@ -43,16 +44,36 @@ REQUIRED_TOOLS = {
 }
 
 
+# The binary packages of the one source package, built together.
+NODE_PACKAGE, ROUTER_PACKAGE, PROTO_PACKAGE = "xerotier-agent", "xim-router", "python3-xim-proto"
+OUR_PACKAGES = (NODE_PACKAGE, ROUTER_PACKAGE, PROTO_PACKAGE)
+
+
 @dataclass(frozen=True)
 class Packages:
     dir: Path
     version: str
-    deb: Path
+    deb: Path                      # xerotier-agent
     upgrade_version: str
     upgrade_deb: Path
+    debs: dict[str, Path]          # package -> .deb, at `version`
+    upgrade_debs: dict[str, Path]  # the same at `upgrade_version`
 
     def guest_path(self, deb: Path) -> str:
         return f"{GUEST_DEBS}/{deb.name}"
+
+    def _guest_paths(self, package: str, upgrade: bool) -> list[str]:
+        debs = self.upgrade_debs if upgrade else self.debs
+        return [self.guest_path(debs[package]), self.guest_path(debs[PROTO_PACKAGE])]
+
+    def node(self, *, upgrade: bool = False) -> list[str]:
+        """Guest paths that `apt-get install` takes for the node: xerotier-agent and the
+        protocol package it depends on (in no repository the guest knows)."""
+        return self._guest_paths(NODE_PACKAGE, upgrade)
+
+    def router(self, *, upgrade: bool = False) -> list[str]:
+        """Guest paths for the router: xim-router and the protocol package."""
+        return self._guest_paths(ROUTER_PACKAGE, upgrade)
 
 
 def deb_field(deb: Path, name: str) -> str:
@@ -70,14 +91,17 @@ def depends_packages(depends: str) -> list[str]:
     return sorted(set(names))
 
 
-def build_deb(outdir: Path, version: str | None = None) -> Path:
+def build_debs(outdir: Path, version: str | None = None) -> dict[str, Path]:
+    """tools/build-deb.sh: package name -> .deb, every package of the source."""
     argv = [str(REPO / "tools/build-deb.sh"), "--no-lint", str(outdir)]
     if version:
         argv[1:1] = ["--version", version]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"tools/build-deb.sh failed ({done.returncode}):\n{done.stderr}", pytrace=False)
-    return Path(done.stdout.strip().splitlines()[-1])
+    debs = {deb_field(Path(line), "Package"): Path(line) for line in done.stdout.split()}
+    assert set(debs) == set(OUR_PACKAGES), debs
+    return debs
 
 
 @pytest.fixture(scope="session")
@@ -94,13 +118,15 @@ def system_host() -> None:
 def packages(system_host, tmp_path_factory) -> Packages:
     outdir = tmp_path_factory.mktemp("debs")
     started = time.monotonic()
-    deb = build_deb(outdir)
-    version = deb_field(deb, "Version")
-    upgrade_deb = build_deb(outdir, version + UPGRADE_SUFFIX)
-    print(f"built {deb.name} and {upgrade_deb.name} in {time.monotonic() - started:.1f}s")
+    debs = build_debs(outdir)
+    version = deb_field(debs[NODE_PACKAGE], "Version")
+    upgrade_debs = build_debs(outdir, version + UPGRADE_SUFFIX)
+    print(f"built {', '.join(d.name for d in [*debs.values(), *upgrade_debs.values()])} "
+          f"in {time.monotonic() - started:.1f}s")
     # The bind mount must be readable by the guest's apt sandbox user (_apt).
     outdir.chmod(0o755)
-    return Packages(outdir, version, deb, version + UPGRADE_SUFFIX, upgrade_deb)
+    return Packages(outdir, version, debs[NODE_PACKAGE], version + UPGRADE_SUFFIX, upgrade_debs[NODE_PACKAGE],
+                    debs, upgrade_debs)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +134,8 @@ def rootfs_tarball(packages: Packages) -> Path:
     """The cached bookworm rootfs with the .deb's dependencies (and the engine's system
     libraries) baked in: the guest runs with a private network, so `apt-get install
     ./x.deb` must find everything there."""
-    needs = depends_packages(deb_field(packages.deb, "Depends")) + ENGINE_SYSTEM_PACKAGES
+    needs = sorted({name for deb in packages.debs.values() for name in depends_packages(deb_field(deb, "Depends"))}
+                   - set(OUR_PACKAGES)) + ENGINE_SYSTEM_PACKAGES
     started = time.monotonic()
     done = subprocess.run([str(REPO / "tools/make-rootfs.sh"), *needs], capture_output=True, text=True,
                           timeout=1200)

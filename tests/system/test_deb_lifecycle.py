@@ -24,10 +24,10 @@ STATE_DIR = "/var/lib/xerotier"
 EXPOSURE_TARGET = 4.0
 
 
-def apt_install(guest: Guest, deb_path: str, *extra: str):
+def apt_install(guest: Guest, deb_paths: list[str], *extra: str):
     # confold: an upgrade must keep the admin's conffile, never ask.
     return guest.run(["apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
-                      *extra, deb_path], timeout=300)
+                      *extra, *deb_paths], timeout=300)
 
 
 def installed_version(guest: Guest) -> str | None:
@@ -36,9 +36,9 @@ def installed_version(guest: Guest) -> str | None:
     return version if done.returncode == 0 and status == "installed" else None
 
 
-def ensure_installed(guest: Guest, packages, deb) -> None:
+def ensure_installed(guest: Guest, packages, *, upgrade: bool = False) -> None:
     if installed_version(guest) is None:
-        apt_install(guest, packages.guest_path(deb))
+        apt_install(guest, packages.node(upgrade=upgrade))
 
 
 def main_pid(guest: Guest) -> int:
@@ -46,7 +46,7 @@ def main_pid(guest: Guest) -> int:
 
 
 def test_install_without_join_key_waits_not_enrolled(guest, packages):
-    out = apt_install(guest, packages.guest_path(packages.deb)).stdout
+    out = apt_install(guest, packages.node()).stdout
     assert "put a join key in /etc/xerotier/agent.toml" in out
 
     # Enabled and started by the package, per Debian policy.
@@ -83,7 +83,7 @@ def credentials_directory(guest: Guest) -> str:
 
 def test_credentials_are_optional_and_delivered(guest, packages):
     """The join key and the Hugging Face token: each a root-only file the unit may lack."""
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     guest.wait_active(UNIT)
     secrets = {"join-key": "xjk_systemtest_not_a_real_key\n", "hf-token": "hf_systemtest_not_a_real_token\n"}
     # Absent /etc/xerotier/<name>: the unit starts, and SetCredential= supplies a blank default.
@@ -107,7 +107,7 @@ def test_credentials_are_optional_and_delivered(guest, packages):
 
 
 def test_sysctl_dropin_installed_and_parsed(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     path = "/usr/lib/sysctl.d/60-xerotier-agent.conf"
     assert guest.exists(path)
     # Parsing only: inside the container the write is refused (the keys belong to the
@@ -121,7 +121,7 @@ def test_sysctl_dropin_installed_and_parsed(guest, packages):
 
 
 def test_systemd_analyze_security_exposure(guest, packages, record_property):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     out = guest.run(["systemd-analyze", "security", "--no-pager", UNIT], check=False).stdout
     match = re.search(r"Overall exposure level for ximd\.service: (\d+\.\d+) (\S+)", out)
     assert match, out
@@ -132,7 +132,7 @@ def test_systemd_analyze_security_exposure(guest, packages, record_property):
 
 
 def test_reload_keeps_the_process(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     guest.wait_active(UNIT)
     pid = main_pid(guest)
     cursor = guest.journal_cursor()
@@ -146,7 +146,7 @@ def test_reload_keeps_the_process(guest, packages):
 def test_reload_works_without_bin_kill(guest, packages):
     """Finding 10: a minimal Debian has no /bin/kill (procps is not essential); reload must not
     depend on it. The guest's kill binaries are hidden for the length of the test."""
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     guest.wait_active(UNIT)
     found = guest.run(["sh", "-c", "for p in /bin/kill /usr/bin/kill; do [ -e $p ] && readlink -f $p; done"],
                       check=False).stdout.split()
@@ -200,7 +200,7 @@ def test_a_200kb_record_reaches_the_real_journal_whole(guest, packages):
 
 
 def test_memory_and_address_limits_are_applied(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     guest.wait_active(UNIT)
     props = guest.show(UNIT, "MemoryMax", "MemorySwapMax", "IPAddressDeny", "MemoryCurrent")
     assert props["MemoryMax"] not in ("", "infinity"), props
@@ -209,7 +209,7 @@ def test_memory_and_address_limits_are_applied(guest, packages):
 
 
 def test_broken_config_fails_once_without_restart_loop(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     guest.write_file(BROKEN_DROPIN, '[agent]\nmax_concurrent = "lots"\n', mode="0640", owner="root:xerotier")
     try:
         cursor = guest.journal_cursor()
@@ -231,7 +231,7 @@ def test_broken_config_fails_once_without_restart_loop(guest, packages):
 
 
 def test_watchdog_restarts_a_stopped_daemon(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     dropin = "/etc/systemd/system/ximd.service.d/50-systest-watchdog.conf"
     guest.write_file(dropin, "[Service]\nWatchdogSec=3s\nRestartSec=1s\n")
     try:
@@ -258,7 +258,7 @@ def test_watchdog_restarts_a_stopped_daemon(guest, packages):
 
 
 def test_stop_leaves_nothing_behind(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     guest.wait_active(UNIT)
     guest.systemctl("stop", UNIT)
     assert guest.active_state(UNIT) == "inactive"
@@ -271,7 +271,7 @@ def test_stop_leaves_nothing_behind(guest, packages):
 
 
 def test_upgrade_keeps_edited_config_and_reexecutes_in_place_after_validation(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     assert installed_version(guest) == packages.version
     edited = guest.read_file(CONFIG).replace('#log_level = "info"', 'log_level = "debug"')
     assert 'log_level = "debug"' in edited
@@ -280,7 +280,7 @@ def test_upgrade_keeps_edited_config_and_reexecutes_in_place_after_validation(gu
     guest.systemctl("restart", UNIT)
     old_pid = int(guest.wait_active(UNIT)["MainPID"])
 
-    done = apt_install(guest, packages.guest_path(packages.upgrade_deb))
+    done = apt_install(guest, packages.node(upgrade=True))
 
     assert installed_version(guest) == packages.upgrade_version
     assert guest.read_file(CONFIG) == edited
@@ -303,12 +303,12 @@ def test_upgrade_keeps_edited_config_and_reexecutes_in_place_after_validation(gu
 
 
 def test_upgrade_with_invalid_config_keeps_the_running_daemon(guest, packages):
-    ensure_installed(guest, packages, packages.upgrade_deb)
+    ensure_installed(guest, packages, upgrade=True)
     old_pid = int(guest.wait_active(UNIT)["MainPID"])
     # The daemon reads its config at start and on reload only, so it keeps running.
     guest.write_file(BROKEN_DROPIN, '[agent]\nmax_concurrent = "lots"\n', mode="0640", owner="root:xerotier")
     try:
-        done = apt_install(guest, packages.guest_path(packages.upgrade_deb), "--reinstall")
+        done = apt_install(guest, packages.node(upgrade=True), "--reinstall")
         output = done.stdout + done.stderr  # apt passes the maintainer scripts' stderr on stdout
         assert "ximd was NOT restarted" in output, output
         assert f"{BROKEN_DROPIN}:2: agent.max_concurrent" in output
@@ -319,7 +319,7 @@ def test_upgrade_with_invalid_config_keeps_the_running_daemon(guest, packages):
 
 
 def test_remove_keeps_state_and_purge_removes_it(guest, packages):
-    ensure_installed(guest, packages, packages.upgrade_deb)
+    ensure_installed(guest, packages, upgrade=True)
     guest.wait_active(UNIT)
     assert guest.exists(f"{STATE_DIR}/systest-marker")
 
@@ -337,6 +337,9 @@ def test_remove_keeps_state_and_purge_removes_it(guest, packages):
         assert not guest.exists(gone), f"purge left {gone}"
     assert "/etc/xerotier/agent.toml" not in guest.run(["dpkg-statoverride", "--list"]).stdout
     assert installed_version(guest) is None
+    # Its protocol package stays (a dependency, for `apt autoremove`); gone with it too, so
+    # that the next install starts from nothing.
+    guest.run(["apt-get", "purge", "-y", "-q", "python3-xim-proto"], timeout=300)
 
 
 # A router that accepts connections and never answers: enrollment waits for its HTTP
@@ -355,7 +358,7 @@ def test_install_with_a_join_key_does_not_wait_for_the_start(guest, packages):
                              'join_key = "xjk_systemtest_blackhole_router_key"\n', mode="0640")
     try:
         started = time.monotonic()
-        done = apt_install(guest, packages.guest_path(packages.deb))
+        done = apt_install(guest, packages.node())
         took = time.monotonic() - started
         # Still activating when apt is done: the postinst queued the start, did not wait for it.
         assert guest.wait_state(UNIT, ["activating"], timeout=10) == "activating"

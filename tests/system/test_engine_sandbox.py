@@ -97,7 +97,7 @@ def request(guest: Guest, path: str, body: dict | None = None) -> tuple[int, str
 
 def test_cpu_engine_serves_inside_the_unit_sandbox(engine_guest, packages):
     guest = engine_guest
-    guest.run(["apt-get", "install", "-y", "-q", packages.guest_path(packages.deb)], timeout=300)
+    guest.run(["apt-get", "install", "-y", "-q", *packages.node()], timeout=300)
     guest.wait_active(UNIT)
     launcher = guest.run(["python3", "-c", "import ximd.engine.sandbox as s; print(s.__file__)"]).stdout.strip()
     guest.write_file("/etc/systemd/system/ximd.service.d/50-systest-engine.conf", engine_dropin(launcher))

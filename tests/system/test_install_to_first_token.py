@@ -3,8 +3,8 @@
 `systemctl enable --now ximd` → the real CPU vLLM engine on the tiny model → an answer
 through the router's OpenAI API → restart without the key → watchdog → stop.
 
-Everything runs inside one guest with a private network: the router from the same
-.deb as a transient unit on loopback, the CPU engine environment bind-mounted at
+Everything runs inside one guest with a private network: the router from its own
+package (xim-router.service, same source) on loopback, the CPU engine environment bind-mounted at
 /opt/xerotier/engine (what xerotier-engine-install builds on a real host), the tiny
 model at /srv/model. vLLM starts three times in this module (first start, restart
 without the key, restart after the watchdog), about a minute each on this machine.
@@ -48,6 +48,7 @@ INACTIVE_GRACE_S = 15
 
 ROUTER_UNIT = "xim-router.service"
 ROUTER_STATE = "/var/lib/xim-router"
+ROUTER_CONFIG = "/etc/xim-router/router.toml"
 ROUTER_HTTP = "127.0.0.1:8080"
 ROUTER_URL = f"http://{ROUTER_HTTP}"
 ROUTER_MESH = "tcp://127.0.0.1:5555"
@@ -187,12 +188,14 @@ def wait_serving(guest: Guest, timeout: float = ENGINE_START_TIMEOUT_S,
     return wait_until(serving, timeout, f"{UNIT} to be active with STATUS {SERVING_STATUS!r}", interval=0.5)
 
 
-def start_router(guest: Guest) -> str:
-    """The router from the same .deb as a transient unit on the guest's loopback; returns
-    a fresh single-use join key."""
-    guest.run(["systemd-run", f"--unit={ROUTER_UNIT}", "--property=StateDirectory=xim-router",
-               "/usr/bin/xim-router", "serve", "--state-dir", ROUTER_STATE, "--http", ROUTER_HTTP,
-               "--mesh", ROUTER_MESH, "--lease-interval", "1s", "--lease-timeout", "3s"])
+def start_router(guest: Guest, packages) -> str:
+    """The router from its own package, xim-router.service, on the guest's loopback with
+    short lease timings in its router.toml; returns a fresh single-use join key."""
+    guest.run(["apt-get", "install", "-y", "-q", *packages.router()], timeout=300)
+    guest.write_file(ROUTER_CONFIG, f'http = "{ROUTER_HTTP}"\nmesh = "{ROUTER_MESH}"\n'
+                                    'lease_interval = "1s"\nlease_timeout = "3s"\n')
+    guest.systemctl("restart", ROUTER_UNIT)
+    guest.wait_active(ROUTER_UNIT)
 
     def healthy() -> bool:
         if guest.active_state(ROUTER_UNIT) not in ("active", "activating"):
@@ -239,12 +242,12 @@ def node(engine_guest, packages) -> Node:
 
 
 def start_node(guest: Guest, packages) -> Node:
-    guest.run(["apt-get", "install", "-y", "-q", packages.guest_path(packages.deb)], timeout=300)
+    guest.run(["apt-get", "install", "-y", "-q", *packages.node()], timeout=300)
     # Installed without a key, the package's unit waits, not enrolled, and says so.
     props = guest.wait_active(UNIT)
     assert props["StatusText"].startswith("not enrolled"), props
 
-    join_key = start_router(guest)
+    join_key = start_router(guest, packages)
     assert join_key.startswith("xjk_"), join_key
     guest.write_file(WATCHDOG_DROPIN, f"[Service]\nWatchdogSec={WATCHDOG_SEC}s\nRestartSec=1s\n")
     guest.systemctl("daemon-reload")

@@ -200,7 +200,7 @@ def hub(engine_guest, packages) -> Hub:
 
 
 def first_download(guest: Guest, packages) -> Hub:
-    guest.run(["apt-get", "install", "-y", "-q", packages.guest_path(packages.deb)], timeout=300)
+    guest.run(["apt-get", "install", "-y", "-q", *packages.node()], timeout=300)
     guest.wait_active(UNIT)
     model_bytes = int(guest.run(["python3", "-c", "import os, sys; print(sum(os.path.getsize(os.path.join(d, f)) "
                                  "for d, _, fs in os.walk(sys.argv[1]) for f in fs))", MODEL_DIR]).stdout)
@@ -212,7 +212,7 @@ def first_download(guest: Guest, packages) -> Hub:
     assert stats["repos"][HF_ID]["size"] == model_bytes, stats["repos"]
     assert stats["require_token"] is True and stats["mode"] == "throttled"
 
-    first_token.start_router(guest)         # (and a join key for its own model, left unused)
+    first_token.start_router(guest, packages)   # (and a join key for its own model, left unused)
     join_key = guest.run(["xim-router", "join-key", "create", "--state-dir", first_token.ROUTER_STATE,
                           "--allow-model", HF_ID]).stdout.strip()
     guest.write_file(DROPIN, f"[Service]\nEnvironment=HF_ENDPOINT={HUB_URL}\nTimeoutStartSec={TIMEOUT_START_S}s\n"
