@@ -17,6 +17,7 @@ import time
 from typing import IO, Any
 
 from xim_proto.cliout import from_rfc3339, local_text, rfc3339
+from xim_proto.privileges import become, owner_to_become
 from ximd import preparation
 from ximd.config import Config
 from ximd.exitcodes import EX_OK, EX_REFUSED, EX_UNAVAILABLE
@@ -26,7 +27,6 @@ from ximd.models.acquire import ModelWait, acquire
 from ximd.models.cache import CacheEntry
 from ximd.models.importing import build_manifest, find_source, install
 from ximd.models.progress import LogPacer, Progress, log_line, progress_line
-from ximd.privileges import become, owner_to_become
 from ximd.units import gb_text, size_text
 
 
