@@ -18,6 +18,7 @@ import pytest
 
 from tests.mesh.helpers import LinkProbe, load_config, make_link, running, until, write_agent_config
 from tests.support.router import RouterProcess, wait_for
+from xim_proto.cliout import from_rfc3339
 from ximd import enrollment
 from ximd.enrollment import EnrollmentRejected
 from ximd.mesh.state import LinkState
@@ -57,6 +58,12 @@ def test_a_token_alone_stops_renewing_a_node_that_is_not_on_the_mesh(tmp_path, r
     assert router.agent(identity.agent_id)["state"] == "pending"
 
 
+def last_seen(router, agent_id: str) -> float:
+    """When the router last heard the agent (`agents --format json` writes RFC 3339); 0 for never."""
+    seen = router.agent(agent_id)["last_seen_at"]
+    return from_rfc3339(seen) if seen else 0.0
+
+
 def test_a_node_on_the_mesh_keeps_refreshing_and_may_unenroll(tmp_path, router):
     cfg, identity = node(tmp_path, router, "present")
     probe = LinkProbe()
@@ -67,8 +74,7 @@ def test_a_node_on_the_mesh_keeps_refreshing_and_may_unenroll(tmp_path, router):
             await until(lambda: link.state == LinkState.CONNECTED, 30, "the link to connect")
             # Past the grace since enrollment, with leases still arriving.
             await until(lambda: time.time() > identity.enrolled_at + GRACE_S + 1, 30, "the grace to pass")
-            await until(lambda: (router.agent(identity.agent_id)["last_seen_at"] or 0) > time.time() - GRACE_S,
-                        30, "a recent lease")
+            await until(lambda: last_seen(router, identity.agent_id) > time.time() - GRACE_S, 30, "a recent lease")
             renewed = await enrollment.refresh(cfg, identity)
             assert renewed.token != identity.token
             await enrollment.unenroll(cfg, renewed)
