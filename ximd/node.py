@@ -121,6 +121,7 @@ class Node:
         self.supervisor: EngineSupervisor | None = None
         self.bridge: Bridge | None = None
         self.link: MeshLink | None = None
+        self._linking: asyncio.Task | None = None     # the engine probe that starts the link
         self.metrics = NodeMetrics()
         self.metrics_server: MetricsServer | None = None
         self.link_state: LinkState | None = None      # None until the link exists
@@ -286,10 +287,20 @@ class Node:
             self.host.engine_loading(model, report.loading_s or 0.0)
         elif state is EngineState.HEALTHY:
             self.host.node_serving(serving_line(model, self.link_state))
-            if self.link is None:
-                self.start_link()
+            if self.link is None and self._linking is None:
+                self._linking = self._spawn(self.probe_then_link(), "engine probe")
         elif state in (EngineState.BACKOFF, EngineState.FAILED, EngineState.UNHEALTHY):
             self.host.node_degraded(f"engine-{state.value}", f"engine {state.value}: {report.detail}")
+
+    async def probe_then_link(self) -> None:
+        """Ask the healthy engine what it serves beyond completions and its context length
+        (hello and leases say them), then connect."""
+        _, _, bridge = self._engine()
+        await bridge.probe_engine()
+        if bridge.optional_endpoints:
+            log.info("the engine also serves: %s", ", ".join(sorted(bridge.optional_endpoints)),
+                     extra=phase_fields("engine"))
+        self.start_link()
 
     async def poll_engine_load(self, supervisor: EngineSupervisor, engine_socket: Path) -> None:
         """Keep the waiting count and KV-cache usage fresh for the leases."""
@@ -335,18 +346,20 @@ class Node:
         await self.link.send(msg)
 
     def models_info(self) -> tuple[codec.Model, ...]:
-        prepared, supervisor, _ = self._engine()
+        prepared, supervisor, bridge = self._engine()
         state = {EngineState.HEALTHY: "ready", EngineState.LOADING: "loading",
                  EngineState.STARTING: "loading", EngineState.STOPPED: "stopped"}.get(
             supervisor.state, "failed")
+        # The engine's own figure once it was asked (it settles "the model's default"), else the plan's.
         return (codec.Model(name=prepared.launch.served_model_name, state=state,
-                            max_model_len=prepared.plan.max_model_len),)
+                            max_model_len=bridge.max_model_len or prepared.plan.max_model_len),)
 
     def hello_info(self) -> HelloInfo:
-        prepared, _, _ = self._engine()
+        prepared, _, bridge = self._engine()
         hw, plan = prepared.hardware, prepared.plan
         return HelloInfo(
             models=self.models_info(), max_concurrent=plan.max_concurrent,
+            capabilities=tuple(sorted(bridge.optional_endpoints)),
             hardware={"accelerator": plan.accelerator, "gpus": len(hw.gpus),
                       "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()})
 
