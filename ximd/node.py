@@ -113,7 +113,8 @@ class NodeHost(Protocol):
 class Node:
     """``adopt``: the engine an earlier program image of this process handed over (ximd.reexec)."""
 
-    def __init__(self, cfg: Config, identity: Identity, host: NodeHost, adopt: EngineHandover | None = None):
+    def __init__(self, cfg: Config, identity: Identity, host: NodeHost, adopt: EngineHandover | None = None,
+                 metrics: NodeMetrics | None = None, metrics_server: MetricsServer | None = None):
         self.cfg = cfg
         self.identity = identity
         self.host = host
@@ -122,8 +123,9 @@ class Node:
         self.bridge: Bridge | None = None
         self.link: MeshLink | None = None
         self._linking: asyncio.Task | None = None     # the engine probe that starts the link
-        self.metrics = NodeMetrics()
-        self.metrics_server: MetricsServer | None = None
+        # The daemon's: its endpoint answers from the daemon's start; the node adds the engine.
+        self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.metrics_server = metrics_server
         self.link_state: LinkState | None = None      # None until the link exists
         self._tasks: list[asyncio.Task] = []
         self._engine_state_since = time.monotonic()
@@ -166,8 +168,8 @@ class Node:
                              models=lambda: [launch.served_model_name],
                              engine_ready=lambda: supervisor.healthy, metrics=self.metrics)
         await self.bridge.start()
-        if self.cfg.metrics.enabled:
-            await self.start_metrics(launch.socket_path)
+        if self.metrics_server is not None:
+            await self.metrics_server.attach_engine(launch.socket_path)
         self._spawn(supervisor.run(), "engine supervisor")
         self._spawn(self.poll_engine_load(supervisor, launch.socket_path), "engine load poller")
 
@@ -253,16 +255,6 @@ class Node:
         self.cfg = cfg
         self._retry_model.set()
         return True
-
-    async def start_metrics(self, engine_socket: Path) -> None:
-        self.metrics_server = MetricsServer(self.cfg.metrics.listen, self.metrics, engine_socket)
-        try:
-            await self.metrics_server.start()
-        except OSError as exc:
-            # Metrics are a convenience: a taken port must not keep the node from serving.
-            log.warning("metrics endpoint %s not started: %s (set metrics.listen or metrics.enabled)",
-                        self.cfg.metrics.listen, exc)
-            self.metrics_server = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
@@ -461,8 +453,6 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.bridge is not None:
             await self.bridge.close()
-        if self.metrics_server is not None:
-            await self.metrics_server.close()
         if self._model_hold is not None:
             os.close(self._model_hold)
             self._model_hold = None
