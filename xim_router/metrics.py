@@ -82,6 +82,9 @@ class MeshCollector(Collector):
         self.router = router
         self.holds = holds
 
+    def describe(self) -> Iterator[Metric]:
+        return iter(())          # names vary with the mesh; nothing to read at registration
+
     def collect(self) -> Iterator[Metric]:
         router, now = self.router, time.time()
         info = GaugeMetricFamily("xim_router_info", "The router's version and protocol revision.",
