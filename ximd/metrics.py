@@ -116,6 +116,10 @@ class NodeMetrics:
                                ("tier",), registry=registry)
         ProcessCollector(registry=registry)
         self.in_flight_now = 0
+        # Plain totals beside the counters, for `ximd status` and tests (no registry walk).
+        self.first_tokens = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.last_lease_ack_at: float | None = None      # wall clock
         self.engine_restarts = 0
 
@@ -130,15 +134,24 @@ class NodeMetrics:
         self.in_flight_now = value
         self._in_flight.set(value)
 
+    @property
+    def requests_by_outcome(self) -> dict[str, int]:
+        """The finished requests by outcome, as the counter holds them (for status and tests)."""
+        return {sample.labels["outcome"]: int(sample.value) for family in self._requests.collect()
+                for sample in family.samples if sample.name.endswith("_total")}
+
     def request_finished(self, outcome: str) -> None:
         self._requests.labels(outcome).inc()
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
+        self.first_tokens += 1
 
     def tokens(self, prompt: int, completion: int) -> None:
         self._prompt.inc(max(0, prompt))
         self._completion.inc(max(0, completion))
+        self.prompt_tokens += max(0, prompt)
+        self.completion_tokens += max(0, completion)
 
     # -- written by the daemon and the node
 
