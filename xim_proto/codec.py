@@ -26,6 +26,11 @@ import msgpack
 # answer with the version it picked (docs/protocol.md §4.3).
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
+# The revision of docs/protocol.md this implementation follows (§10: same frames,
+# additions an older peer never sees). 1.2: the embeddings endpoint and capability.
+PROTOCOL_REVISION = "1.2"
+# hello's capability of an agent whose engine serves /v1/embeddings (revision 1.2).
+EMBEDDINGS = "embeddings"
 
 # The largest frame either side sends or accepts. The transport enforces the
 # same limit (ZMQ_MAXMSGSIZE), so an oversized frame never reaches Python.
@@ -172,7 +177,7 @@ class Infer(Message):
     SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
     id: str
     model: str
-    endpoint: str                    # chat.completions | completions
+    endpoint: str                    # chat.completions | completions | embeddings (1.2)
     body: bytes
     stream: bool
     deadline_s: float

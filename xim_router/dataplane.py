@@ -52,6 +52,8 @@ RETRY_ELSEWHERE = frozenset({"at_capacity", "draining", "engine_unavailable", "a
 # Those worth waiting out for a while when no agent is left to try: a node switching
 # over (draining, reconnecting, loading). at_capacity is backpressure: answered at once.
 HOLD_FOR = RETRY_ELSEWHERE - {"at_capacity"}
+# Endpoints only some agents serve; each says so in hello's capabilities (docs/protocol.md §5.3).
+OPTIONAL_ENDPOINTS = frozenset({codec.EMBEDDINGS})
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,11 @@ class RequestFailed(Exception):
     """A request the router answers with an error: a protocol code, a message, an HTTP status."""
 
     def __init__(self, code: str, message: str, http_status: int | None = None,
-                 retryable: bool | None = None):
+                 retryable: bool | None = None, param: str | None = None):
         spec = codec.ERROR_CODES.get(code)
         self.code = code
         self.message = message
+        self.param = param                   # the body field at fault, for OpenAI's error body
         self.http_status = http_status or (spec.http_status if spec else 500)
         self.retryable = retryable if retryable is not None else bool(spec and spec.retryable)
         super().__init__(f"{code}: {message}")
@@ -106,6 +109,22 @@ def served_models(router: Router) -> list[str]:
     return sorted(names)
 
 
+def served_model_lengths(router: Router) -> dict[str, int | None]:
+    """The models of `served_models`, each with the smallest ``max_model_len`` a node serving
+    it reports (a request within it fits on every one); None when none reports one."""
+    lengths: dict[str, int | None] = {}
+    for session in router.sessions.values():
+        for m in session.models():
+            if m.state != "ready":
+                continue
+            known = lengths.get(m.name)
+            if m.name not in lengths or known is None:
+                lengths[m.name] = m.max_model_len
+            elif m.max_model_len is not None:
+                lengths[m.name] = min(known, m.max_model_len)
+    return lengths
+
+
 def models_of_absent_agents(router: Router) -> set[str]:
     """Models that enrolled agents without a live session served at their last lease.
 
@@ -118,9 +137,21 @@ def models_of_absent_agents(router: Router) -> set[str]:
     return names
 
 
-def choose(router: Router, model: str) -> list[Session]:
-    """Agents to try for ``model``, least loaded first; RequestFailed when there is none."""
+def choose(router: Router, model: str, endpoint: str = "chat.completions") -> list[Session]:
+    """Agents to try for ``model`` at ``endpoint``, least loaded first; RequestFailed when there is none.
+
+    An optional endpoint (embeddings) goes only to agents that announced it in hello
+    (revision 1.2); when agents serve the model but none of them offers it, and no agent
+    that is away served the model (it might), that is the client's 400.
+    """
     ready = router.candidates(model)
+    if endpoint in OPTIONAL_ENDPOINTS:
+        able = [s for s in ready if endpoint in s.hello.capabilities]
+        if ready and not able and model not in models_of_absent_agents(router):
+            raise RequestFailed("bad_request", f"no node serving '{model}' offers {endpoint}: their engines "
+                                               "do not serve that endpoint (or their ximd predates it)",
+                                400, param="model")
+        ready = able
     if not ready:
         known = any(m.name == model for s in router.sessions.values() for m in s.models())
         if known or model in models_of_absent_agents(router):
@@ -299,7 +330,7 @@ async def start(router: Router, settings: Settings, *, model: str, endpoint: str
     try:
         while attempt < settings.max_attempts:
             try:
-                agents = [s for s in choose(router, model) if s.session_id not in tried]
+                agents = [s for s in choose(router, model, endpoint) if s.session_id not in tried]
             except RequestFailed as exc:
                 if exc.code == "at_capacity":
                     raise (last if last is not None else exc) from None

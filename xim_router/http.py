@@ -3,6 +3,12 @@
 `build_app(router)` is the seam: each module in ROUTE_MODULES has
 `add_routes(app)` and reaches the mesh through ``app[ROUTER_KEY]``. The
 OpenAI-compatible API (serving) plugs in here beside the enrollment API.
+
+Every listener also answers the operators' endpoints, without an API key:
+``/healthz`` (JSON details), ``/health`` (200 when the router can route a
+request at all, 503 otherwise: for load balancers) and ``/version``. The
+listener of the OpenAI API adds ``/metrics`` (Prometheus text,
+xim_router.metrics), behind the API key when keys are set: it names the nodes.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import logging
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from xim_proto import codec
 from xim_proto.ratelimit import escape
-from xim_router import enroll_api, openai_api
+from xim_router import __version__, dataplane, enroll_api, metrics, openai_api
 from xim_router.api_common import ROUTER_KEY, json_errors
 from xim_router.mesh import Router
 
@@ -33,14 +40,40 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def health(request: web.Request) -> web.Response:
+    """For load balancers: 200 while some connected node has a model ready, 503 otherwise."""
+    models = dataplane.served_models(request.app[ROUTER_KEY])
+    if models:
+        return web.json_response({"status": "ok", "models": len(models)})
+    return web.json_response({"status": "unavailable", "reason": "no connected node has a model ready"},
+                             status=503)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__, "protocol_version": codec.PROTOCOL_VERSION,
+                              "protocol_revision": codec.PROTOCOL_REVISION})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    if not openai_api.authorized(request, openai_api.settings_of(request).api_keys):
+        return openai_api.unauthorized()
+    return metrics.response(request.app)
+
+
 def build_app(router: Router, modules: tuple = ROUTE_MODULES) -> web.Application:
-    """An app with /healthz and the routes of ``modules`` (a separate enrollment
-    listener gets only enroll_api, the API listener then only openai_api)."""
+    """An app with /healthz, /health, /version and the routes of ``modules`` (a separate
+    enrollment listener gets only enroll_api, the API listener then only openai_api,
+    which brings /metrics)."""
     app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
     app[ROUTER_KEY] = router
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
     for module in modules:
         module.add_routes(app)
+    if openai_api in modules:
+        metrics.install(app, app.get(openai_api.HOLDS_KEY))
+        app.router.add_get("/metrics", metrics_endpoint)
     return app
 
 

@@ -1,4 +1,5 @@
-"""The router's OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+"""The router's OpenAI-compatible API: /v1/models (and /v1/models/{id}), /v1/chat/completions,
+/v1/completions, /v1/embeddings.
 
 What an OpenAI client sees, built on `xim_router.dataplane`:
 
@@ -20,6 +21,11 @@ What an OpenAI client sees, built on `xim_router.dataplane`:
 - A request for a model whose nodes are only away for now (re-executing,
   reconnecting, draining, loading) waits for one up to ``--hold-for-node``
   before its 503 (xim_router.dataplane, "Holding").
+- The model list gives each model's ``max_model_len`` as vLLM does (the smallest
+  any node serving it reports: a request within it fits on every one).
+- Embeddings go only to nodes that announce the capability (protocol
+  revision 1.2); a model only other nodes serve is a 400 naming it.
+- Each answer is counted for /metrics (xim_router.metrics) as it ends.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from pathlib import Path
 from aiohttp import web
 
 from xim_proto import codec
-from xim_router import dataplane
+from xim_router import dataplane, metrics
 from xim_router.api_common import ROUTER_KEY, NotJsonObject, parse_json_object
 from xim_router.dataplane import ClientGone, RequestFailed
 
@@ -46,7 +52,8 @@ log = logging.getLogger("xim_router.openai")
 SETTINGS_KEY = "xim_router.openai"
 LIVE_KEY = "xim_router.openai.live"          # the Presence of every request being served
 HOLDS_KEY = "xim_router.openai.holds"        # the requests waiting for a node (dataplane.Holds)
-ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions"}
+ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
+             "/v1/embeddings": codec.EMBEDDINGS}
 DISCONNECT_POLL_S = 0.25
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -98,8 +105,10 @@ def configure(app: web.Application, settings: ApiSettings) -> None:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)     # ids like org/name hold a slash
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", completions)
     app[LIVE_KEY] = set()
     app[HOLDS_KEY] = dataplane.Holds()
     app.on_shutdown.append(end_live_requests)
@@ -191,7 +200,7 @@ class Call:
     body: bytes                      # what goes to the agent
 
 
-def parse_call(raw: bytes) -> Call:
+def parse_call(raw: bytes, endpoint: str = "chat.completions") -> Call:
     """Read model/stream from the body; RequestFailed(400) says what is wrong."""
     try:
         obj = parse_json_object(raw)
@@ -203,6 +212,8 @@ def parse_call(raw: bytes) -> Call:
     stream = obj.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestFailed("bad_request", "'stream' must be true or false", 400)
+    if stream and endpoint == codec.EMBEDDINGS:
+        raise RequestFailed("bad_request", "embeddings are not streamed: leave 'stream' out", 400)
     wants_usage = False
     if stream:
         options = obj.get("stream_options")
@@ -217,29 +228,71 @@ def parse_call(raw: bytes) -> Call:
 # ---------------------------------------------------------------- handlers
 
 
+def model_card(name: str, max_model_len: int | None) -> dict:
+    """One model as OpenAI's list shows it, with vLLM's ``root`` and ``max_model_len``."""
+    card: dict = {"id": name, "object": "model", "created": 0, "owned_by": "xim", "root": name}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return card
+
+
 async def list_models(request: web.Request) -> web.Response:
     if not authorized(request, settings_of(request).api_keys):
         return unauthorized()
-    names = dataplane.served_models(request.app[ROUTER_KEY])
+    lengths = dataplane.served_model_lengths(request.app[ROUTER_KEY])
     return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": 0, "owned_by": "xim"} for name in names]})
+        model_card(name, length) for name, length in sorted(lengths.items())]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the model's card, or OpenAI's 404 when no connected node has it ready."""
+    if not authorized(request, settings_of(request).api_keys):
+        return unauthorized()
+    name = request.match_info["model"]
+    lengths = dataplane.served_model_lengths(request.app[ROUTER_KEY])
+    if name not in lengths:
+        return error_response(RequestFailed("model_not_found", f"The model '{name}' does not exist or is "
+                                                               "not served here", 404), param="model")
+    return web.json_response(model_card(name, lengths[name]))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     settings = settings_of(request)
+    endpoint = ENDPOINTS[request.path]
     if not authorized(request, settings.api_keys):
-        return unauthorized()
+        return counted(request, endpoint, unauthorized())
     try:
-        call = parse_call(await read_body(request))
+        call = parse_call(await read_body(request), endpoint)
     except RequestFailed as exc:
-        return error_response(exc)
+        failed(request, exc)
+        return counted(request, endpoint, error_response(exc))
     presence = dataplane.Presence()
     live = request.app[LIVE_KEY]
     live.add(presence)
     try:
-        return await serve_call(request, settings, call, presence)
+        return counted(request, endpoint, await serve_call(request, settings, call, presence))
     finally:
         live.discard(presence)
+
+
+def counted(request: web.Request, endpoint: str, response: web.StreamResponse) -> web.StreamResponse:
+    """Count the answer for /metrics (by the status its client got) and return it."""
+    app_metrics = metrics.metrics_of(request.app)
+    if app_metrics is not None:
+        app_metrics.request_done(endpoint, response.status)
+    return response
+
+
+def failed(request: web.Request, failure: RequestFailed) -> None:
+    app_metrics = metrics.metrics_of(request.app)
+    if app_metrics is not None:
+        app_metrics.failed(failure.code)
+
+
+def used(request: web.Request, usage: codec.Usage | None) -> None:
+    app_metrics = metrics.metrics_of(request.app)
+    if app_metrics is not None:
+        app_metrics.used(usage)
 
 
 async def serve_call(request: web.Request, settings: ApiSettings, call: Call,
@@ -252,19 +305,22 @@ async def serve_call(request: web.Request, settings: ApiSettings, call: Call,
             holds=request.app[HOLDS_KEY])
     except RequestFailed as exc:
         watcher.cancel()
-        return error_response(exc, param="model" if exc.code == "model_not_found" else None)
+        failed(request, exc)
+        return error_response(exc, param=exc.param or ("model" if exc.code == "model_not_found" else None))
     except ClientGone:
         watcher.cancel()
         return web.Response(status=499)
     try:
         if isinstance(first, codec.Done) and not call.stream:
+            used(request, first.usage)
             return web.Response(body=first.body or b"{}", content_type="application/json",
                                 headers={"X-Request-Id": exchange.id})
         if not call.stream:
             # A non-streamed answer comes whole in done; anything else is a broken agent.
             exchange.cancel("unexpected chunk")
-            return error_response(RequestFailed("internal", "the agent streamed a non-streamed "
-                                                            "request", 502), request_id=exchange.id)
+            failure = RequestFailed("internal", "the agent streamed a non-streamed request", 502)
+            failed(request, failure)
+            return error_response(failure, request_id=exchange.id)
         return await relay_stream(request, exchange, first, call)
     except ClientGone:
         return web.Response(status=499)
@@ -292,6 +348,8 @@ async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first
                 await response.write(b"".join(b"data: " + p + b"\n\n" for p in msg.data))
                 exchange.written()
                 msg = await exchange.next()
+            if isinstance(msg, codec.Done):
+                used(request, msg.usage)
             if call.wants_usage and isinstance(msg, codec.Done):
                 # ximd passes the engine's own usage chunk in done.body; from an
                 # agent that only fills done.usage, build the chunk from that.
@@ -304,6 +362,7 @@ async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first
             # Headers are gone already: the error travels as an event, which
             # OpenAI's clients raise as an APIError.
             log.info("request %s failed mid-stream: %s", exchange.id, exc)
+            failed(request, exc)
             await response.write(error_event(exc))
         await response.write_eof()
     except (ConnectionError, ClientGone):

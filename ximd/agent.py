@@ -31,6 +31,7 @@ from ximd.control import ControlServer, socket_path
 from ximd.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from ximd.identity import Identity
 from ximd.logs import phase_fields, set_level, setup_logging
+from ximd.metrics import MetricsServer, NodeMetrics
 from ximd.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -83,12 +84,17 @@ class Agent:
         self._reexec: asyncio.Task | None = None
         self.control = ControlServer(socket_path(cfg.runtime_dir),
                                      {"status": self._status_reply, "reexec": self.request_reexec})
+        # The daemon's metrics, served from its start (not only once a node serves): the
+        # node writes its series here and adds the engine's.
+        self.metrics = NodeMetrics()
+        self.metrics_server: MetricsServer | None = None
 
     # -------------------------------------------------------------- state
 
     def set_status(self, phase: str, line: str) -> None:
         """Change the phase and tell systemd (STATUS=) when the line changes."""
         self.phase = phase
+        self.metrics.set_state(phase)
         if line != self.status_line:
             self.status_line = line
             self.notifier.status(line)
@@ -164,12 +170,31 @@ class Agent:
             log.warning("%s", warning)
         self.verify_tuning()
         await self.control.start()
+        await self.start_metrics()
         self._lifecycle = asyncio.create_task(self.bring_up())
         try:
             await self.main_loop()
         finally:
             await self.shut_down()
         return self.exit_code
+
+    async def start_metrics(self) -> None:
+        if not self.cfg.metrics.enabled:
+            return
+        server = MetricsServer(self.cfg.metrics.listen, self.metrics)
+        try:
+            await server.start()
+        except OSError as exc:
+            # Metrics are a convenience: a taken port must not keep the node from serving.
+            log.warning("metrics endpoint %s not started: %s (set metrics.listen or metrics.enabled)",
+                        self.cfg.metrics.listen, exc)
+            return
+        self.metrics_server = server
+
+    async def close_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+            self.metrics_server = None
 
     def verify_tuning(self) -> None:
         readings = tuning.check_socket_buffers(self.cfg.tuning.socket_buffer_bytes)
@@ -210,7 +235,8 @@ class Agent:
     async def start_node(self, identity: Identity) -> None:
         from ximd.node import Node
         adopt = self.resumed.engine if self.resumed else None
-        node = self.node = Node(self.cfg, identity, self, adopt=adopt)
+        node = self.node = Node(self.cfg, identity, self, adopt=adopt, metrics=self.metrics,
+                                metrics_server=self.metrics_server)
         await node.start()
 
     async def _discard_handed_over_engine(self, why: str) -> None:
@@ -250,6 +276,7 @@ class Agent:
         if self.node is not None:
             engine = await self.node.hand_over(drain_s=self.cfg.agent.drain_grace_s)
         await self.control.close()
+        await self.close_metrics()          # the next image listens on the same port
         state = reexec.new_state(__version__, to_version, self.generation, engine)
         try:
             path = reexec.write_state(self.cfg.runtime_dir, state)
@@ -359,12 +386,14 @@ class Agent:
     async def shut_down(self) -> None:
         self.notifier.stopping("stopping: draining in-flight requests")
         self.phase = "stopping"
+        self.metrics.set_state("stopping")
         if self._lifecycle is not None and not self._lifecycle.done():
             self._lifecycle.cancel()
             await asyncio.gather(self._lifecycle, return_exceptions=True)
         if self.node is not None:
             await self.node.stop(drain_s=self.cfg.agent.drain_grace_s)
         await self.control.close()
+        await self.close_metrics()
         log.info("stopped", extra=phase_fields("stop"))
 
 

@@ -167,7 +167,7 @@ class DeviceMask(Kind):
 
 
 class Listen(Kind):
-    expected = 'HOST:PORT, such as "127.0.0.1:9094"'
+    expected = 'HOST:PORT, such as "127.0.0.1:7394"'
 
     def parse(self, value, from_text):
         try:
@@ -315,7 +315,11 @@ class TuningSection:
 class MetricsSection:
     enabled: bool = setting(True, Flag(), "Serve Prometheus metrics.",
                             env="XEROTIER_AGENT_METRICS_ENABLED")
-    listen: str = setting("127.0.0.1:9094", Listen(), "Address of the metrics endpoint.",
+    # 7394, not 9094 as in ximd 0.1 (Alertmanager's cluster port): outside Prometheus' default
+    # port allocations (9090-9999, all taken) and no default of what runs beside a node
+    # (ximd.metrics.DEFAULT_LISTEN says which).
+    listen: str = setting("127.0.0.1:7394", Listen(), "Address of the metrics endpoint (answers from "
+                          "ximd's start; 9094 in ximd 0.1, which is Alertmanager's cluster port).",
                           env="XEROTIER_AGENT_METRICS_LISTEN")
 
 

@@ -114,7 +114,8 @@ class NodeHost(Protocol):
 class Node:
     """``adopt``: the engine an earlier program image of this process handed over (ximd.reexec)."""
 
-    def __init__(self, cfg: Config, identity: Identity, host: NodeHost, adopt: EngineHandover | None = None):
+    def __init__(self, cfg: Config, identity: Identity, host: NodeHost, adopt: EngineHandover | None = None,
+                 metrics: NodeMetrics | None = None, metrics_server: MetricsServer | None = None):
         self.cfg = cfg
         self.identity = identity
         self.host = host
@@ -122,8 +123,10 @@ class Node:
         self.supervisor: EngineSupervisor | None = None
         self.bridge: Bridge | None = None
         self.link: MeshLink | None = None
-        self.metrics = NodeMetrics()
-        self.metrics_server: MetricsServer | None = None
+        self._linking: asyncio.Task | None = None     # the engine probe that starts the link
+        # The daemon's: its endpoint answers from the daemon's start; the node adds the engine.
+        self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.metrics_server = metrics_server
         self.link_state: LinkState | None = None      # None until the link exists
         self._tasks: list[asyncio.Task] = []
         self._engine_state_since = time.monotonic()
@@ -166,8 +169,8 @@ class Node:
                              models=lambda: [launch.served_model_name],
                              engine_ready=lambda: supervisor.healthy, metrics=self.metrics)
         await self.bridge.start()
-        if self.cfg.metrics.enabled:
-            await self.start_metrics(launch.socket_path)
+        if self.metrics_server is not None:
+            await self.metrics_server.attach_engine(launch.socket_path)
         self._spawn(supervisor.run(), "engine supervisor")
         self._spawn(self.poll_engine_load(supervisor, launch.socket_path), "engine load poller")
 
@@ -254,16 +257,6 @@ class Node:
         self._retry_model.set()
         return True
 
-    async def start_metrics(self, engine_socket: Path) -> None:
-        self.metrics_server = MetricsServer(self.cfg.metrics.listen, self.metrics, engine_socket)
-        try:
-            await self.metrics_server.start()
-        except OSError as exc:
-            # Metrics are a convenience: a taken port must not keep the node from serving.
-            log.warning("metrics endpoint %s not started: %s (set metrics.listen or metrics.enabled)",
-                        self.cfg.metrics.listen, exc)
-            self.metrics_server = None
-
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._task_done)
@@ -287,10 +280,20 @@ class Node:
             self.host.engine_loading(model, report.loading_s or 0.0)
         elif state is EngineState.HEALTHY:
             self.host.node_serving(serving_line(model, self.link_state))
-            if self.link is None:
-                self.start_link()
+            if self.link is None and self._linking is None:
+                self._linking = self._spawn(self.probe_then_link(), "engine probe")
         elif state in (EngineState.BACKOFF, EngineState.FAILED, EngineState.UNHEALTHY):
             self.host.node_degraded(f"engine-{state.value}", f"engine {state.value}: {report.detail}")
+
+    async def probe_then_link(self) -> None:
+        """Ask the healthy engine what it serves beyond completions and its context length
+        (hello and leases say them), then connect."""
+        _, _, bridge = self._engine()
+        await bridge.probe_engine()
+        if bridge.optional_endpoints:
+            log.info("the engine also serves: %s", ", ".join(sorted(bridge.optional_endpoints)),
+                     extra=phase_fields("engine"))
+        self.start_link()
 
     async def poll_engine_load(self, supervisor: EngineSupervisor, engine_socket: Path) -> None:
         """Keep the waiting count and KV-cache usage fresh for the leases."""
@@ -336,18 +339,20 @@ class Node:
         await self.link.send(msg)
 
     def models_info(self) -> tuple[codec.Model, ...]:
-        prepared, supervisor, _ = self._engine()
+        prepared, supervisor, bridge = self._engine()
         state = {EngineState.HEALTHY: "ready", EngineState.LOADING: "loading",
                  EngineState.STARTING: "loading", EngineState.STOPPED: "stopped"}.get(
             supervisor.state, "failed")
+        # The engine's own figure once it was asked (it settles "the model's default"), else the plan's.
         return (codec.Model(name=prepared.launch.served_model_name, state=state,
-                            max_model_len=prepared.plan.max_model_len),)
+                            max_model_len=bridge.max_model_len or prepared.plan.max_model_len),)
 
     def hello_info(self) -> HelloInfo:
-        prepared, _, _ = self._engine()
+        prepared, _, bridge = self._engine()
         hw, plan = prepared.hardware, prepared.plan
         return HelloInfo(
             models=self.models_info(), max_concurrent=plan.max_concurrent,
+            capabilities=tuple(sorted(bridge.optional_endpoints)),
             hardware={"accelerator": plan.accelerator, "gpus": len(hw.gpus),
                       "ram_bytes": hw.ram_bytes, "cpus": hw.cpu_count, "host": platform.node()})
 
@@ -449,8 +454,6 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.bridge is not None:
             await self.bridge.close()
-        if self.metrics_server is not None:
-            await self.metrics_server.close()
         if self._model_hold is not None:
             os.close(self._model_hold)
             self._model_hold = None

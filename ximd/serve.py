@@ -1,8 +1,8 @@
 """The request bridge: ``infer`` from the mesh → the engine's OpenAI API → ``chunk``/``done``.
 
 One `Bridge` per engine. For each ``infer`` the router sends, it POSTs the
-OpenAI body to the engine's ``/v1/chat/completions`` or ``/v1/completions``
-over the engine's unix socket and streams the answer back
+OpenAI body to the engine's ``/v1/chat/completions``, ``/v1/completions`` or
+``/v1/embeddings`` over the engine's unix socket and streams the answer back
 (docs/protocol.md §5):
 
 - **Coalescing.** Every read from the engine takes all the bytes that are
@@ -48,7 +48,12 @@ from ximd.metrics import NodeMetrics
 
 log = logging.getLogger("ximd.serve")
 
-ENDPOINT_PATHS = {"chat.completions": "/v1/chat/completions", "completions": "/v1/completions"}
+ENDPOINT_PATHS = {"chat.completions": "/v1/chat/completions", "completions": "/v1/completions",
+                  "embeddings": "/v1/embeddings"}
+# Endpoints an engine serves only in some configurations (vLLM: embeddings with a pooling
+# runner), probed once it is healthy (`Bridge.probe_endpoints`) and announced in hello's
+# capabilities (docs/protocol.md §5.2); never streamed: the answer travels whole in done.body.
+OPTIONAL_ENDPOINTS = (codec.EMBEDDINGS,)
 # Data per chunk frame: far under the frame limit, so msgpack's per-item
 # overhead can never push a frame over it.
 MAX_CHUNK_DATA_BYTES = 256 * 1024
@@ -236,6 +241,8 @@ class Bridge:
         self.credit_timeout_s = credit_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.draining = False
+        self.optional_endpoints: frozenset[str] = frozenset()   # what probe_engine found
+        self.max_model_len: int | None = None                    # the engine's own, per probe_engine
         self._requests: dict[str, _Request] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -255,6 +262,38 @@ class Bridge:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def probe_engine(self, timeout_s: float = 5.0) -> None:
+        """Ask the healthy engine, without running anything, what the router should know:
+        which of OPTIONAL_ENDPOINTS it serves (`optional_endpoints`, for `_refusal` and
+        hello) and the context length it runs with (`max_model_len`, from its /v1/models).
+
+        A GET on a POST-only route is a 405 where the route exists and a 404 where it
+        does not (vLLM registers /v1/embeddings only for a model it runs for pooling);
+        no answer counts as not served.
+        """
+        if self._session is None:
+            return
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        found = set()
+        for endpoint in OPTIONAL_ENDPOINTS:
+            try:
+                async with self._session.get("http://engine" + ENDPOINT_PATHS[endpoint], timeout=timeout) as resp:
+                    if resp.status == 405:
+                        found.add(endpoint)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("could not ask the engine whether it serves %s: %r", endpoint, exc)
+        self.optional_endpoints = frozenset(found)
+        try:
+            async with self._session.get("http://engine/v1/models", timeout=timeout) as resp:
+                listed = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.info("could not read the engine's model list: %r", exc)
+            listed = None
+        lengths = [m.get("max_model_len") for m in (listed or {}).get("data") or ()
+                   if isinstance(m, dict)] if isinstance(listed, dict) else []
+        self.max_model_len = next((n for n in lengths if isinstance(n, int) and not isinstance(n, bool)
+                                   and n > 0), None)
 
     # ------------------------------------------------------------ what the agent reads
 
@@ -322,6 +361,11 @@ class Bridge:
         if infer.endpoint not in ENDPOINT_PATHS:
             return "bad_request", (f"unknown endpoint {infer.endpoint!r} "
                                    f"(expected one of {', '.join(ENDPOINT_PATHS)})")
+        if infer.endpoint in OPTIONAL_ENDPOINTS:
+            if infer.endpoint not in self.optional_endpoints:
+                return "bad_request", f"this node's engine does not serve {infer.endpoint}"
+            if infer.stream:
+                return "bad_request", f"{infer.endpoint} are not streamed"
         if self.models is not None:
             served = self.models()
             if infer.model not in served:
@@ -455,8 +499,9 @@ class Bridge:
     async def _relay_whole(self, request: _Request, response: aiohttp.ClientResponse) -> codec.Usage | None:
         body = await response.content.read(MAX_WHOLE_BODY_BYTES + 1)
         if len(body) > MAX_WHOLE_BODY_BYTES:
-            raise EngineError("internal", f"the engine's answer is over {MAX_WHOLE_BODY_BYTES} bytes; "
-                                          "ask for it streamed")
+            hint = "send fewer inputs per request" if request.infer.endpoint == "embeddings" \
+                else "ask for it streamed"
+            raise EngineError("internal", f"the engine's answer is over {MAX_WHOLE_BODY_BYTES} bytes; {hint}")
         try:
             obj = json.loads(body)
         except ValueError:

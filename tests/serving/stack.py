@@ -57,12 +57,15 @@ class Node:
         self.bridge = bridge_class(engine_socket, max_concurrent=max_concurrent, send=self.link.send)
         self._task: asyncio.Task | None = None
 
+    def models(self) -> tuple[codec.Model, ...]:
+        return (codec.Model(name=MODEL, state="ready", max_model_len=self.bridge.max_model_len),)
+
     def hello_info(self) -> HelloInfo:
-        return HelloInfo(hostname="test-node", models=(codec.Model(name=MODEL, state="ready"),),
-                         max_concurrent=self.max_concurrent)
+        return HelloInfo(hostname="test-node", models=self.models(), max_concurrent=self.max_concurrent,
+                         capabilities=tuple(sorted(self.bridge.optional_endpoints)))
 
     def lease_info(self) -> LeaseInfo:
-        return LeaseInfo(models=(codec.Model(name=MODEL, state="ready"),), max_concurrent=self.max_concurrent,
+        return LeaseInfo(models=self.models(), max_concurrent=self.max_concurrent,
                          running=self.bridge.running, in_flight=tuple(self.bridge.in_flight_ids()),
                          draining=self.bridge.draining, engine_state="healthy")
 
@@ -75,6 +78,7 @@ class Node:
 
     async def start(self) -> None:
         await self.bridge.start()
+        await self.bridge.probe_engine()        # as ximd's node does before its link
         self._task = asyncio.ensure_future(self.link.run())
 
     async def close(self) -> None:

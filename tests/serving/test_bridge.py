@@ -122,7 +122,7 @@ def test_streamed_chat_passes_the_engines_chunks_through_and_ends_with_usage(eng
     assert json.loads(done.body)["choices"] == []          # the engine's own usage chunk
     assert bridge.metrics.requests_by_outcome == {"ok": 1}
     assert bridge.metrics.completion_tokens == 8
-    assert bridge.metrics.ttft.count == 1
+    assert bridge.metrics.first_tokens == 1
     assert bridge.running == 0
 
 

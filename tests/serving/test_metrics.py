@@ -7,10 +7,12 @@ import socket
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.standin_engine import StandinProcess
+from ximd.engine import EngineState
 from ximd.mesh.state import LinkState
-from ximd.metrics import MetricsServer, NodeMetrics, parse_listen
+from ximd.metrics import NODE_STATES, MetricsServer, NodeMetrics, parse_listen
 
 
 def free_port() -> int:
@@ -20,16 +22,17 @@ def free_port() -> int:
 
 
 def samples(text: str) -> dict[str, float]:
+    """Every sample of the text through prometheus_client's own parser, keyed as the line writes it."""
     out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("127.0.0.1:9094", ("127.0.0.1", 9094)), ("[::1]:9100", ("::1", 9100)),
+    ("127.0.0.1:7394", ("127.0.0.1", 7394)), ("[::1]:9100", ("::1", 9100)),
     ("0.0.0.0:1", ("0.0.0.0", 1)),
 ])
 def test_parse_listen(value, expected):
@@ -37,7 +40,7 @@ def test_parse_listen(value, expected):
 
 
 @pytest.mark.parametrize("value, problem", [
-    ("9094", "expected HOST:PORT"), (":9094", "expected HOST:PORT"),
+    ("7394", "expected HOST:PORT"), (":7394", "expected HOST:PORT"),
     ("localhost:http", "not a number"), ("localhost:70000", "out of range"),
 ])
 def test_parse_listen_rejects_bad_values_with_a_message(value, problem):
@@ -58,7 +61,7 @@ def test_render_has_every_family_with_help_and_type():
     m.set_engine("healthy", 2)
     m.set_kv_tier("cpu", True)
     m.set_kv_tier("remote", False)
-    text = m.render(now=2000.0)
+    text = m.render()
     values = samples(text)
     assert values['ximd_requests_total{outcome="ok"}'] == 2
     assert values['ximd_requests_total{outcome="at_capacity"}'] == 1
@@ -69,25 +72,39 @@ def test_render_has_every_family_with_help_and_type():
     assert values['ximd_tokens_total{kind="completion"}'] == 32
     assert values['ximd_link_state{state="connected"}'] == 1
     assert values['ximd_link_state{state="disconnected"}'] == 0
-    assert values["ximd_lease_age_seconds"] == 10.0
+    assert values["ximd_lease_last_acknowledged_timestamp_seconds"] == 1990.0
     assert values['ximd_engine_state{state="healthy"}'] == 1
     assert values["ximd_engine_restarts_total"] == 2
     assert values['ximd_kv_tier_enabled{tier="remote"}'] == 0
+    assert values["ximd_start_time_seconds"] == 1000.0
+    assert values["process_resident_memory_bytes"] > 0
     for family in ("ximd_requests_total", "ximd_time_to_first_token_seconds", "ximd_tokens_total",
-                   "ximd_link_state", "ximd_engine_restarts_total", "ximd_kv_tier_enabled"):
+                   "ximd_link_state", "ximd_engine_restarts_total", "ximd_kv_tier_enabled", "ximd_state"):
         assert f"# TYPE {family} " in text and f"# HELP {family} " in text
 
 
-def test_link_state_family_names_every_state_in_order():
+def test_state_families_keep_every_series_when_the_state_changes():
     m = NodeMetrics(started_at=1000.0)
+    before = samples(m.render())
     m.set_link_state(LinkState.REJECTED)
-    lines = [line for line in m.render(now=2000.0).splitlines() if line.startswith("ximd_link_state{")]
-    assert lines == ['ximd_link_state{state="connecting"} 0', 'ximd_link_state{state="connected"} 0',
-                     'ximd_link_state{state="disconnected"} 0', 'ximd_link_state{state="rejected"} 1']
+    m.set_engine("backoff", 1)
+    m.set_state("serving")
+    m.set_state("a-phase-added-later")
+    after = samples(m.render())
+    assert set(before) <= set(after)
+    assert [k for k, v in after.items() if k.startswith("ximd_link_state{") and v] == \
+        ['ximd_link_state{state="rejected"}']
+    assert {k for k in after if k.startswith("ximd_link_state{")} == \
+        {f'ximd_link_state{{state="{s.value}"}}' for s in LinkState}
+    assert {k for k, v in after.items() if k.startswith("ximd_engine_state{")} == \
+        {f'ximd_engine_state{{state="{s.value}"}}' for s in EngineState}
+    assert after['ximd_engine_state{state="backoff"}'] == 1 and after['ximd_engine_state{state="stopped"}'] == 0
+    assert after['ximd_state{state="a-phase-added-later"}'] == 1 and after['ximd_state{state="serving"}'] == 0
+    assert {f'ximd_state{{state="{s}"}}' for s in NODE_STATES} <= set(after)
 
 
-def test_no_lease_yet_means_no_lease_age_sample():
-    assert "ximd_lease_age_seconds " not in NodeMetrics().render()
+def test_no_lease_yet_is_a_zero_timestamp():
+    assert samples(NodeMetrics().render())["ximd_lease_last_acknowledged_timestamp_seconds"] == 0
 
 
 def test_scrape_passes_the_engines_series_through(tmp_path):

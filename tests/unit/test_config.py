@@ -37,7 +37,7 @@ def test_defaults_are_the_seeds():
     assert cfg.engine.max_model_len == AUTO and cfg.engine.tensor_parallel_size == AUTO
     assert cfg.model_cache.max_size_gb == 100
     assert cfg.model_cache_path == Path("/var/lib/xerotier/models")
-    assert cfg.metrics.listen == "127.0.0.1:9094"
+    assert cfg.metrics.listen == "127.0.0.1:7394"
     assert set(cfg.origins.values()) == {"default"}
 
 

@@ -310,7 +310,7 @@ class MeshLink:
         info = self.hello_info()
         return codec.Hello(
             token=self.identity.token, versions=list(codec.PROTOCOL_VERSIONS), agent_version=__version__,
-            hostname=info.hostname or socket.gethostname(), capabilities=list(CAPABILITIES),
+            hostname=info.hostname or socket.gethostname(), capabilities=[*CAPABILITIES, *info.capabilities],
             hardware=dict(info.hardware), models=list(info.models), max_concurrent=info.max_concurrent)
 
     def _lease(self) -> codec.Lease:

@@ -21,6 +21,7 @@ class HelloInfo:
     models: tuple[codec.Model, ...] = ()
     hardware: Mapping[str, object] = field(default_factory=dict)
     hostname: str = ""              # empty: this host's name
+    capabilities: tuple[str, ...] = ()   # beyond the link's own: the endpoints the engine serves, e.g. embeddings
 
 
 @dataclass(frozen=True, kw_only=True)
