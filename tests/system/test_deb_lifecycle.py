@@ -185,7 +185,7 @@ except RuntimeError:
 
 
 def test_a_200kb_record_reaches_the_real_journal_whole(guest, packages):
-    ensure_installed(guest, packages, packages.deb)
+    ensure_installed(guest, packages)
     probe = f"big-{time.monotonic_ns()}"
     guest.run(["/usr/bin/python3", "-c", BIG_RECORD, probe])
 
