@@ -263,6 +263,10 @@ class EngineSection:
                                         env="XEROTIER_AGENT_CUDA_VISIBLE_DEVICES")
     hip_visible_devices: str = setting("", DeviceMask(), "AMD GPUs to use (empty = all).",
                                        env="HIP_VISIBLE_DEVICES")
+    stream_interval: int = setting(1, Number(integer=True, low=1, high=64),
+                                   "Tokens the engine gathers per streamed chunk (vLLM's --stream-interval; "
+                                   "1 = every token at once, more = less CPU per token, burstier streams).",
+                                   env="XEROTIER_AGENT_STREAM_INTERVAL")
     extra_args: tuple = setting((), Words(), "Extra vLLM arguments, appended last.",
                                 env="XEROTIER_AGENT_VLLM_ARGS")
     startup_timeout_s: float = setting(900.0, Number(integer=False, low=0, low_open=True),

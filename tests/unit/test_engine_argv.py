@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.engine import load_config, tiny_cpu_plan
 from ximd.autoconfig import Plan
+from ximd.config import ConfigError
 from ximd.engine import EngineLaunch, EnginePaths, LaunchError, backoff_delay, build_launch, describe, instance_id
 from ximd.engine.launch import ENGINE_MODULE, INSTANCE_ENV, choose_python
 from ximd.engine.output import OutputForwarder, clean_line, engine_log_level
@@ -344,3 +345,19 @@ def test_vllms_leftover_dist_files_go_before_a_start_and_the_rest_of_tmp_stays(t
     remove_stale_temporaries(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["torchinductor_root"]
     remove_stale_temporaries(None)
+
+
+def test_the_engine_streams_every_token_unless_told_otherwise(cfg):
+    # vLLM's default of 1 is never passed: an engine older than the flag would refuse it.
+    assert "--stream-interval" not in build_launch(cfg, gpu_plan(), model(), paths_for(cfg)).argv
+
+
+def test_stream_interval_reaches_the_engine(tmp_path):
+    cfg = config(tmp_path, XEROTIER_AGENT_STREAM_INTERVAL="4")
+    assert flag(list(build_launch(cfg, gpu_plan(), model(), paths_for(cfg)).argv), "--stream-interval") == "4"
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_a_stream_interval_out_of_range_is_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="stream_interval"):
+        config(tmp_path, XEROTIER_AGENT_STREAM_INTERVAL=value)

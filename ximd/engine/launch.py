@@ -113,7 +113,7 @@ def instance_id(state_dir: Path) -> str:
 
 def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path, plan, *,
                 kv_transfer_config: str | None = None, extra_args: tuple[str, ...] = (),
-                access_log: bool = False) -> tuple[str, ...]:
+                access_log: bool = False, stream_interval: int = 1) -> tuple[str, ...]:
     argv = [python, "-m", ENGINE_MODULE,
             # The = form: a value that starts with '-' is still a value, never a flag.
             f"--model={model_arg}",
@@ -135,6 +135,10 @@ def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path
         if plan.tensor_parallel_size == 1:
             # One process fewer (no separate worker): 13 s less start-up, ~600 MiB less RSS.
             argv += ["--distributed-executor-backend", "uni"]
+    if stream_interval > 1:
+        # Only when asked: 1 is vLLM's own default, and an engine older than the flag
+        # (vLLM PR #27869, late 2025) would refuse it.
+        argv += ["--stream-interval", str(stream_interval)]
     if kv_transfer_config:
         argv += ["--kv-transfer-config", kv_transfer_config]
     if not access_log:
@@ -223,7 +227,8 @@ def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
     lmcache_on = bool(kv is not None and kv.enabled)
     argv = engine_argv(paths.python, model_ref.model_arg, served, paths.socket_path, plan,
                        kv_transfer_config=kv.kv_transfer_config if lmcache_on else None,
-                       extra_args=tuple(cfg.engine.extra_args), access_log=cfg.engine.access_log)
+                       extra_args=tuple(cfg.engine.extra_args), access_log=cfg.engine.access_log,
+                       stream_interval=cfg.engine.stream_interval)
     env = engine_env(paths, plan, model_env=model_ref.env, instance=instance,
                      kv_env=kv.env if lmcache_on else None)
     dirs = (*engine_dirs(paths).values(), paths.runtime_dir)
