@@ -345,8 +345,9 @@ async def relay_stream(request: web.Request, exchange: dataplane.Exchange, first
         await response.prepare(request)     # the client may be gone already: same as later
         try:
             while isinstance(msg, codec.Chunk):
-                await response.write(b"".join(b"data: " + p + b"\n\n" for p in msg.data))
-                exchange.written()
+                frames = [msg, *exchange.more_chunks()]
+                await response.write(b"".join(b"data: " + p + b"\n\n" for frame in frames for p in frame.data))
+                exchange.written(len(frames))
                 msg = await exchange.next()
             if isinstance(msg, codec.Done):
                 used(request, msg.usage)

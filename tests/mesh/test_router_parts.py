@@ -17,11 +17,12 @@ import pytest
 import zmq
 from zmq.utils import z85
 
-from xim_proto import joinkey, transport
+from xim_proto import codec, joinkey, transport
 from xim_proto.ratelimit import RateLimitedLog
 from xim_router import enroll_api, keys, zap
 from xim_router import store as store_mod
 from xim_router.api_common import ApiError
+from xim_router.dataplane import Exchange, Settings
 from xim_router.mesh import Router, RouterSettings
 from ximd.mesh.link import Backoff
 
@@ -311,3 +312,47 @@ def test_rate_limited_log_counts_what_it_suppressed(caplog):
     now[0] = 11
     assert limited(logging.WARNING, "k", "bad frame %d", 4)
     assert caplog.messages == ["bad frame 1", "other key", "bad frame 4 (2 more like it suppressed)"]
+
+
+# ---------------------------------------------------------------- one stream's writer
+
+
+def test_a_writer_takes_every_queued_chunk_at_once_and_keeps_what_follows(store, tmp_path):
+    router = Router(store, keys.load_or_create_keypair(tmp_path / "state"), mesh_bind="tcp://127.0.0.1:0")
+
+    async def scenario():
+        exchange = Exchange(router, Settings(), "r1", "w1")
+        for seq in range(3):
+            exchange.queue.put_nowait(codec.Chunk(id="r1", seq=seq, data=[b"{}"]))
+        done = codec.Done(id="r1", finish_reason="stop", usage=None)
+        exchange.queue.put_nowait(done)
+        exchange.queue.put_nowait(codec.Chunk(id="r1", seq=9, data=[b"late"]))
+        first = await exchange.next()
+        rest = exchange.more_chunks()
+        # Stops at the done: a chunk behind it is not the stream's any more.
+        assert [c.seq for c in (first, *rest)] == [0, 1, 2] and exchange.more_chunks() == []
+        assert await exchange.next() is done and exchange.finished
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        router.store_worker.close()
+
+
+def test_frames_written_together_are_granted_together(store, tmp_path):
+    router = Router(store, keys.load_or_create_keypair(tmp_path / "state"), mesh_bind="tcp://127.0.0.1:0")
+
+    async def scenario():
+        settings = Settings()
+        exchange = Exchange(router, settings, "r1", "w1")
+        before = router._requests["r1"].credit
+        exchange.written(settings.credit_batch - 1)
+        assert router._requests["r1"].credit == before           # not a whole batch yet
+        exchange.written(3)
+        assert router._requests["r1"].credit == before + settings.credit_batch + 2
+        exchange.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        router.store_worker.close()
