@@ -25,6 +25,9 @@ OpenAI body to the engine's ``/v1/chat/completions``, ``/v1/completions`` or
   error codes (`engine_error`), so the router can answer with a proper HTTP
   status.
 
+The HTTP is `ximd.enginehttp`'s: a fixed request template and a chunk reader
+made for this one exchange, on pooled keep-alive connections.
+
 Streamed requests are sent to the engine with
 ``stream_options.include_usage`` on; the usage-only chunk that produces is
 not forwarded as a ``chunk`` but carried in ``done.body`` (and parsed into
@@ -41,9 +44,8 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
 from xim_proto import codec
+from ximd.enginehttp import EngineClient, EngineHTTPError, ProtocolError, Response, Unreachable
 from ximd.metrics import NodeMetrics
 
 log = logging.getLogger("ximd.serve")
@@ -244,24 +246,21 @@ class Bridge:
         self.optional_endpoints: frozenset[str] = frozenset()   # what probe_engine found
         self.max_model_len: int | None = None                    # the engine's own, per probe_engine
         self._requests: dict[str, _Request] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._client: EngineClient | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        # One pooled session: keep-alive connections to the engine save a
-        # connect per request. limit=0: admission is max_concurrent's job.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(self.engine_socket), limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
-            auto_decompress=False)
+        # Keep-alive connections to the engine save a connect per request; the
+        # pool has no limit: admission is max_concurrent's job.
+        self._client = EngineClient(self.engine_socket, connect_timeout_s=self.connect_timeout_s)
 
     async def close(self) -> None:
         """Cancel everything without telling the router (use `drain` for a polite stop)."""
         await self._cancel_all("link", wait_s=5.0)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     async def probe_engine(self, timeout_s: float = 5.0) -> None:
         """Ask the healthy engine, without running anything, what the router should know:
@@ -272,28 +271,40 @@ class Bridge:
         does not (vLLM registers /v1/embeddings only for a model it runs for pooling);
         no answer counts as not served.
         """
-        if self._session is None:
+        if self._client is None:
             return
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
         found = set()
         for endpoint in OPTIONAL_ENDPOINTS:
             try:
-                async with self._session.get("http://engine" + ENDPOINT_PATHS[endpoint], timeout=timeout) as resp:
-                    if resp.status == 405:
-                        found.add(endpoint)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                status, _ = await self._get(ENDPOINT_PATHS[endpoint], timeout_s)
+                if status == 405:
+                    found.add(endpoint)
+            except (EngineHTTPError, TimeoutError) as exc:
                 log.info("could not ask the engine whether it serves %s: %r", endpoint, exc)
         self.optional_endpoints = frozenset(found)
         try:
-            async with self._session.get("http://engine/v1/models", timeout=timeout) as resp:
-                listed = await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            status, body = await self._get("/v1/models", timeout_s)
+            listed = json.loads(body) if status == 200 else None
+        except (EngineHTTPError, TimeoutError, ValueError) as exc:
             log.info("could not read the engine's model list: %r", exc)
             listed = None
         lengths = [m.get("max_model_len") for m in (listed or {}).get("data") or ()
                    if isinstance(m, dict)] if isinstance(listed, dict) else []
         self.max_model_len = next((n for n in lengths if isinstance(n, int) and not isinstance(n, bool)
                                    and n > 0), None)
+
+    async def _get(self, path: str, timeout_s: float) -> tuple[int, bytes]:
+        """A GET to the engine: its status and its body (at most MAX_WHOLE_BODY_BYTES of it)."""
+        assert self._client is not None
+        async with asyncio.timeout(timeout_s):
+            response = await self._client.request("GET", path)
+            try:
+                body = await response.read(MAX_WHOLE_BODY_BYTES)
+            except BaseException:
+                response.close()
+                raise
+            response.release()
+        return response.status, body
 
     # ------------------------------------------------------------ what the agent reads
 
@@ -462,20 +473,23 @@ class Bridge:
 
     async def _exchange(self, request: _Request) -> codec.Usage | None:
         infer = request.infer
-        if self._session is None:
+        if self._client is None:
             raise EngineError("internal", "the bridge is not started")
         body = with_usage_requested(infer.body) if infer.stream else infer.body
-        url = "http://engine" + ENDPOINT_PATHS[infer.endpoint]
         try:
-            response = await self._session.post(url, data=body, headers={
-                "Content-Type": "application/json", "X-Request-Id": infer.id})
-        except (aiohttp.ClientConnectionError, OSError) as exc:
+            response = await self._client.request("POST", ENDPOINT_PATHS[infer.endpoint], body,
+                                                  request_id=infer.id)
+        except Unreachable as exc:
             raise EngineError("engine_unavailable", f"cannot reach the engine at "
                                                     f"{self.engine_socket}: {exc}") from None
+        except EngineHTTPError as exc:
+            raise _broken(exc) from None
+        except ValueError as exc:                 # an id no header can carry
+            raise EngineError("bad_request", str(exc)) from None
         completed = False
         try:
             if response.status != 200:
-                detail = await response.content.read(ERROR_BODY_LIMIT)
+                detail = await response.read(ERROR_BODY_LIMIT)
                 raise EngineError(error_code_for_status(response.status),
                                   engine_error_message(response.status, detail))
             streamed = infer.stream and response.content_type == "text/event-stream"
@@ -485,9 +499,8 @@ class Bridge:
                 usage = await self._relay_whole(request, response)
             completed = True
             return usage
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise EngineError("engine_unavailable",
-                              f"the engine connection broke mid-answer: {exc or type(exc).__name__}") from None
+        except EngineHTTPError as exc:
+            raise _broken(exc) from None
         finally:
             # release() returns a fully read connection to the pool; close()
             # drops one mid-answer, which is how the engine learns to abort.
@@ -496,8 +509,8 @@ class Bridge:
             else:
                 response.close()
 
-    async def _relay_whole(self, request: _Request, response: aiohttp.ClientResponse) -> codec.Usage | None:
-        body = await response.content.read(MAX_WHOLE_BODY_BYTES + 1)
+    async def _relay_whole(self, request: _Request, response: Response) -> codec.Usage | None:
+        body = await response.read(MAX_WHOLE_BODY_BYTES + 1)
         if len(body) > MAX_WHOLE_BODY_BYTES:
             hint = "send fewer inputs per request" if request.infer.endpoint == "embeddings" \
                 else "ask for it streamed"
@@ -512,8 +525,7 @@ class Bridge:
         await self._send(codec.Done(id=request.id, finish_reason=finish, usage=usage, body=body))
         return usage
 
-    async def _relay_stream(self, request: _Request, response: aiohttp.ClientResponse) -> codec.Usage | None:
-        content = response.content
+    async def _relay_stream(self, request: _Request, response: Response) -> codec.Usage | None:
         tail = b""
         finish: str | None = None
         usage: codec.Usage | None = None
@@ -522,7 +534,7 @@ class Bridge:
         while True:
             if request.credit <= 0:
                 await self._wait_for_credit(request)
-            data = await content.readany()
+            data = await response.read_some()
             if not data:
                 break
             if tail:
@@ -595,6 +607,13 @@ class Bridge:
             await self._send(msg)
         except LinkLost as exc:
             log.debug("%s", exc)
+
+
+def _broken(exc: EngineHTTPError) -> EngineError:
+    """The protocol error for an exchange that failed after the connection was made."""
+    if isinstance(exc, ProtocolError):
+        return EngineError("engine_unavailable", f"the engine's answer is not HTTP ximd can read: {exc}")
+    return EngineError("engine_unavailable", f"the engine connection broke mid-answer: {exc}")
 
 
 def _json_or_none(payload: bytes) -> dict | None:

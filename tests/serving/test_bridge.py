@@ -136,6 +136,15 @@ def test_non_streamed_completion_comes_back_whole_in_done(engine):
     assert messages[0].finish_reason == "length"
 
 
+def test_a_non_streamed_answer_longer_than_one_read_comes_back_whole(engine):
+    msg = infer("r2b", endpoint="completions", stream=False, max_tokens=30000,
+                x_standin={"ttft_ms": 0, "tokens_per_s": 1e7})
+    done = run(one_request(engine, msg))[-1]
+    assert isinstance(done, codec.Done), done
+    assert len(done.body) > 100_000
+    assert len(json.loads(done.body)["choices"][0]["text"].split()) == 30000
+
+
 def test_ready_events_are_coalesced_into_one_frame(engine):
     """With one credit the bridge sends one frame and stops reading; what piles up meanwhile
     leaves as a single frame when the next credit comes."""
