@@ -8,7 +8,9 @@ process in two ways, and the CPU this process spends per token is printed:
 - ``asyncio-protocol``: a bare asyncio.Protocol that appends the bytes and
   looks for the end — the least any Python reader can do per event;
 - ``aiohttp-readany``: aiohttp's client reading the body with readany(), as
-  ximd's bridge does, without anything else.
+  ximd's bridge did before ximd.enginehttp, without anything else;
+- ``enginehttp-read-some``: ximd's own engine client (ximd.enginehttp) reading
+  with read_some(), as the bridge does now, without anything else.
 
 ximd does strictly more per token than either (SSE framing, the frame to the
 router), so its CPU per 1,000 tokens cannot be below these numbers on the
@@ -28,6 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.standin_engine import Pacing, StandinEngine, serve
+from ximd.enginehttp import EngineClient
 
 MODEL = "tiny"
 
@@ -85,6 +88,24 @@ async def aiohttp_reader(sock: str, concurrency: int, rounds: int, max_tokens: i
             await asyncio.gather(*(one() for _ in range(concurrency)))
 
 
+async def enginehttp_reader(sock: str, concurrency: int, rounds: int, max_tokens: int) -> None:
+    payload = body(max_tokens)
+    client = EngineClient(sock)
+
+    async def one() -> None:
+        response = await client.request("POST", "/v1/chat/completions", payload, request_id="floor")
+        while await response.read_some():
+            pass
+        response.release()
+
+    try:
+        await one()
+        for _ in range(rounds):
+            await asyncio.gather(*(one() for _ in range(concurrency)))
+    finally:
+        client.close()
+
+
 def cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -121,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for name, reader in (("asyncio-protocol", protocol_reader), ("aiohttp-readany", aiohttp_reader)):
+        for name, reader in (("asyncio-protocol", protocol_reader), ("aiohttp-readany", aiohttp_reader),
+                             ("enginehttp-read-some", enginehttp_reader)):
             print(json.dumps(measure(name, reader, sock, args)), flush=True)
     finally:
         os.kill(pid, 15)
