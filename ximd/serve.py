@@ -613,7 +613,7 @@ def _broken(exc: EngineHTTPError) -> EngineError:
     """The protocol error for an exchange that failed after the connection was made."""
     if isinstance(exc, ProtocolError):
         return EngineError("engine_unavailable", f"the engine's answer is not HTTP ximd can read: {exc}")
-    return EngineError("engine_unavailable", f"the engine connection broke mid-answer: {exc}")
+    return EngineError("engine_unavailable", str(exc))      # Broken: "the engine closed the connection …"
 
 
 def _json_or_none(payload: bytes) -> dict | None:

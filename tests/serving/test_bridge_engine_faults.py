@@ -136,7 +136,7 @@ def test_an_engine_that_closes_mid_chunk_is_engine_unavailable_after_what_was_co
     error = messages[-1]
     assert isinstance(error, codec.Error), messages
     assert (error.code, error.retryable) == ("engine_unavailable", True)
-    assert "broke mid-answer" in error.message
+    assert "closed the connection mid-answer" in error.message
 
 
 def test_an_engine_that_answers_garbage_is_engine_unavailable(tmp_path):
