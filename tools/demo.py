@@ -199,12 +199,12 @@ def write_config(router_url: str, join_key: str, python: str, model: Path, metri
     settings = {
         "agent": {"state_dir": str(DEMO / "state"), "cache_dir": str(DEMO / "cache"),
                   "runtime_dir": str(DEMO / "run")},
-        "router": {"url": router_url, "join_key": join_key, "insecure": True},
+        "router": {"url": router_url, "join_key": join_key, "allow_http": True},
         "engine": {"model": str(model), "served_model_name": SERVED_MODEL, "python": python},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
     }
     path.write_text("# Written by tools/demo.py for a local demo.\n"
-                    "# router.insecure: the router speaks plain http on loopback.\n"
+                    "# router.allow_http: the router speaks plain http on loopback.\n"
                     + tomli_w.dumps(settings))
     path.chmod(0o600)           # it holds the join key
     return path

@@ -41,6 +41,9 @@ log = logging.getLogger("ximd")
 
 NOT_ENROLLED_HINT = ("not enrolled: put a join key in /etc/xerotier/agent.toml "
                      "(router.join_key), then `systemctl reload ximd`")
+# A key in the credential's file came after the start: systemd hands it over only at a start.
+KEY_AWAITS_RESTART_HINT = ("not enrolled: /etc/xerotier/join-key came after ximd started, and systemd "
+                           "hands credentials over only at a start: `systemctl restart ximd`")
 TICK_SECONDS = 1.0
 ENROLL_RETRY_S = (5.0, 300.0)
 # Each EXTEND_TIMEOUT_USEC while the model loads buys this much; sent every
@@ -225,8 +228,11 @@ class Agent:
     def enter_not_enrolled(self, reason: str = "") -> None:
         # Logged once at error level: the operator has something to do, but
         # this is a waiting state, not a failure, and must not loop.
+        from ximd.enrollment import join_key_awaits_restart
         line = NOT_ENROLLED_HINT
-        if reason and "no join key" not in reason:
+        if reason and "no join key" in reason and join_key_awaits_restart(os.environ):
+            line = KEY_AWAITS_RESTART_HINT
+        elif reason and "no join key" not in reason:
             line = f"{reason.rstrip('.')}; {NOT_ENROLLED_HINT.removeprefix('not enrolled: ')}"
         log.error("%s", line, extra=phase_fields("enrollment"))
         self.set_status("not-enrolled", line)

@@ -107,6 +107,25 @@ def _credential_text(environ: Mapping[str, str], stdin: IO[str] | None) -> str:
     return _read_source(str(path), stdin).strip()
 
 
+# What LoadCredential=join-key: reads at the unit's start (systemd/ximd.service).
+JOIN_KEY_CREDENTIAL_SOURCE = "/etc/xerotier/join-key"
+
+
+def join_key_awaits_restart(environ: Mapping[str, str], source: str | None = None) -> bool:
+    """Whether a join key file was put in place that this process cannot have until it restarts:
+    ximd runs under the unit (a credentials directory), its join-key credential is the blank
+    fallback, and the file the credential is made from exists now. Only its existence is looked
+    at (it is root's, 0600): systemd copies it at the next start, not at a reload."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return False
+    try:
+        blank = not (Path(directory) / CREDENTIAL_NAME).read_text(errors="replace").strip()
+    except OSError:
+        blank = True
+    return blank and os.path.lexists(source or JOIN_KEY_CREDENTIAL_SOURCE)
+
+
 def read_join_key(cfg, *, join_key_file: str | None = None, stdin: IO[str] | None = None,
                   environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """(key, source) from the first source that is set, or None when none is.

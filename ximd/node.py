@@ -144,8 +144,9 @@ class Node:
         try:
             await self._start()
         finally:
-            if self._adopt is not None:    # handed over, but this start never got to it
-                await self._discard_adopted("the node did not get as far as the engine")
+            handover, self._adopt = self._adopt, None
+            if handover is not None:       # handed over, but this start never got to it
+                await self._discard_adopted(handover, "the node did not get as far as the engine")
 
     async def _start(self) -> None:
         if not await self.acquire_model():
@@ -184,14 +185,10 @@ class Node:
         if why is None:
             self.adoption = "adopted"
             return handover
-        self._adopt = handover
-        await self._discard_adopted(why)
+        await self._discard_adopted(handover, why)
         return None
 
-    async def _discard_adopted(self, why: str) -> None:
-        handover, self._adopt = self._adopt, None
-        if handover is None:
-            return
+    async def _discard_adopted(self, handover: EngineHandover, why: str) -> None:
         self.adoption = f"restarted: {why}"
         log.warning("not keeping the engine the previous image handed over (pid %d): %s; starting it afresh",
                     handover.pid, why, extra=phase_fields("reexec"))

@@ -9,6 +9,7 @@ each guest and removed afterwards, so every guest starts from the same clean sta
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -221,16 +222,32 @@ class Guest:
                           f"{unit} to reach one of {list(states)}")
 
     def journal(self, unit: str | None = None, *, lines: int | None = None, after_cursor: str | None = None,
-                output: str = "short-precise") -> str:
-        """The guest's journal, of one unit (both its own lines and systemd's about it)."""
-        args = ["journalctl", "--no-pager", "-o", output]
-        if unit:
-            args += ["-u", unit]
+                output: str = "short-precise", identifier: str | None = None) -> str:
+        """The guest's journal, of one unit (both its own lines and systemd's about it) and/or
+        of one SYSLOG_IDENTIFIER; with `after_cursor`, what came after that mark."""
+        matches = (["-u", unit] if unit else []) + (["-t", identifier] if identifier else [])
+        args = ["journalctl", "--no-pager", "-o", output, *matches]
         if lines:
             args += ["-n", str(lines)]
         if after_cursor:
-            args += ["--after-cursor", after_cursor]
+            args += self._after(after_cursor, matches)
         return self.run(args, check=False).stdout
+
+    def _after(self, cursor: str, matches: Sequence[str]) -> list[str]:
+        """journalctl's arguments for the entries among `matches` that came after `cursor`'s.
+
+        Not --after-cursor alone: the guest's journalctl (systemd 252) seeks to the cursor and
+        then skips one entry *among the matches*, so when the cursor's own entry is not one of
+        them (another unit's line was the journal's last) it drops the first matching entry
+        after the mark instead (systemd#30288, fixed in 255). --cursor starts at the first
+        matching entry from the cursor's on: --after-cursor is right only when that is the
+        cursor's own entry."""
+        if not matches:
+            return ["--after-cursor", cursor]
+        first = self.run(["sh", "-c", 'c=$1; shift; journalctl --no-pager -o json --output-fields=__CURSOR '
+                                      '--cursor "$c" "$@" | head -n 1', "sh", cursor, *matches], check=False).stdout
+        own = bool(first.strip()) and json.loads(first).get("__CURSOR") == cursor
+        return ["--after-cursor" if own else "--cursor", cursor]
 
     def journal_cursor(self) -> str:
         """A mark in the journal; pass it to journal(after_cursor=) to read what came later."""

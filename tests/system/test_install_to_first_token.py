@@ -145,17 +145,12 @@ def descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
 
 def engine_journal(guest: Guest, after_cursor: str | None = None) -> str:
     """The engine's own lines: ximd forwards them under SYSLOG_IDENTIFIER=ximd-engine."""
-    args = ["journalctl", "--no-pager", "-o", "cat", "-u", UNIT, "-t", "ximd-engine"]
-    if after_cursor:
-        args += ["--after-cursor", after_cursor]
-    return guest.run(args, check=False).stdout
+    return guest.journal(UNIT, identifier="ximd-engine", after_cursor=after_cursor, output="cat")
 
 
 def journal_entries(guest: Guest, after_cursor: str | None = None) -> list[dict]:
-    args = ["journalctl", "--no-pager", "-o", "json", "-u", UNIT]
-    if after_cursor:
-        args += ["--after-cursor", after_cursor]
-    return [json.loads(line) for line in guest.run(args, check=False).stdout.splitlines() if line.strip()]
+    text = guest.journal(UNIT, after_cursor=after_cursor, output="json")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def first_entry(entries: list[dict], pattern: str) -> dict:

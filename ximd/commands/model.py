@@ -21,12 +21,12 @@ from xim_proto.privileges import become, owner_to_become
 from ximd import preparation
 from ximd.config import Config
 from ximd.exitcodes import EX_OK, EX_REFUSED, EX_UNAVAILABLE
-from ximd.identity import EnrollmentError, load_identity
-from ximd.models import ModelBusy, ModelCache, ModelError, hub_id_of
+from ximd.models import ModelBusy, ModelCache, ModelChoice, ModelError, hub_id_of
 from ximd.models.acquire import ModelWait, acquire
 from ximd.models.cache import CacheEntry
 from ximd.models.importing import build_manifest, find_source, install
 from ximd.models.progress import LogPacer, Progress, log_line, progress_line
+from ximd.modelsource import assigned_model
 from ximd.units import gb_text, size_text
 
 
@@ -78,22 +78,15 @@ def _as_cache_owner(cfg: Config) -> None:
         become(owner)
 
 
-def _assigned_model(cfg: Config) -> str | None:
-    try:
-        identity = load_identity(cfg.state_dir)
-    except (EnrollmentError, OSError):
-        return None
-    return identity.assigned_model if identity else None
-
-
 # ---------------------------------------------------------------- pull
 
 
 def pull(cfg: Config, model: str | None) -> int:
     """Fetch MODEL (default: the one the daemon would serve) completely into the cache."""
-    choice = preparation.choose_model(cfg, _assigned_model(cfg))
     if model is not None:
-        choice = type(choice)(model, "config")
+        choice = ModelChoice(model, "config")
+    else:
+        choice = preparation.choose_model(cfg, assigned_model(cfg.state_dir)[0])
     try:
         hf_id = hub_id_of(choice)
         source = preparation.hub_source(cfg)       # reads the token while we may still be root

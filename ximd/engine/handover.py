@@ -62,12 +62,17 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
+def same_process(handover: EngineHandover, start_time: float | None) -> bool:
+    """Whether the PID still names the process handed over (``start_time``: its start time now)."""
+    return start_time is not None and abs(start_time - handover.create_time) <= 0.01
+
+
 def refusal(handover: EngineHandover, launch: EngineLaunch, start_time: float | None) -> str | None:
     """Why the new image must not adopt the engine (None: adopt it). ``start_time`` is the
     PID's process start time now (None when no such process)."""
     if start_time is None:
         return f"the engine (pid {handover.pid}) is gone"
-    if abs(start_time - handover.create_time) > 0.01:
+    if not same_process(handover, start_time):
         return f"pid {handover.pid} is another process now"
     if handover.fingerprint != fingerprint(launch):
         return ("this version would start the engine differently (its command line, environment or "
@@ -81,8 +86,7 @@ async def discard(handover: EngineHandover, grace_s: float) -> None:
     from ximd.engine.child import EngineChild
 
     child = EngineChild(handover.pid, handover.output_fd)
-    if process_start_time(handover.pid) is not None and \
-            abs((process_start_time(handover.pid) or 0) - handover.create_time) <= 0.01:
+    if same_process(handover, process_start_time(handover.pid)):
         await processes.terminate_group(handover.pid, grace_s)
     child.poll()
     try:

@@ -29,7 +29,7 @@ from ximd.models.cache import PARTIAL_SUFFIX, ModelBusy, ModelCache, free_bytes,
 from ximd.models.choice import ModelError
 from ximd.models.credentials import HubToken
 from ximd.models.hub import Downloader, HubProblem, explain
-from ximd.models.manifest import Manifest, RepoFile, Stopped, check_files, select_for_serving
+from ximd.models.manifest import Manifest, RepoFile, check_files, select_for_serving
 from ximd.models.progress import LogPacer, Progress, RateMeter, amount_text, log_line
 from ximd.units import size_text
 
@@ -215,10 +215,8 @@ async def _check(cache: ModelCache, manifest: Manifest, reporter: Reporter) -> l
     try:
         return await asyncio.to_thread(check_files, snapshot, manifest.files, on_bytes=count, stop=stop)
     except asyncio.CancelledError:
-        stop.set()
+        stop.set()                       # the thread ends within a chunk (Stopped, unheard)
         raise
-    except Stopped:
-        raise asyncio.CancelledError() from None
     finally:
         watcher.cancel()
 
