@@ -41,7 +41,7 @@ _RCVMORE = int(zmq.RCVMORE)            # how long send() waits on a peer queue a
 RECEIVE_BATCH = 256
 RECEIVE_SLICE_S = 0.02
 # What welcome offers (docs/protocol.md §5.2); batch: it reads batch frames (revision 1.3).
-ROUTER_CAPABILITIES = ["credit", "cancel", "drain", codec.BATCH]
+ROUTER_CAPABILITIES = ("credit", "cancel", "drain", codec.BATCH)
 # A peer over its rate of unsolicited frames hears about it at most this often.
 TELL_INTERVAL_S = 10.0
 
@@ -585,7 +585,7 @@ class Router:
         self._reply(routing_id, codec.Welcome(
             version=session.version, session=session.session_id, router_version=__version__,
             lease_interval_s=s.lease_interval_s, lease_timeout_s=s.lease_timeout_s,
-            max_frame_bytes=codec.MAX_FRAME_BYTES, capabilities=ROUTER_CAPABILITIES,
+            max_frame_bytes=codec.MAX_FRAME_BYTES, capabilities=list(ROUTER_CAPABILITIES),
             assigned_model=agent.assigned_model), session.version)
         log.info("agent %s (%s, %s) connected: protocol v%d, %d model(s), max_concurrent %d",
                  worker_id, escape(hello.hostname), escape(hello.agent_version), session.version,
