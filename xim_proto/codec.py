@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,9 +29,13 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
 # The revision of docs/protocol.md this implementation follows (§10: same frames,
 # additions an older peer never sees). 1.2: the embeddings endpoint and capability.
-PROTOCOL_REVISION = "1.2"
+# 1.3: several frames per ZeroMQ message (``batch``), when both sides offer it.
+PROTOCOL_REVISION = "1.3"
 # hello's capability of an agent whose engine serves /v1/embeddings (revision 1.2).
 EMBEDDINGS = "embeddings"
+# The capability, in hello and in welcome, of a side that reads ``batch`` frames (revision
+# 1.3): an agent sends them only when both its hello and the router's welcome list it.
+BATCH = "batch"
 
 # The largest frame either side sends or accepts. The transport enforces the
 # same limit (ZMQ_MAXMSGSIZE), so an oversized frame never reaches Python.
@@ -48,6 +53,11 @@ DEFAULT_LIMITS: dict[str, int] = {
     "list": 64,                  # items
     "map": 64,                   # entries at its own level (deeper ones count in MAX_VALUES)
 }
+
+
+# The most frames one ``batch`` carries (docs/protocol.md §4.8): what a router reads of one
+# ZeroMQ message before it may yield to other work (xim_router.mesh.RECEIVE_BATCH).
+MAX_BATCH_FRAMES = 256
 
 
 def at_most(limit: int) -> dict[str, int]:
@@ -251,10 +261,23 @@ class Bye(Message):
     reason: str
 
 
+@dataclass(frozen=True)
+class Batch(Message):
+    """Several frames in one ZeroMQ message (revision 1.3, docs/protocol.md §4.8): each item
+    is a whole frame, encoded as it would travel alone, and is decoded like one."""
+
+    TYPE: ClassVar[str] = "batch"
+    SENDERS: ClassVar[tuple[str, ...]] = (AGENT,)
+    frames: list[bytes] = field(metadata=at_most(MAX_BATCH_FRAMES))
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Reject, Lease, LeaseAck, Infer, Chunk, Done,
-                              Error, Cancel, Credit, Drain, DrainAck, Bye)
+                              Error, Cancel, Credit, Drain, DrainAck, Bye, Batch)
 }
+# What a batch may not carry: a hello opens a session on its own connection, and a batch
+# inside a batch would multiply what one message may cost.
+NOT_BATCHED = frozenset({Hello.TYPE, Batch.TYPE})
 
 
 # ---------------------------------------------------------------- error codes
@@ -538,11 +561,12 @@ _MAX_ARRAY_LEN = max(s.limit or DEFAULT_LIMITS["list"] for specs in SCHEMAS.valu
 _MAX_MAP_LEN = DEFAULT_LIMITS["map"]
 
 
-def decode(frame: bytes, *, sender: str | None = None) -> Message:
+def decode(frame: bytes, *, sender: str | None = None, batched: bool = False) -> Message:
     """The message in ``frame``; ProtocolError for anything else.
 
     ``sender`` (AGENT or ROUTER), when given, also rejects a message that role
-    may not send, e.g. a ``welcome`` from an agent.
+    may not send, e.g. a ``welcome`` from an agent. ``batched``: ``frame`` is an item
+    of a ``batch``, which may not be a hello or a batch (NOT_BATCHED).
     """
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("too_large", f"frame is {len(frame)} bytes, over {MAX_FRAME_BYTES}")
@@ -576,4 +600,38 @@ def decode(frame: bytes, *, sender: str | None = None) -> Message:
         raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
     if sender is not None and sender not in cls.SENDERS:
         raise ProtocolError("unexpected_type", f"{kind} is not sent by the {sender}")
+    if batched and kind in NOT_BATCHED:
+        raise ProtocolError("unexpected_type", f"a {kind} inside a batch")
     return _from_map(cls, raw, kind)
+
+
+# What a batch adds to its frames, at most: its envelope (a map of three entries, "v" and
+# the version, "type" and "batch", "frames" and an array32 header), and a bin32 header
+# before each frame.
+_BATCH_ENVELOPE_BYTES = 32
+_BATCH_ITEM_BYTES = 5
+
+
+def batched(frames: list[bytes], *, version: int = PROTOCOL_VERSION) -> Iterator[tuple[bytes, int]]:
+    """``frames`` (encoded, in order) as ZeroMQ messages: each run of frames that fits in one
+    ``batch`` within MAX_FRAME_BYTES and MAX_BATCH_FRAMES goes as one, a frame that shares
+    with none goes alone, as it is. Each message comes with the number of frames it carries.
+
+    Lazily, so that a sender stopped by a full queue packs no more than it sends. One
+    msgpack call per batch: the frames are copied in as ``bin``, never unpacked.
+    """
+    start, count = 0, len(frames)
+    while start < count:
+        size, end = _BATCH_ENVELOPE_BYTES, start
+        while end < count and end - start < MAX_BATCH_FRAMES:
+            size += len(frames[end]) + _BATCH_ITEM_BYTES
+            if size > MAX_FRAME_BYTES:
+                break
+            end += 1
+        if end - start < 2:
+            yield frames[start], 1
+            start += 1
+        else:
+            yield msgpack.packb({"v": version, "type": Batch.TYPE, "frames": frames[start:end]},
+                                use_bin_type=True), end - start
+            start = end

@@ -36,9 +36,12 @@ SEND_TIMEOUT_S = 2.0
 # Plain ints: pyzmq's enum flags cost a conversion on every call in the hot path.
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)            # how long send() waits on a peer queue at its high-water mark
-# The receive loop yields to the HTTP side after this many frames or this long.
+# The receive loop yields to the HTTP side after this many frames (those in batches
+# counted one by one) or this long.
 RECEIVE_BATCH = 256
 RECEIVE_SLICE_S = 0.02
+# What welcome offers (docs/protocol.md §5.2); batch: it reads batch frames (revision 1.3).
+ROUTER_CAPABILITIES = ("credit", "cancel", "drain", codec.BATCH)
 # A peer over its rate of unsolicited frames hears about it at most this often.
 TELL_INTERVAL_S = 10.0
 
@@ -93,6 +96,7 @@ class Session:
     # its own declarations count only within it (xim_router.policy).
     policy: NodePolicy = field(default_factory=NodePolicy)
     refused: tuple[str, ...] = ()               # declared models last logged as not allowed
+    batches: bool = False                       # its hello offered batch frames (revision 1.3)
 
     @property
     def declared_models(self) -> list[codec.Model]:
@@ -134,7 +138,8 @@ class PendingRequest:
 
 @dataclass
 class RouterStats:
-    frames_in: int = 0
+    frames_in: int = 0                          # each frame in a batch counts
+    batches_in: int = 0
     frames_out: int = 0
     malformed: int = 0
     no_session: int = 0
@@ -359,12 +364,13 @@ class Router:
             busy = False
             while transport.readable(sock):
                 parts = self._recv_parts(sock)
-                handled += 1
-                self.stats.frames_in += 1
                 try:
-                    self._on_frames(*parts)
+                    frames = self._on_frames(*parts)
                 except Exception:   # one agent's bad frame must never stop the mesh
                     log.exception("error handling a frame; dropped")
+                    frames = 1
+                handled += frames
+                self.stats.frames_in += frames
                 if handled >= RECEIVE_BATCH or time.monotonic() > until:
                     busy = True
                     break
@@ -388,34 +394,73 @@ class Router:
             parts += 1
         return routing_id, payload, parts
 
-    def _on_frames(self, routing_id: bytes, payload: zmq.Frame, parts: int) -> None:
+    def _on_frames(self, routing_id: bytes, payload: zmq.Frame, parts: int) -> int:
+        """Handle one ZeroMQ message; the number of frames it held (a batch's, or 1)."""
         # The ZAP handler set User-Id to the agent whose enrolled CURVE key opened this
         # connection: that, not the peer-chosen routing id, says who is speaking.
         agent_id = cast(str, payload.get("User-Id"))
         if parts != 1:
             self._malformed(routing_id, agent_id, f"{parts} frame parts, expected 1")
-            return
+            return 1
         session = self._session_on(routing_id, agent_id)
         try:
             msg = codec.decode(payload.bytes, sender=codec.AGENT)
         except codec.ProtocolError as exc:
             self._malformed(routing_id, agent_id, str(exc), exc.code)
-            return
+            return 1
+        if type(msg) is codec.Batch:
+            return self._on_batch(routing_id, agent_id, session, msg)
+        self._on_message(routing_id, agent_id, session, msg, payload)
+        return 1
+
+    def _on_batch(self, routing_id: bytes, agent_id: str, session: Session | None,
+                  batch: codec.Batch) -> int:
+        """Each frame of a batch in order, as if it had come alone (docs/protocol.md §4.8):
+        a malformed one is dropped like any, and every message counts against the peer's
+        allowances on its own."""
+        if session is None:
+            self._outside_session(routing_id, agent_id)
+            return 1
+        if not session.batches:
+            self._malformed(routing_id, agent_id, "a batch from an agent whose hello did not offer "
+                            "batches", "unexpected_type")
+            return 1
+        self.stats.batches_in += 1
+        sessions = self.sessions
+        for frame in batch.frames:
+            try:
+                msg = codec.decode(frame, sender=codec.AGENT, batched=True)
+            except codec.ProtocolError as exc:
+                self._malformed(routing_id, agent_id, f"in a batch: {exc}", exc.code)
+                continue
+            # A bye (or the sweep, or a revocation) may end the session half-way through.
+            self._on_message(routing_id, agent_id,
+                             session if sessions.get(session.worker_id) is session else None, msg)
+        return len(batch.frames)
+
+    def _on_message(self, routing_id: bytes, agent_id: str, session: Session | None,
+                    msg: codec.Message, payload: zmq.Frame | None = None) -> None:
+        """One message from the connection ``routing_id``; ``payload``, the ZeroMQ frame it came
+        in, for a hello (which never comes in a batch)."""
         self.stats.counts_by_type[msg.TYPE] = self.stats.counts_by_type.get(msg.TYPE, 0) + 1
         answer = isinstance(msg, (codec.Chunk, codec.Done, codec.Error)) and msg.id is not None
         if not answer and not self._allowed(agent_id, routing_id):
             return
         if isinstance(msg, codec.Hello):
-            self._check_hello(routing_id, _source_fd(payload), agent_id, msg)
+            self._check_hello(routing_id, _source_fd(payload) if payload is not None else None,
+                              agent_id, msg)
             return
         if session is None:
-            self.stats.no_session += 1
-            if self._may_answer_stray(agent_id):
-                self._reply(routing_id, codec.Reject(code="no_session",
-                                                     message="no session: send hello first"))
+            self._outside_session(routing_id, agent_id)
             return
         session.last_seen = time.monotonic()
         self._on_session_message(session, msg)
+
+    def _outside_session(self, routing_id: bytes, agent_id: str) -> None:
+        """A frame on a connection without a session: the peer hears, now and then, to say hello."""
+        self.stats.no_session += 1
+        if self._may_answer_stray(agent_id):
+            self._reply(routing_id, codec.Reject(code="no_session", message="no session: send hello first"))
 
     def _session_on(self, routing_id: bytes, agent_id: str) -> Session | None:
         """The session bound to the connection a frame came on, if the frame's key opened it.
@@ -529,7 +574,8 @@ class Router:
         session = Session(agent_id=agent_id, worker_id=worker_id, routing_id=routing_id,
                           connection_fd=connection_fd, session_id=uuid.uuid4().hex,
                           version=common[-1], hello=hello, connected_at=time.time(),
-                          last_seen=time.monotonic(), policy=agent.policy)
+                          last_seen=time.monotonic(), policy=agent.policy,
+                          batches=codec.BATCH in hello.capabilities)
         self._bind(session)
         self.absent_models.pop(agent_id, None)
         if session.ready_models():
@@ -539,7 +585,7 @@ class Router:
         self._reply(routing_id, codec.Welcome(
             version=session.version, session=session.session_id, router_version=__version__,
             lease_interval_s=s.lease_interval_s, lease_timeout_s=s.lease_timeout_s,
-            max_frame_bytes=codec.MAX_FRAME_BYTES, capabilities=["credit", "cancel", "drain"],
+            max_frame_bytes=codec.MAX_FRAME_BYTES, capabilities=list(ROUTER_CAPABILITIES),
             assigned_model=agent.assigned_model), session.version)
         log.info("agent %s (%s, %s) connected: protocol v%d, %d model(s), max_concurrent %d",
                  worker_id, escape(hello.hostname), escape(hello.agent_version), session.version,

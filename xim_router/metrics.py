@@ -149,9 +149,10 @@ class MeshCollector(Collector):
                                       value=self.holds.waited_s)
         stats = router.stats
         mesh = CounterMetricFamily("xim_router_mesh_events", "Mesh events since the start (frames in and "
-                                   "out, malformed, rate-limited, credit overruns, failed handshakes, "
+                                   "out, batches in, malformed, rate-limited, credit overruns, failed handshakes, "
                                    "closed connections, refused by ZAP).", labels=("event",))
-        for event, value in (("frame_in", stats.frames_in), ("frame_out", stats.frames_out),
+        for event, value in (("frame_in", stats.frames_in), ("batch_in", stats.batches_in),
+                             ("frame_out", stats.frames_out),
                              ("malformed", stats.malformed), ("no_session", stats.no_session),
                              ("rate_limited", stats.rate_limited), ("credit_overrun", stats.credit_overruns),
                              ("handshake_failed", stats.handshake_failed), ("disconnect", stats.disconnects),

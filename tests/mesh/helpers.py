@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
+
+import zmq
+import zmq.asyncio
 
 from tests.support.router import RouterProcess, wait_for
 from xim_proto import codec
@@ -79,6 +83,23 @@ def make_link(identity, probe: LinkProbe, **kw) -> MeshLink:
                     on_message=probe.on_message, on_state=probe.on_state, **kw)
 
 
+def stand_in_router(ctx: zmq.asyncio.Context) -> tuple[zmq.asyncio.Socket, enrollment.Identity]:
+    """A CURVE ROUTER socket on loopback that a test drives as the router, and the identity of
+    a node that trusts its key (enrolled nowhere: the test's router asks for no token)."""
+    server_public, server_secret = (k.decode() for k in zmq.curve_keypair())
+    agent_public, agent_secret = (k.decode() for k in zmq.curve_keypair())
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, server_secret.encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:0")
+    return sock, enrollment.Identity(
+        agent_id="a1", worker_id="worker-fake", router_url="http://127.0.0.1:9",
+        mesh_endpoints=(sock.getsockopt_string(zmq.LAST_ENDPOINT),), router_public_key=server_public,
+        agent_public_key=agent_public, agent_secret_key=agent_secret, token="xat_fake",
+        token_expires_at=time.time() + 3600, enrolled_at=time.time())
+
+
 async def until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
     """Async twin of wait_for, for use inside a running event loop."""
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -107,4 +128,4 @@ async def running(link: MeshLink):
 
 
 __all__ = ["LinkProbe", "RouterProcess", "enroll_fresh", "load_config", "make_link", "running",
-           "until", "wait_for", "write_agent_config"]
+           "stand_in_router", "until", "wait_for", "write_agent_config"]

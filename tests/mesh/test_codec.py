@@ -34,6 +34,8 @@ def sample_messages() -> list[codec.Message]:
         codec.Drain(reason="SIGTERM"),
         codec.DrainAck(in_flight=2),
         codec.Bye(reason="shutting down"),
+        codec.Batch(frames=[codec.encode(codec.Chunk(id="r1", seq=1, data=[b"{}"])),
+                            codec.encode(codec.Done(id="r1"))]),
     ]
 
 
@@ -232,3 +234,99 @@ def test_lease_round_trip(state, seq, running, usage, ids, draining):
                         engine_state=state, models=[codec.Model(name="m", state=state)],
                         in_flight=ids, max_concurrent=4, draining=draining)
     assert codec.decode(codec.encode(lease)) == lease
+
+
+# ---------------------------------------------------------------- batches (revision 1.3)
+
+
+def frames_of(n: int, size: int = 0) -> list[bytes]:
+    return [codec.encode(codec.Chunk(id=f"r{i}", seq=i + 1, data=[b"x" * size])) for i in range(n)]
+
+
+def unpacked(messages) -> list[bytes]:
+    """The frames a list of (message, count) carries, in order, each batch checked as it is read."""
+    out = []
+    for message, count in messages:
+        assert len(message) <= codec.MAX_FRAME_BYTES
+        msg = codec.decode(message, sender=codec.AGENT)
+        if isinstance(msg, codec.Batch):
+            assert 2 <= count == len(msg.frames) <= codec.MAX_BATCH_FRAMES
+            out += msg.frames
+        else:
+            assert count == 1
+            out.append(message)
+    return out
+
+
+def test_a_batch_carries_the_frames_as_they_would_travel_alone_in_order():
+    frames = frames_of(5)
+    [(message, count)] = list(codec.batched(frames, version=1))
+    assert count == 5
+    assert msgpack.unpackb(message) == {"v": 1, "type": "batch", "frames": frames}
+    batch = codec.decode(message, sender=codec.AGENT)
+    assert batch == codec.Batch(frames=frames)
+    assert [codec.decode(f, sender=codec.AGENT, batched=True) for f in batch.frames] == \
+        [codec.decode(f) for f in frames]
+
+
+def test_a_single_frame_goes_as_it_is():
+    frames = frames_of(1)
+    assert list(codec.batched(frames)) == [(frames[0], 1)]
+
+
+@pytest.mark.parametrize("n, size", [(codec.MAX_BATCH_FRAMES + 1, 0), (3 * codec.MAX_BATCH_FRAMES, 10),
+                                     (40, 100_000), (9, 300_000), (3, codec.MAX_FRAME_BYTES - 100)])
+def test_batches_keep_the_size_and_count_limits_and_the_order(n, size):
+    frames = frames_of(n, size)
+    messages = list(codec.batched(frames))
+    assert unpacked(messages) == frames
+    assert sum(count for _, count in messages) == n
+
+
+@pytest.mark.parametrize("size", [0, 200, 255 - 40, 256, 65535 - 40, 65536, 500_000])
+@pytest.mark.parametrize("version", [1, 127, 65535])
+def test_what_the_sender_allows_for_the_envelope_is_enough(size, version):
+    """The batch of frames of every bin header size is never longer than the sender reckoned,
+    so a batch it packs up to the frame limit stays within it."""
+    frames = frames_of(2, size)
+    [(message, count)] = list(codec.batched(frames, version=version))
+    assert count == 2
+    assert len(message) <= codec._BATCH_ENVELOPE_BYTES + sum(len(f) + codec._BATCH_ITEM_BYTES for f in frames)
+
+
+def test_batches_are_packed_lazily():
+    """A sender stopped by a full queue packs only what it sends."""
+    packed = codec.batched(frames_of(3 * codec.MAX_BATCH_FRAMES))
+    _, count = next(packed)
+    assert count == codec.MAX_BATCH_FRAMES
+
+
+@pytest.mark.parametrize("inner", [codec.Hello(token="t", versions=[1], agent_version="1", hostname="h",
+                                               capabilities=[], hardware={}, models=[], max_concurrent=1),
+                                   codec.Batch(frames=[])], ids=["hello", "batch"])
+def test_a_hello_or_a_batch_may_not_travel_inside_a_batch(inner):
+    frame = codec.encode(inner)
+    assert codec.decode(frame) == inner                       # alone it is fine
+    with pytest.raises(ProtocolError) as caught:
+        codec.decode(frame, batched=True)
+    assert caught.value.code == "unexpected_type"
+
+
+def test_a_batch_over_the_count_limit_is_too_large():
+    frame = msgpack.packb({"v": 1, "type": "batch", "frames": [b"x"] * (codec.MAX_BATCH_FRAMES + 1)})
+    with pytest.raises(ProtocolError) as caught:
+        codec.decode(frame, sender=codec.AGENT)
+    assert caught.value.code == "too_large"
+
+
+@pytest.mark.parametrize("frames", [["not bin"], [[b"nested list"]], b"not a list", [None]])
+def test_a_batch_of_anything_but_bins_is_malformed(frames):
+    with pytest.raises(ProtocolError) as caught:
+        codec.decode(msgpack.packb({"v": 1, "type": "batch", "frames": frames}, use_bin_type=True))
+    assert caught.value.code == "malformed"
+
+
+def test_only_the_agent_sends_batches():
+    frame = codec.encode(codec.Batch(frames=frames_of(2)))
+    with pytest.raises(ProtocolError, match="unexpected_type"):
+        codec.decode(frame, sender=codec.ROUTER)

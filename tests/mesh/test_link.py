@@ -21,6 +21,7 @@ from tests.mesh.helpers import (
     load_config,
     make_link,
     running,
+    stand_in_router,
     until,
     wait_for,
     write_agent_config,
@@ -280,13 +281,6 @@ def test_malformed_frames_from_an_agent_are_dropped_and_both_keep_serving(router
 
 def test_malformed_frames_from_the_router_are_dropped_and_the_link_keeps_serving(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="ximd.mesh")
-    server_public, server_secret = (k.decode() for k in zmq.curve_keypair())
-    agent_public, agent_secret = (k.decode() for k in zmq.curve_keypair())
-    identity = enrollment.Identity(
-        agent_id="a1", worker_id="worker-fake", router_url="http://127.0.0.1:9",
-        mesh_endpoints=("tcp://127.0.0.1:0",), router_public_key=server_public,
-        agent_public_key=agent_public, agent_secret_key=agent_secret, token="xat_fake",
-        token_expires_at=time.time() + 3600, enrolled_at=time.time())
     garbage = [b"\xc1", codec.encode(codec.Bye(reason="x"))[:-3],
                msgpack.packb({"v": 7, "type": "lease_ack", "seq": 1}),
                msgpack.packb({"v": 1, "type": "nonsense"}),
@@ -316,17 +310,11 @@ def test_malformed_frames_from_the_router_are_dropped_and_the_link_keeps_serving
 
     async def scenario():
         ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, server_secret.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind("tcp://127.0.0.1:0")
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        sock, identity = stand_in_router(ctx)
         hellos: list = []
         routes: list = []
         server = asyncio.ensure_future(fake_router(sock, hellos, routes))
-        link = make_link(enrollment.Identity(**{**identity.__dict__, "mesh_endpoints": (endpoint,)}),
-                         probe, lease_interval=0.2)
+        link = make_link(identity, probe, lease_interval=0.2)
         try:
             async with running(link):
                 await until(lambda: link.malformed_dropped == len(garbage) + 1, 10,

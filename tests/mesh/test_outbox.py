@@ -109,3 +109,67 @@ def test_full_and_close_drop_what_a_dead_session_had_queued():
             assert received(rx) == [b"sent at once"] and not box.full()
     asyncio.run(scenario())
 
+
+
+# ---------------------------------------------------------------- batches (revision 1.3)
+
+
+def chunk(i: int) -> bytes:
+    return codec.encode(codec.Chunk(id="r", seq=i + 1, data=[b"%d" % i]))
+
+
+def unbatched(messages: list[bytes]) -> list[bytes]:
+    """The frames the messages carry, in order."""
+    out = []
+    for message in messages:
+        msg = codec.decode(message, sender=codec.AGENT)
+        out += msg.frames if isinstance(msg, codec.Batch) else [message]
+    return out
+
+
+def test_with_batches_a_burst_is_one_message_and_an_idle_frame_goes_alone():
+    async def scenario():
+        with socket_pair() as (rx, tx):
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: None, interval_s=0.05, pack=codec.batched)
+            box.put(chunk(0))
+            assert received(rx) == [chunk(0)]                     # alone: as it is, no envelope
+            for i in range(1, 6):
+                box.put(chunk(i))
+            await asyncio.sleep(0.1)
+            [message] = received(rx)
+            assert codec.decode(message) == codec.Batch(frames=[chunk(i) for i in range(1, 6)])
+    asyncio.run(scenario())
+
+
+def test_with_batches_an_urgent_frame_goes_at_once_after_what_gathered_before_it():
+    async def scenario():
+        with socket_pair() as (rx, tx):
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: None, interval_s=10, pack=codec.batched)
+            box.put(chunk(0))
+            box.put(chunk(1))
+            box.put(chunk(2))
+            done = codec.encode(codec.Done(id="r"))
+            box.put(done, urgent=True)
+            [message] = received(rx)[1:]
+            assert codec.decode(message) == codec.Batch(frames=[chunk(1), chunk(2), done])
+    asyncio.run(scenario())
+
+
+def test_with_batches_a_peer_that_stops_reading_loses_nothing_and_order_is_kept():
+    async def scenario():
+        with socket_pair(sndhwm=2) as (rx, tx):
+            box = Outbox(asyncio.get_running_loop(), tx, lambda: None, interval_s=0.01, limit=10_000,
+                         pack=codec.batched)
+            count = 8 * codec.MAX_BATCH_FRAMES + 7          # more batches than the pipe takes
+            box.put(chunk(0))
+            for i in range(1, count):
+                box.put(chunk(i))
+            got: list[bytes] = []
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                got += received(rx)
+                if len(unbatched(got)) == count:
+                    break
+            assert unbatched(got) == [chunk(i) for i in range(count)]
+            assert len(got) < count                         # they did travel in batches
+    asyncio.run(scenario())

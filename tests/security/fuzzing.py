@@ -114,3 +114,15 @@ def hostile_frame(draw, name: str) -> bytes:
         depth = draw(st.integers(1, 200_000))
         frame = frame.replace(marker, b"\x91" * depth + b"\xc0", 1)   # [[[...[nil]...]]]
     return frame
+
+
+ANY_MESSAGE_TYPE = st.sampled_from(sorted(codec.MESSAGES))
+
+
+@st.composite
+def hostile_batch(draw) -> bytes:
+    """A ``batch`` (revision 1.3) of hostile frames of any type, a hello or another batch among
+    them now and then, and arbitrary bytes; its own envelope as valid as a peer's would be."""
+    items = draw(st.lists(ANY_MESSAGE_TYPE.flatmap(hostile_frame) | st.binary(max_size=64), max_size=4))
+    return msgpack.packb({"v": codec.PROTOCOL_VERSION, "type": codec.Batch.TYPE, "frames": items},
+                         use_bin_type=True)

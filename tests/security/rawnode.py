@@ -79,9 +79,10 @@ class RawNode:
         self.sock.send(msg if isinstance(msg, bytes) else codec.encode(msg))
 
     def hello(self, *, hostname: str = "raw-node", agent_version: str = "test",
-              models: tuple[str, ...] = (MODEL,)) -> codec.Welcome:
+              models: tuple[str, ...] = (MODEL,),
+              capabilities: tuple[str, ...] = ("credit", "cancel")) -> codec.Welcome:
         self.send(codec.Hello(token=self.token, versions=[1], agent_version=agent_version,
-                              hostname=hostname, capabilities=["credit", "cancel"], hardware={},
+                              hostname=hostname, capabilities=list(capabilities), hardware={},
                               models=[codec.Model(name=m, state="ready") for m in models],
                               max_concurrent=4))
         return self.expect(codec.Welcome)

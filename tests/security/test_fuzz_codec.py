@@ -24,7 +24,15 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.security.fuzzing import ANY_VALUE, CASES, fuzz_settings, hostile_frame, seed_note, valid_map
+from tests.security.fuzzing import (
+    ANY_VALUE,
+    CASES,
+    fuzz_settings,
+    hostile_batch,
+    hostile_frame,
+    seed_note,
+    valid_map,
+)
 from xim_proto import codec
 
 SENDERS = (codec.AGENT, codec.ROUTER, None)
@@ -139,6 +147,54 @@ def test_valid_maps_of_each_message_type_decode_and_round_trip(name, data):
     CASES[f"valid {name}"] += 1
 
 
+# ---------------------------------------------------------------- batches (revision 1.3)
+
+
+def check_batched(frame: bytes, kind: str) -> None:
+    """A batch as the router reads it: the envelope under decode()'s contract, then each of its
+    frames as one on its own, where a hello or a batch is refused."""
+    for sender in SENDERS:
+        batch = check_decoded(frame, sender)
+        if not isinstance(batch, codec.Batch):
+            continue
+        assert len(batch.frames) <= codec.MAX_BATCH_FRAMES
+        for item in batch.frames:
+            try:
+                msg = codec.decode(item, sender=sender, batched=True)
+            except codec.ProtocolError as exc:
+                assert exc.code in codec.PROTOCOL_ERROR_CODES, exc
+                continue
+            assert msg.TYPE not in codec.NOT_BATCHED, f"a {msg.TYPE} accepted inside a batch"
+            assert check_decoded(item, sender) == msg
+            ACCEPTED[f"{kind} item"] += 1
+    CASES[kind] += 1
+
+
+@fuzz_settings(max_examples=600)
+@given(hostile_batch())
+def test_hostile_batches(frame):
+    check_batched(frame, "hostile batches")
+
+
+@fuzz_settings(max_examples=200)
+@given(st.data())
+def test_batches_of_valid_frames_give_back_each_frame(data):
+    """Valid frames of any type in a batch: each comes back as it would alone, in order,
+    except a hello or a batch, which are refused."""
+    names = data.draw(st.lists(st.sampled_from(MESSAGE_TYPES), max_size=6))
+    frames = [msgpack.packb({**data.draw(valid_map(name)), "v": codec.PROTOCOL_VERSION, "type": name},
+                            use_bin_type=True) for name in names]
+    batch = codec.decode(codec.encode(codec.Batch(frames=frames)), sender=codec.AGENT)
+    assert isinstance(batch, codec.Batch) and batch.frames == frames
+    for name, frame in zip(names, frames, strict=True):
+        if name in codec.NOT_BATCHED:
+            with pytest.raises(codec.ProtocolError, match="unexpected_type"):
+                codec.decode(frame, batched=True)
+        else:                                  # bytes compared, not messages: NaN != NaN
+            assert codec.encode(codec.decode(frame, batched=True)) == codec.encode(codec.decode(frame))
+    CASES["valid batches"] += 1
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -168,3 +224,47 @@ def test_decoding_one_frame_costs_bounded_memory():
     finally:
         tracemalloc.stop()
     assert peak <= DECODE_MEMORY_BOUND, f"decoding one {len(frame)}-byte frame peaked at {peak >> 20} MiB"
+
+
+def worst_case_batch(item: bytes) -> bytes:
+    """A batch of as many copies of ``item`` as fit in one frame."""
+    count = min(codec.MAX_BATCH_FRAMES, (codec.MAX_FRAME_BYTES - 64) // (len(item) + 5))
+    return codec.encode(codec.Batch(frames=[item] * count))
+
+
+def lease_full_of_lists() -> bytes:
+    """A lease (allowed in a batch) whose unknown field unpacks into as many empty lists as one
+    frame's value budget lets through: all of them thrown away after the decode."""
+    fields = {"v": 1, "type": "lease", "seq": 1, "running": 0, "waiting": 0, "kv_cache_usage": 0.0,
+              "engine_state": "x", "models": [], "in_flight": [], "max_concurrent": 1, "draining": False}
+    left = codec.MAX_VALUES - 2 * (len(fields) + 1) - 3           # the maps' entries, x's 3 items
+    thirds = [8000, 8000, left - 16000]
+    return msgpack.packb({**fields, "x": [[[]] * n for n in thirds]}, use_bin_type=True)
+
+
+def chunk_full_of_tiny_bins() -> bytes:
+    """A chunk whose data is as many 2-byte bins as a field allows: all of them kept."""
+    return codec.encode(codec.Chunk(id="r", seq=1, data=[b"ab"] * 8192))
+
+
+@pytest.mark.parametrize("item", [lease_full_of_lists(), chunk_full_of_tiny_bins()], ids=["lists", "bins"])
+def test_decoding_a_batch_and_every_frame_in_it_costs_bounded_memory(item):
+    """The router decodes a batch, then each frame in it, and keeps what they hold: a whole
+    frame's worth of hostile items costs what one frame may (each frame has its own budget)."""
+    frame = worst_case_batch(item)
+    assert len(frame) <= codec.MAX_FRAME_BYTES
+    tracemalloc.start()
+    try:
+        kept = []
+        batch = codec.decode(frame, sender=codec.AGENT)
+        assert isinstance(batch, codec.Batch) and len(batch.frames) > 1
+        for inner in batch.frames:
+            try:
+                kept.append(codec.decode(inner, sender=codec.AGENT, batched=True))
+            except codec.ProtocolError:
+                pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert kept, "the items should decode: the test would measure nothing"
+    assert peak <= DECODE_MEMORY_BOUND, f"decoding a {len(frame)}-byte batch peaked at {peak >> 20} MiB"

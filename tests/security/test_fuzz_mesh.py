@@ -4,7 +4,8 @@ A real `xim-router serve`; an honest node (ximd's MeshLink, answering each infer
 a hostile one: a raw CURVE DEALER with its own enrolled key and worker id, which says
 a valid hello and then sends hypothesis-made frames of every message type (built from
 the codec's catalogue with hostile fields, types only the router may send, arbitrary
-MessagePack, arbitrary bytes, multi-part messages), with a fresh hello now and then so
+MessagePack, arbitrary bytes, multi-part messages, batches of all of these: it offers
+batches in its hello), with a fresh hello now and then so
 that most frames land in a live session. Throughout, a client's request for the honest
 node's model is answered by the honest node; afterwards the router's log holds no
 traceback, its RSS stayed under a bound and /healthz answers.
@@ -28,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.mesh.helpers import LinkProbe, enroll_fresh, load_config, make_link, wait_for, write_agent_config
-from tests.security.fuzzing import ANY_VALUE, fuzz_settings, hostile_frame, seed_note
+from tests.security.fuzzing import ANY_VALUE, fuzz_settings, hostile_batch, hostile_frame, seed_note
 from tests.support.router import RouterProcess
 from xim_proto import codec, transport
 from ximd.identity import Identity
@@ -102,7 +103,7 @@ class HostileNode:
     def hello(self) -> None:
         self.sock.send(codec.encode(codec.Hello(
             token=self.identity.token, versions=[1], agent_version="fuzz", hostname="hostile",
-            capabilities=["credit", "cancel"], hardware={}, models=[], max_concurrent=1)))
+            capabilities=["credit", "cancel", codec.BATCH], hardware={}, models=[], max_concurrent=1)))
 
     def send(self, parts: list[bytes]) -> None:
         self.sock.send_multipart(parts)
@@ -208,6 +209,13 @@ def test_hostile_frames_of_each_type(mesh, name, data):
                  st.lists(st.binary(max_size=64), min_size=2, max_size=4)))
 def test_arbitrary_frames(mesh, frame):
     mesh.hostile.send(frame if isinstance(frame, list) else [frame])
+    after_case(mesh)
+
+
+@fuzz_settings(max_examples=300)
+@given(hostile_batch())
+def test_hostile_batches(mesh, frame):
+    mesh.hostile.send([frame])
     after_case(mesh)
 
 

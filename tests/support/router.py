@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 READY_LINE = re.compile(r"xim-router serving http=(\S+) mesh=(\S+) public_key=(\S+)")
@@ -120,6 +121,14 @@ class RouterProcess:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def mesh_event(self, event: str) -> float:
+        """A count of /metrics' xim_router_mesh_events_total (frame_in, batch_in, rate_limited, …)."""
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        found = re.search(rf'^xim_router_mesh_events_total\{{event="{re.escape(event)}"\}} (\S+)$', text, re.M)
+        assert found, f"no mesh event {event!r} in /metrics"
+        return float(found.group(1))
 
     # ------------------------------------------------------------ admin commands
 

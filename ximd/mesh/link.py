@@ -12,6 +12,7 @@ carry, where the router's requests go, and who hears about state changes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -34,7 +35,9 @@ from ximd.mesh.state import LinkState
 
 log = logging.getLogger("ximd.mesh")
 
-CAPABILITIES = ["credit", "cancel", "drain", "coalesce"]
+# What the link itself supports (docs/protocol.md §5.2): hello offers these, and batches
+# (revision 1.3) are sent only to a router whose welcome offers them too.
+CAPABILITIES = ["credit", "cancel", "drain", "coalesce", codec.BATCH]
 
 # Rejections that no retry can fix: the node waits for a new identity.
 FINAL_REJECTIONS = {"revoked", "unsupported_version"}
@@ -184,6 +187,7 @@ class MeshLink:
         self.malformed_dropped = 0
         self._seq = 0
         self._version = codec.PROTOCOL_VERSION
+        self._offered: list[str] = []                   # the capabilities of this session's hello
         self._sock: zmq.Socket | None = None            # set while a session is connected
         self._outbox: transport.Outbox | None = None    # likewise: what send() queues
         self._watch: transport.ReadyWatch | None = None
@@ -333,7 +337,9 @@ class MeshLink:
         self._set_state(LinkState.CONNECTING, f"connecting to {endpoint}")
         try:
             try:
-                sock.send(codec.encode(self._hello()), _DONTWAIT)    # queued until connected
+                hello = self._hello()
+                self._offered = hello.capabilities
+                sock.send(codec.encode(hello), _DONTWAIT)    # queued until connected
             except (KeyError, TypeError, ValueError, codec.ProtocolError) as exc:
                 return SessionEnd(f"cannot build hello: {exc}")
             return await self._session_loop(sock, monitor, watch)
@@ -411,9 +417,14 @@ class MeshLink:
         def after_send() -> None:
             if watch is not None and transport.readable(sock):
                 watch.poke()             # sending consumed the FD edge of pending input
-        self._outbox = transport.Outbox(asyncio.get_running_loop(), sock, after_send)
+        # Several frames per message only when both sides offered it (revision 1.3): an
+        # older router reads one frame per message.
+        batches = codec.BATCH in self._offered and codec.BATCH in welcome.capabilities
+        pack = functools.partial(codec.batched, version=welcome.version) if batches else None
+        self._outbox = transport.Outbox(asyncio.get_running_loop(), sock, after_send, pack=pack)
         self._set_state(LinkState.CONNECTED, f"session {welcome.session} with {self.endpoint} "
-                                   f"(router {welcome.router_version}, protocol v{welcome.version})")
+                                   f"(router {welcome.router_version}, protocol v{welcome.version}"
+                                   f"{', batches' if batches else ''})")
 
     def _apply_lease_timing(self, welcome: codec.Welcome) -> tuple[float, float]:
         timing = self.lease_timing = lease_timing(self.lease_interval, welcome)
