@@ -23,7 +23,7 @@ from xim_proto.cliout import FORMATS, format_name, local_text, quiet_on_closed_s
 from xim_proto.joinkey import fingerprint
 from xim_proto.modelid import is_model_id
 from xim_proto.privileges import become, owner_to_become
-from xim_router import config, dataplane, exposure, keys, notify, openai_api, server
+from xim_router import config, dataplane, exposure, keys, notify, openai_api, server, workers
 from xim_router import store as store_mod
 from xim_router.http import quiet_malformed_requests
 from xim_router.mesh import RouterSettings
@@ -70,6 +70,13 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
+
+
+def _workers(text: str) -> int:
+    try:
+        return workers.parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _model_name(text: str) -> str:
@@ -170,6 +177,10 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                         help="how long after its expiry a token may still be refreshed, and how long "
                              "a node may be off the mesh before a token alone no longer renews or "
                              "unenrolls it (default 7d)")
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                       help="HTTP worker processes that serve the OpenAI API on --http together, "
+                            "beside the core that runs the mesh (auto: one per core, at most "
+                            f"{workers.AUTO_LIMIT}; default 1: one process does everything)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     add_api_arguments(serve)
@@ -468,7 +479,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         raise config.ConfigError(str(exc)) from None
     return ServeOptions(state_dir=Path(args.state_dir), http=args.http, mesh=args.mesh,
                         advertise=tuple(args.advertise), settings=settings, api=api,
-                        ssl_context=ssl_context, enroll_http=args.enroll_http)
+                        ssl_context=ssl_context, enroll_http=args.enroll_http, workers=args.workers,
+                        tls_files=(args.tls_cert, args.tls_key), log_level=args.log_level)
 
 
 class UnsafeExposure(StartupError):

@@ -40,6 +40,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from xim_proto import codec
@@ -184,7 +185,10 @@ class Exchange:
         # One timer per request, not one per chunk: when it fires, a marker
         # lands in the queue and next() turns it into a timeout.
         self._timer = asyncio.get_running_loop().call_later(
-            settings.request_timeout_s + settings.grace_s, self.queue.put_nowait, _TIMEOUT)
+            settings.request_timeout_s + settings.grace_s, self._expire)
+
+    def _expire(self) -> None:
+        self.queue.put_nowait(_TIMEOUT)
 
     async def next(self) -> codec.Message:
         """The next chunk or done from the agent; RequestFailed on an error or the deadline."""
@@ -225,6 +229,22 @@ class Exchange:
                 self._held = msg
         return chunks
 
+    def forward(self, deliver: Callable[[codec.Message], None]) -> None:
+        """From now on hand this request's chunk, done and error to ``deliver`` as they
+        arrive, instead of queueing them for `next()` (the core of a router with HTTP
+        workers passes them on to the worker that serves the client: no task wakes for
+        them here). What is queued already goes first. The deadline, `client_gone` and
+        `cancel` keep their meaning: an expired deadline cancels on the agent and
+        delivers a ``timeout`` error; a gone client cancels and delivers nothing."""
+        queued = [] if self._held is None else [self._held]
+        self._held = None
+        while not self.queue.empty():
+            queued.append(self.queue.get_nowait())
+        self.queue = _Forward(self, deliver)       # type: ignore[assignment]
+        self.router.redirect(self.id, self.queue)
+        for msg in queued:
+            self.queue.put_nowait(msg)
+
     def client_gone(self) -> None:
         """The HTTP side saw its client disconnect: the pending or next `next()` cancels."""
         self.queue.put_nowait(_CLIENT_GONE)
@@ -253,6 +273,35 @@ class Exchange:
             await self.router.send(self.worker_id, msg)
         except AgentUnavailable:
             pass        # the agent is gone; its link's end fails the request anyway
+
+
+class _Forward:
+    """An exchange's queue once it forwards (`Exchange.forward`): what lands in it is
+    handed on at once, the markers turned into what `next()` would have made of them."""
+
+    def __init__(self, exchange: Exchange, deliver: Callable[[codec.Message], None]):
+        self.exchange, self.deliver = exchange, deliver
+
+    def empty(self) -> bool:
+        return True
+
+    def put_nowait(self, msg: object) -> None:
+        exchange = self.exchange
+        if exchange.finished and not isinstance(msg, codec.Error):
+            return          # cancelled or ended: nothing more goes out (an error still may: stopping)
+        if isinstance(msg, codec.Chunk):
+            self.deliver(msg)
+        elif isinstance(msg, (codec.Done, codec.Error)):
+            exchange.finished = True
+            exchange.close()
+            self.deliver(msg)
+        elif msg is _TIMEOUT:
+            exchange.cancel("router timeout")
+            self.deliver(codec.error_for("timeout", "the request did not finish before its deadline "
+                                         f"({exchange.settings.request_timeout_s:g} s)",
+                                         request_id=exchange.id))
+        else:
+            exchange.cancel("client disconnected")
 
 
 class ClientGone(Exception):

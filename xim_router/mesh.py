@@ -294,6 +294,13 @@ class Router:
         if pending is not None:
             pending.credit += n
 
+    def redirect(self, request_id: str, queue: asyncio.Queue) -> None:
+        """From now on put the request's chunk/done/error in ``queue`` (anything with
+        ``put_nowait``: dataplane.Exchange.forward's hand-on)."""
+        pending = self._requests.get(request_id)
+        if pending is not None:
+            pending.queue = queue
+
     def close_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 

@@ -52,6 +52,9 @@ log = logging.getLogger("xim_router.openai")
 SETTINGS_KEY = "xim_router.openai"
 LIVE_KEY = "xim_router.openai.live"          # the Presence of every request being served
 HOLDS_KEY = "xim_router.openai.holds"        # the requests waiting for a node (dataplane.Holds)
+# What runs a completion: dataplane.start here, the core's over a channel in an HTTP
+# worker (xim_router.worker); the same signature and the same exchange interface.
+START_KEY = "xim_router.openai.start"
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions",
              "/v1/embeddings": codec.EMBEDDINGS}
 DISCONNECT_POLL_S = 0.25
@@ -106,6 +109,11 @@ def configure(app: web.Application, settings: ApiSettings) -> None:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)     # ids like org/name hold a slash
+    add_completion_routes(app)
+
+
+def add_completion_routes(app: web.Application) -> None:
+    """The endpoints that run on a node (all an HTTP worker serves itself)."""
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", completions)
@@ -299,7 +307,7 @@ async def serve_call(request: web.Request, settings: ApiSettings, call: Call,
                      presence: dataplane.Presence) -> web.StreamResponse:
     watcher = asyncio.ensure_future(watch_disconnect(request, presence))
     try:
-        exchange, first = await dataplane.start(
+        exchange, first = await request.app.get(START_KEY, dataplane.start)(
             request.app[ROUTER_KEY], settings.dataplane, model=call.model,
             endpoint=ENDPOINTS[request.path], body=call.body, stream=call.stream, presence=presence,
             holds=request.app[HOLDS_KEY])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import zmq
 from aiohttp import web
 
-from xim_router import enroll_api, keys, notify, openai_api
+from xim_router import enroll_api, keys, notify, openai_api, workers
 from xim_router import store as store_mod
 from xim_router.http import build_app
 from xim_router.mesh import Router, RouterSettings
@@ -53,6 +55,9 @@ class ServeOptions:
     api: openai_api.ApiSettings
     ssl_context: ssl.SSLContext | None = None
     enroll_http: tuple[str, int] | None = None   # a separate enrollment listener; None = on `http`
+    workers: int = 1                         # HTTP worker processes (xim_router.workers); 1: none
+    tls_files: tuple[str | None, str | None] = (None, None)   # what ssl_context was made of (workers)
+    log_level: str = "info"
 
 
 @dataclass(frozen=True)
@@ -74,23 +79,38 @@ class Running:
     store: store_mod.Store
     router: Router
     runners: tuple[web.AppRunner, ...]
+    pool: workers.WorkerPool | None = None
+    reserved: socket.socket | None = None       # holds --http's port for the workers
+    private_dir: Path | None = None             # the core's unix socket for them
 
     async def serve_until_signalled(self) -> int:
         """Serve until SIGTERM or SIGINT, then stop everything; the exit status."""
-        log.info("OpenAI API on %s, enrollment API on %s, mesh on %s", self.bound.http_url,
-                 self.bound.enroll_url, self.bound.mesh_endpoint)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        log.info("OpenAI API on %s, enrollment API on %s, mesh on %s", self.bound.http_url,
+                 self.bound.enroll_url, self.bound.mesh_endpoint)
+        if self.pool is not None:
+            log.info("%d HTTP worker processes serve %s (pids %s)", len(self.pool.links),
+                     self.bound.http_url, " ".join(map(str, self.pool.pids())))
         await stop.wait()
         log.info("stopping")
         notify.send("STOPPING=1", "STATUS=stopping")
+        if self.pool is not None:
+            await self.pool.stop()          # first: their streams end, their requests are cancelled
+        await self._close()
+        return 0
+
+    async def _close(self) -> None:
         for runner in self.runners:
             await runner.cleanup()
         await self.router.stop()
         self.store.close()
-        return 0
+        if self.reserved is not None:
+            self.reserved.close()
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 async def start(options: ServeOptions) -> Running:
@@ -114,6 +134,8 @@ async def start(options: ServeOptions) -> Running:
         listeners = [(options.http, build_app(router, (openai_api,))),
                      (options.enroll_http, build_app(router, (enroll_api,)))]
     openai_api.configure(listeners[0][1], options.api)
+    if options.workers > 1:
+        return await _start_with_workers(options, store, router, keypair.public, listeners)
     runners: list[web.AppRunner] = []
     urls: list[str] = []
     for (host, port), app in listeners:
@@ -129,6 +151,46 @@ async def start(options: ServeOptions) -> Running:
     bound = Bound(http_url=urls[0], mesh_endpoint=router.mesh_endpoint, public_key=keypair.public,
                   state_dir=state_dir, enroll_url=urls[-1])
     return Running(bound=bound, store=store, router=router, runners=tuple(runners))
+
+
+async def _start_with_workers(options: ServeOptions, store: store_mod.Store, router: Router, public_key: str,
+                              listeners: list[tuple[tuple[str, int], web.Application]]) -> Running:
+    """The core of `--workers N`: the API listener's app on a private unix socket for the
+    workers, which listen on --http together; a separate enrollment listener as always."""
+    running = Running(bound=Bound("", "", "", options.state_dir), store=store, router=router, runners=())
+    try:
+        running.private_dir = workers.private_directory()
+        core_socket = running.private_dir / "core.sock"
+        (host, port), app = listeners[0]
+        runner = web.AppRunner(workers.core_app_for_workers(app), access_log=None)
+        await runner.setup()
+        running.runners = (runner,)
+        await web.UnixSite(runner, str(core_socket)).start()
+        enroll_url = ""
+        if len(listeners) > 1:
+            enroll_runner, enroll_url = await _listen(listeners[1][1], *listeners[1][0], options.ssl_context)
+            running.runners += (enroll_runner,)
+        try:
+            running.reserved = workers.reserve_port(host, port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound_host, bound_port = running.reserved.getsockname()[:2]
+        running.pool = workers.WorkerPool(options.workers, router, app, host=bound_host, port=bound_port,
+                                          core_socket=core_socket, api=options.api,
+                                          tls=options.tls_files, log_level=options.log_level)
+        await running.pool.start()
+    except (StartupError, workers.WorkersError, OSError) as exc:
+        if running.pool is not None:
+            await running.pool.stop()
+        await running._close()
+        if isinstance(exc, StartupError):
+            raise
+        raise StartupError(str(exc)) from None
+    scheme = "https" if options.ssl_context else "http"
+    http_url = f"{scheme}://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
+    running.bound = Bound(http_url=http_url, mesh_endpoint=router.mesh_endpoint, public_key=public_key,
+                          state_dir=options.state_dir, enroll_url=enroll_url or http_url)
+    return running
 
 
 async def _listen(app: web.Application, host: str, port: int,

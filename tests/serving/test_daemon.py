@@ -46,7 +46,8 @@ class ServedNode:
     """A router and an enrolled `ximd run` serving MODEL, in a short scratch directory."""
 
     def __init__(self, root: Path, *, python: str, model_dir: Path, max_concurrent: int = 4,
-                 drain_grace_s: float = 20, vllm_args: str = "", ready_timeout_s: float = 60):
+                 drain_grace_s: float = 20, vllm_args: str = "", ready_timeout_s: float = 60,
+                 router_args: tuple[str, ...] = ()):
         self.root = root
         self.python, self.model_dir = python, model_dir
         self.max_concurrent, self.drain_grace_s = max_concurrent, drain_grace_s
@@ -55,7 +56,8 @@ class ServedNode:
         self.metrics_port = free_port()
         # A generous lease timeout: next to a real vLLM the two cores are busy, and a late
         # lease must not look like a lost node to these tests.
-        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="10s")
+        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="10s",
+                                    extra_args=router_args)
         self.daemon: Daemon | None = None
 
     @property

@@ -60,6 +60,8 @@ def test_without_a_file_the_defaults_stand(tmp_path, monkeypatch):
     ('log_level = "loud"\n', r"log_level: 'loud' is not one of debug, info, warning, error"),
     ('hold_max_requests = 0\n', r"hold_max_requests: '0' is not a whole number of at least 1"),
     ('[listen]\nhttp = "127.0.0.1:1"\n', r"listen: unknown key"),
+    ('workers = 0\n', r"router\.toml:1: workers: --workers must be 1 to 64 \(or auto\), not 0"),
+    ('workers = "many"\n', r"workers: 'many' is not a number of workers \(1 to 64, or auto\)"),
     ('http = [\n', r"not valid TOML"),
 ])
 def test_mistakes_name_the_file_line_and_key(tmp_path, text, message):
