@@ -141,6 +141,7 @@ class Setup:
     tokens_per_s: float
     max_tokens: int
     max_concurrent: int
+    router_workers: int = 1             # xim-router serve --workers
 
 
 class Stack:
@@ -154,7 +155,8 @@ class Stack:
         router_log = self.dir / "router.log"
         self.router = Proc("router", [*ROUTER_CMD, "serve", "--state-dir",
                                       str(self.dir / "router"), "--http", "127.0.0.1:0",
-                                      "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning"],
+                                      "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning",
+                                      "--workers", str(self.setup.router_workers)],
                            router_log)
         self.procs.append(self.router)
         pattern = re.compile(r"xim-router serving http=(\S+)")
@@ -256,15 +258,15 @@ async def compare(stack: Stack, concurrency: int, requests_per_worker: int, max_
     # During the direct run ximd and the router only idle (leases, health and
     # metrics polls, the watchdog): that rate, taken off the through run's
     # CPU, leaves what serving itself cost ("net").
-    idle_ximd, idle_router, all_cpu = stack.ximd.cpu_s(), stack.router.cpu_s(), machine_cpu_s(stack)
+    idle_ximd, idle_router, all_cpu = stack.ximd.cpu_s(), stack.router.tree_cpu_s(), machine_cpu_s(stack)
     d = await run_load(direct, model=MODEL, concurrency=concurrency,
                        requests_per_worker=requests_per_worker, max_tokens=max_tokens)
-    ximd_cpu, router_cpu = stack.ximd.cpu_s(), stack.router.cpu_s()
+    ximd_cpu, router_cpu = stack.ximd.cpu_s(), stack.router.tree_cpu_s()
     idle_ximd, idle_router = (ximd_cpu - idle_ximd) / d.wall_s, (router_cpu - idle_router) / d.wall_s
     all_cpu, cores_direct = machine_cpu_s(stack), (machine_cpu_s(stack) - all_cpu) / d.wall_s
     t = await run_load(through, model=MODEL, concurrency=concurrency,
                        requests_per_worker=requests_per_worker, max_tokens=max_tokens)
-    ximd_cpu, router_cpu = stack.ximd.cpu_s() - ximd_cpu, stack.router.cpu_s() - router_cpu
+    ximd_cpu, router_cpu = stack.ximd.cpu_s() - ximd_cpu, stack.router.tree_cpu_s() - router_cpu
     cores_through = (machine_cpu_s(stack) - all_cpu) / t.wall_s
     per_1k = 1000 / t.tokens if t.tokens else math.nan
     return Row(
@@ -322,12 +324,14 @@ def requests_per_worker(setup: Setup, phase_s: float) -> int:
 
 async def main_async(args) -> int:
     setup = Setup(engine=args.engine, pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                  max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2)
+                  max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2,
+                  router_workers=args.router_workers)
     workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
     stack = Stack(setup, workdir)
     rows = []
     try:
-        print(f"bench: starting router + ximd + {args.engine} engine in {workdir} ...", flush=True)
+        print(f"bench: starting router ({args.router_workers} HTTP worker(s)) + ximd + {args.engine} engine "
+              f"in {workdir} ...", flush=True)
         stack.start()
         per_worker = args.requests_per_worker or requests_per_worker(setup, args.phase_seconds)
         for c in args.concurrency:
@@ -363,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-seconds", type=float, default=10.0,
                         help="about how long each direct/through phase runs")
     parser.add_argument("--requests-per-worker", type=int, default=0, help="override --phase-seconds")
+    parser.add_argument("--router-workers", type=int, default=1,
+                        help="xim-router serve --workers (its CPU counts the core and its workers)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and state for a look")
     args = parser.parse_args(argv)
