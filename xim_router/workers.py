@@ -160,6 +160,9 @@ class CoreCall:
             self.link.calls.pop(lid, None)
             return
         self.exchange = exchange
+        if self.link.calls.get(lid) is not self:        # the worker went away meanwhile
+            exchange.cancel("router worker gone")
+            return
         send("id", lid, exchange.id)
         self.deliver(first)
         if not exchange.finished:

@@ -11,21 +11,25 @@ that goes away cancelling on the node, and the mistakes an operator can make.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+import trustme
 
 from tests.serving.test_daemon import MESSAGES, MODEL, check_disconnect_frees_the_engine_slot, standin_node, text_of
 from tests.support.engine import short_tempdir
-from tests.support.router import wait_for
+from tests.support.router import RouterProcess, wait_for
 from tests.support.standin_engine import wait_for_gauge
 from xim_router import workers
 
@@ -236,3 +240,34 @@ def test_the_socket_directory_is_private_and_removed_at_the_end(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert list(runtime.iterdir()) == []
+
+
+def test_https_and_api_keys_through_the_workers_and_a_separate_enrollment_listener(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    args = ("--workers", "2", "--api-key", "sk-w", "--enroll-http", "127.0.0.1:0")
+    with RouterProcess(tmp_path, tls=(cert_path, key_path), extra_args=args) as router:
+        assert router.http_url.startswith("https://") and router.enroll_url != router.http_url
+
+        def get(url: str, key: str | None = None, body: bytes | None = None) -> int:
+            request = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {key}"}
+                                             if key else {})
+            try:
+                with urllib.request.urlopen(request, timeout=10, context=context) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
+        # The worker checks the key of a completion; the core that of the model list and /metrics.
+        assert get(router.http_url + "/v1/chat/completions", body=body) == 401
+        assert get(router.http_url + "/v1/models") == 401 and get(router.http_url + "/metrics") == 401
+        assert get(router.http_url + "/v1/models", "sk-w") == 200
+        assert get(router.http_url + "/v1/chat/completions", "sk-w", body) == 404      # no node serves it
+        assert get(router.http_url + "/version") == 200
+        assert get(router.enroll_url + "/version") == 200      # the core's own listener
