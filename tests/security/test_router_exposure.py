@@ -20,10 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import trustme
 
 from tests.mesh.helpers import load_config, write_agent_config
 from tests.support.router import RouterProcess
+from tests.support.tls import loopback_cert
 from xim_proto import joinkey
 from ximd import enrollment
 from ximd.enrollment import EnrollmentRejected
@@ -61,11 +61,7 @@ def key_file(tmp_path: Path) -> str:
 
 @pytest.fixture
 def tls_files(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
+    _, cert_path, key_path = loopback_cert(tmp_path)
     return cert_path, key_path
 
 

@@ -13,21 +13,17 @@ import asyncio
 import logging
 
 import pytest
-import trustme
 
 from tests.mesh.helpers import load_config, toml_str
 from tests.support.router import RouterProcess
+from tests.support.tls import loopback_cert
 from ximd import enrollment
 from ximd.enrollment import RouterConfigError, RouterUnreachable
 
 
 @pytest.fixture
 def tls_router(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
+    _, cert_path, key_path = loopback_cert(tmp_path)
     with RouterProcess(tmp_path, tls=(cert_path, key_path)) as router:
         yield router
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import openai
 import pytest
-import trustme
 
 from tests.serving.test_daemon import MESSAGES, MODEL, check_disconnect_frees_the_engine_slot, standin_node, text_of
 from tests.support.engine import short_tempdir
 from tests.support.router import RouterProcess, wait_for
 from tests.support.standin_engine import wait_for_gauge
+from tests.support.tls import loopback_cert
 from xim_router import workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -243,11 +243,7 @@ def test_the_socket_directory_is_private_and_removed_at_the_end(tmp_path):
 
 
 def test_https_and_api_keys_through_the_workers_and_a_separate_enrollment_listener(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
+    ca, cert_path, key_path = loopback_cert(tmp_path)
     context = ssl.create_default_context()
     ca.configure_trust(context)
     args = ("--workers", "2", "--api-key", "sk-w", "--enroll-http", "127.0.0.1:0")
