@@ -9,8 +9,9 @@ worker that dies fails its requests; a core that dies stops its workers).
 What travels is a stream of MessagePack arrays, ``[kind, …]`` (xim_router.workers
 lists the kinds). Messages sent in one turn of the event loop leave in one
 write: a burst of chunk frames the core read from the mesh in one go reaches
-the worker as one `send` and one wake-up. The chunk payloads are the node's
-own bytes, copied, never parsed.
+the worker as one `send` and one wake-up; the middle of a stream may wait up to
+2 ms for more (`send_later`), as frames on the mesh do. The chunk payloads are
+the node's own bytes, copied, never parsed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ log = logging.getLogger("xim_router.ipc")
 # A request body is at most 1 MiB (xim_router.http.MAX_BODY_BYTES); a chunk frame at most
 # codec's frame limit. Anything bigger on this channel is a bug on the other side.
 MAX_MESSAGE_BYTES = 16 << 20
+# How long the middle of a stream may wait for more (the mesh's transport.Outbox waits 2 ms).
+LATER_S = 0.002
 
 
 class Channel(asyncio.Protocol):
@@ -40,6 +43,8 @@ class Channel(asyncio.Protocol):
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE_BYTES)
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
         self._out: list[bytes] = []
+        self._soon = False                                  # a flush is due this turn
+        self._later: asyncio.TimerHandle | None = None      # or after LATER_S
         self._lost = False
 
     @classmethod
@@ -82,11 +87,26 @@ class Channel(asyncio.Protocol):
         """Queue one message; what is queued in this turn of the loop leaves in one write."""
         if self.closed:
             return
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self.flush)
         self._out.append(self._packer.pack(msg))
+        if not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def send_later(self, *msg: object) -> None:
+        """Queue one message that may wait up to LATER_S for others (the middle of a stream:
+        transport.Outbox's rule on the mesh), so that a busy channel writes, and its reader
+        wakes, once for many."""
+        if self.closed:
+            return
+        self._out.append(self._packer.pack(msg))
+        if self._later is None and not self._soon:
+            self._later = asyncio.get_running_loop().call_later(LATER_S, self.flush)
 
     def flush(self) -> None:
+        self._soon = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         out, self._out = self._out, []
         if out and not self.closed:
             assert self.transport is not None

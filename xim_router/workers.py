@@ -164,14 +164,15 @@ class CoreCall:
             exchange.cancel("router worker gone")
             return
         send("id", lid, exchange.id)
-        self.deliver(first)
+        self.deliver(first, first=True)
         if not exchange.finished:
             exchange.forward(self.deliver)
 
-    def deliver(self, msg: codec.Message) -> None:
+    def deliver(self, msg: codec.Message, *, first: bool = False) -> None:
+        """Pass an answer on: the first at once, the middle of a stream within 2 ms."""
         send, lid = self.link.channel.send, self.local_id
         if isinstance(msg, codec.Chunk):
-            send("c", lid, msg.data)
+            (send if first else self.link.channel.send_later)("c", lid, msg.data)
             return
         self.link.calls.pop(lid, None)
         if isinstance(msg, codec.Done):
