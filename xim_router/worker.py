@@ -268,8 +268,8 @@ async def serve(fd: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("xim_router.worker is started by `xim-router serve --workers N`, not by hand",
-              file=sys.stderr)
+        logging.basicConfig(stream=sys.stderr)
+        log.error("xim_router.worker is started by `xim-router serve --workers N`, not by hand")
         return 2
     fd, parent = int(args[0]), int(args[1])
     if not die_with(parent):
