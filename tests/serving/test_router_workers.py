@@ -228,10 +228,12 @@ def test_the_socket_directory_is_private_and_removed_at_the_end(tmp_path):
     runtime.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "xim_router.cli", "serve", "--state-dir",
                              str(tmp_path / "state"), "--mesh", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0",
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "RUNTIME_DIRECTORY": str(runtime)})
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=(tmp_path / "log").open("w"),
+                            text=True, env={**os.environ, "RUNTIME_DIRECTORY": str(runtime)})
     try:
         assert "xim-router serving" in proc.stdout.readline()
+        # Logged once SIGTERM is the router's to handle (the line above comes a moment before).
+        wait_for(lambda: "HTTP worker processes serve" in (tmp_path / "log").read_text(), 10, "the log")
         (made,) = runtime.iterdir()
         assert made.stat().st_mode & 0o777 == 0o700
         assert (made / "core.sock").is_socket()
