@@ -47,6 +47,7 @@ ROUTER_CMD = [sys.executable, "-m", "xim_router.cli"]
 XIMD_CMD = [sys.executable, "-m", "ximd.cli"]
 MODEL = "tiny"
 READY_TIMEOUT_S = {"standin": 60, "vllm": 600}
+PACINGS = ("step", "stream", "unpaced")
 
 
 def free_port() -> int:
@@ -171,6 +172,8 @@ class Stack:
                      f"{self.setup.tokens_per_s:g} --standin-max-tokens {self.setup.max_tokens}")
             if self.setup.pacing == "step":
                 extra += " --standin-batched"
+            elif self.setup.pacing == "unpaced":
+                extra += " --standin-unpaced"
         else:
             python = engine_python()
             model_dir = tiny_model(python)
@@ -349,28 +352,38 @@ async def main_async(args) -> int:
     return 0 if all(r.errors_through == 0 and r.errors_direct == 0 for r in rows) else 1
 
 
+def add_standin_arguments(parser: argparse.ArgumentParser, pacing: str, max_tokens: int = 64) -> None:
+    """The workload's and the stand-in's flags, alike in bench.run, bench.profile and bench.saturate."""
+    parser.add_argument("--pacing", choices=PACINGS, default=pacing,
+                        help="stand-in: step = vLLM-like batched decode steps (all streams' tokens "
+                             "on one clock); stream = each stream on its own phase; unpaced = as "
+                             "fast as it is read (for bench.saturate)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="stand-in: time to first token")
+    parser.add_argument("--tokens-per-s", type=float, default=75.0, help="stand-in: per-stream pace")
+
+
+def run_main(main_async, args: argparse.Namespace, name: str) -> int:
+    """asyncio.run(main_async(args)); a RuntimeError (a start that failed, say) is one line on stderr."""
+    try:
+        return asyncio.run(main_async(args))
+    except RuntimeError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=("standin", "vllm"), default="standin")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 16, 64, 256])
-    parser.add_argument("--pacing", choices=("step", "stream"), default="step",
-                        help="stand-in: step = vLLM-like batched decode steps (all streams' tokens "
-                             "on one clock); stream = each stream on its own phase")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--ttft-ms", type=float, default=20.0, help="stand-in: time to first token")
-    parser.add_argument("--tokens-per-s", type=float, default=75.0, help="stand-in: per-stream pace")
+    add_standin_arguments(parser, pacing="step")
     parser.add_argument("--phase-seconds", type=float, default=10.0,
                         help="about how long each direct/through phase runs")
     parser.add_argument("--requests-per-worker", type=int, default=0, help="override --phase-seconds")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and state for a look")
-    args = parser.parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    except RuntimeError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
+    return run_main(main_async, parser.parse_args(argv), "bench")
 
 
 if __name__ == "__main__":
