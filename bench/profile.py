@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.loadgen import Target, run_load
-from bench.run import MODEL, REPO, VENV_BIN, Proc, Setup, Stack, add_standin_arguments, run_main
+from bench.run import MODEL, REPO, VENV_BIN, Proc, Stack, add_standin_arguments, run_main, running_stack, standin_setup
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 # Leaves where a thread waits, not works: py-spy (pausing the process to sample)
@@ -162,25 +162,13 @@ async def record(args, stack: Stack, out: Path) -> dict:
 
 
 async def main_async(args) -> int:
-    setup = Setup(engine="standin", pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                  max_tokens=args.max_tokens, max_concurrent=args.concurrency * 2)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"ximd-profile-{args.target}-", dir="/tmp"))
     out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
-    stack = Stack(setup, workdir)
-    try:
-        print(f"profile: starting router + ximd + stand-in engine in {workdir} ...", flush=True)
-        stack.start()
+    with running_stack(standin_setup(args, args.concurrency * 2), "profile", args.keep_workdir) as stack:
         print(f"profile: {args.concurrency} streams ({args.pacing}) through the router; recording "
               f"{args.target} (pid {(stack.ximd if args.target == 'ximd' else stack.router).popen.pid}) "
               f"for {args.seconds:g} s at {args.rate} Hz ...", flush=True)
         result = await record(args, stack, out)
-    finally:
-        stack.stop()
-        if args.keep_workdir:
-            print(f"profile: logs and state kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     stacks = read_raw(out / "profile.txt")
     samples, waiting, own, total = top(stacks, args.top)
     name = f"{args.target} c={args.concurrency} {args.pacing}"

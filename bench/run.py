@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -211,6 +212,29 @@ class Stack:
             proc.stop()
 
 
+@contextlib.contextmanager
+def running_stack(setup: Setup, name: str, keep_workdir: bool = False):
+    """A started Stack in a fresh scratch directory; stopped (and the directory removed) after."""
+    workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
+    stack = Stack(setup, workdir)
+    try:
+        print(f"{name}: starting router + ximd + {setup.engine} engine in {workdir} ...", flush=True)
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        if keep_workdir:
+            print(f"{name}: logs and state kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def standin_setup(args: argparse.Namespace, max_concurrent: int) -> Setup:
+    """The stand-in's Setup from add_standin_arguments' flags."""
+    return Setup(engine="standin", pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
+                 max_tokens=args.max_tokens, max_concurrent=max_concurrent)
+
+
 # ---------------------------------------------------------------- one comparison
 
 
@@ -326,22 +350,14 @@ def requests_per_worker(setup: Setup, phase_s: float) -> int:
 async def main_async(args) -> int:
     setup = Setup(engine=args.engine, pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
                   max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2)
-    workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
-    stack = Stack(setup, workdir)
     rows = []
-    try:
-        print(f"bench: starting router + ximd + {args.engine} engine in {workdir} ...", flush=True)
-        stack.start()
+    with running_stack(setup, "bench", args.keep_workdir) as stack:
         per_worker = args.requests_per_worker or requests_per_worker(setup, args.phase_seconds)
         for c in args.concurrency:
             print(f"bench: concurrency {c}, {per_worker} request(s) per worker, direct then through ...",
                   flush=True)
             rows.append(await compare(stack, c, per_worker, args.max_tokens))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    finally:
-        stack.stop()
-        if not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(f"engine={args.engine} pacing={args.pacing} ttft_ms={args.ttft_ms:g} tokens_per_s={args.tokens_per_s:g} "
           f"max_tokens={args.max_tokens} cpus={len(os.sched_getaffinity(0))}")

@@ -28,9 +28,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from bench.loadgen import chat_body
-from bench.run import MODEL, Setup, Stack, add_standin_arguments, run_main
+from bench.run import MODEL, Stack, add_standin_arguments, run_main, running_stack, standin_setup
 
 TOKEN = b'"delta":{"content":'       # in every token event of the stand-in's chat stream, in no other
 END = b"0\r\n\r\n"                   # the last chunk of a chunked HTTP/1.1 body
@@ -221,21 +219,11 @@ def report(result: Result) -> str:
 
 
 async def main_async(args) -> int:
-    setup = Setup(engine="standin", pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                  max_tokens=args.max_tokens, max_concurrent=max(16, args.streams * 2))
-    workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
-    stack = Stack(setup, workdir)
-    try:
-        print(f"saturate: starting router + ximd + stand-in engine in {workdir} ...", flush=True)
-        stack.start()
+    with running_stack(standin_setup(args, max(16, args.streams * 2)), "saturate", args.keep_workdir) as stack:
         print(f"saturate: {args.streams} {args.pacing} streams of {args.max_tokens} tokens through the router, "
               f"{args.target} pinned to CPU {args.cpu}; {args.warmup:g} s warm-up, {args.seconds:g} s "
               f"measured ...", flush=True)
         result = await measure(args, stack)
-    finally:
-        stack.stop()
-        if not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2))
