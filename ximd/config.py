@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from xim_proto import eventloop
 from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import JOIN_KEY_PREFIX
 
@@ -309,6 +310,10 @@ class LMCacheSection:
 class TuningSection:
     socket_buffer_bytes: int = setting(4194304, Number(integer=True, low=65536),
                                        "ZeroMQ SNDBUF/RCVBUF; net.core.{r,w}mem_max must allow it.")
+    event_loop: str = setting(eventloop.AUTO, Choice(*eventloop.CHOICES),
+                              "asyncio's event loop: auto = uvloop when installed (python3-uvloop), else "
+                              "asyncio's own; uvloop = uvloop or do not start.",
+                              env="XEROTIER_AGENT_EVENT_LOOP")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ class ServedNode:
     """A router and an enrolled `ximd run` serving MODEL, in a short scratch directory."""
 
     def __init__(self, root: Path, *, python: str, model_dir: Path, max_concurrent: int = 4,
-                 drain_grace_s: float = 20, vllm_args: str = "", ready_timeout_s: float = 60):
+                 drain_grace_s: float = 20, vllm_args: str = "", ready_timeout_s: float = 60,
+                 event_loop: str = ""):
         self.root = root
         self.python, self.model_dir = python, model_dir
         self.max_concurrent, self.drain_grace_s = max_concurrent, drain_grace_s
@@ -55,7 +56,10 @@ class ServedNode:
         self.metrics_port = free_port()
         # A generous lease timeout: next to a real vLLM the two cores are busy, and a late
         # lease must not look like a lost node to these tests.
-        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="10s")
+        # event_loop: both programs' (ximd's tuning.event_loop, the router's --event-loop); "": their default.
+        self.event_loop = event_loop
+        self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="10s",
+                                    extra_args=("--event-loop", event_loop) if event_loop else ())
         self.daemon: Daemon | None = None
 
     @property
@@ -74,6 +78,8 @@ class ServedNode:
                "XEROTIER_AGENT_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}"}
         if self.vllm_args:
             env["XEROTIER_AGENT_VLLM_ARGS"] = self.vllm_args
+        if self.event_loop:
+            env["XEROTIER_AGENT_EVENT_LOOP"] = self.event_loop
         (self.root / "d").mkdir()
         self.daemon = Daemon(self.root / "d", config=config, env=env, watchdog_usec=None).start()
         # Read sd_notify messages as systemd would: an unread datagram queue fills
