@@ -40,6 +40,7 @@ import psutil
 
 from bench.loadgen import Target, run_load
 from bench.standin_engine import write_model_dir
+from xim_proto import eventloop
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -143,6 +144,7 @@ class Setup:
     tokens_per_s: float
     max_tokens: int
     max_concurrent: int
+    event_loop: str | None = None       # both programs' (--event-loop, tuning.event_loop); None: their default
 
 
 class Stack:
@@ -156,7 +158,8 @@ class Stack:
         router_log = self.dir / "router.log"
         self.router = Proc("router", [*ROUTER_CMD, "serve", "--state-dir",
                                       str(self.dir / "router"), "--http", "127.0.0.1:0",
-                                      "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning"],
+                                      "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning",
+                                      *(["--event-loop", self.setup.event_loop] if self.setup.event_loop else [])],
                            router_log)
         self.procs.append(self.router)
         pattern = re.compile(r"xim-router serving http=(\S+)")
@@ -194,6 +197,8 @@ class Stack:
                "XEROTIER_AGENT_CACHE_DIR": str(self.dir / "cache")}
         if extra:
             env["XEROTIER_AGENT_VLLM_ARGS"] = extra
+        if self.setup.event_loop:
+            env["XEROTIER_AGENT_EVENT_LOOP"] = self.setup.event_loop
         self.ximd = Proc("ximd", [*XIMD_CMD, "run"], self.dir / "ximd.log", env)
         self.procs.append(self.ximd)
         self.engine_socket = self.dir / "run" / "engine.sock"
@@ -232,7 +237,7 @@ def running_stack(setup: Setup, name: str, keep_workdir: bool = False):
 def standin_setup(args: argparse.Namespace, max_concurrent: int) -> Setup:
     """The stand-in's Setup from add_standin_arguments' flags."""
     return Setup(engine="standin", pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                 max_tokens=args.max_tokens, max_concurrent=max_concurrent)
+                 max_tokens=args.max_tokens, max_concurrent=max_concurrent, event_loop=args.event_loop)
 
 
 # ---------------------------------------------------------------- one comparison
@@ -349,7 +354,7 @@ def requests_per_worker(setup: Setup, phase_s: float) -> int:
 
 async def main_async(args) -> int:
     setup = Setup(engine=args.engine, pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
-                  max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2)
+                  max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2, event_loop=args.event_loop)
     rows = []
     with running_stack(setup, "bench", args.keep_workdir) as stack:
         per_worker = args.requests_per_worker or requests_per_worker(setup, args.phase_seconds)
@@ -360,7 +365,7 @@ async def main_async(args) -> int:
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(f"engine={args.engine} pacing={args.pacing} ttft_ms={args.ttft_ms:g} tokens_per_s={args.tokens_per_s:g} "
-          f"max_tokens={args.max_tokens} cpus={len(os.sched_getaffinity(0))}")
+          f"max_tokens={args.max_tokens} cpus={len(os.sched_getaffinity(0))} event_loop={args.event_loop or 'default'}")
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": asdict(setup), "rows": [asdict(r) for r in rows]},
@@ -377,6 +382,8 @@ def add_standin_arguments(parser: argparse.ArgumentParser, pacing: str, max_toke
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="stand-in: time to first token")
     parser.add_argument("--tokens-per-s", type=float, default=75.0, help="stand-in: per-stream pace")
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES,
+                        help="the router's and ximd's event loop (default: theirs, auto)")
 
 
 def run_main(main_async, args: argparse.Namespace, name: str) -> int:

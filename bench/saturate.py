@@ -136,6 +136,7 @@ def core_busy() -> list[tuple[float, float]]:
 @dataclass
 class Result:
     target: str
+    event_loop: str
     streams: int
     seconds: float
     tokens_per_s: float
@@ -194,7 +195,7 @@ async def measure(args, stack: Stack) -> Result:
     other_pct = 100 * sum(c for name, c in cpu.items() if name != args.target) / wall / len(rest)
     cores = [round(100 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None
              for (b0, t0), (b1, t1) in zip(cores0, cores1)]
-    return Result(target=args.target, streams=args.streams, seconds=round(wall, 2),
+    return Result(target=args.target, event_loop=args.event_loop or "default", streams=args.streams, seconds=round(wall, 2),
                   tokens_per_s=round(tokens / wall), requests=requests,
                   tokens_per_client_read=round(tokens / reads, 1) if reads else 0.0,
                   target_cpu_pct=round(target_pct, 1),
@@ -204,7 +205,7 @@ async def measure(args, stack: Stack) -> Result:
 
 
 def report(result: Result) -> str:
-    lines = [f"{result.target} alone on CPU {result.processes[result.target]['cpus']}: "
+    lines = [f"{result.target} ({result.event_loop} event loop) alone on CPU {result.processes[result.target]['cpus']}: "
              f"{result.tokens_per_s} tokens/s delivered over {result.seconds:g} s "
              f"({result.requests} requests completed, {result.errors} errors; "
              f"{result.tokens_per_client_read:g} tokens per read at the client)",
