@@ -4,14 +4,17 @@ ximd (``tuning.event_loop``, ``$XEROTIER_AGENT_EVENT_LOOP``) and the router
 (``xim-router serve --event-loop``, router.toml's ``event_loop``) take the same
 values:
 
-- ``auto`` (the default): uvloop when it can be imported (Debian's and Fedora's
-  python3-uvloop, ``pip install uvloop``), asyncio's own loop otherwise;
-- ``asyncio``: asyncio's own loop, uvloop or not;
+- ``auto``: uvloop when it can be imported (Debian's and Fedora's python3-uvloop,
+  ``pip install uvloop``), asyncio's own loop otherwise; the router's default;
+- ``asyncio``: asyncio's own loop, uvloop or not; ximd's default;
 - ``uvloop``: uvloop, and an error when it cannot be imported.
 
 uvloop runs the same asyncio code with its loop in C (libuv): fewer CPU cycles
-per wake-up and per socket read, which is most of what a streamed token costs
-(docs/performance.md, "uvloop").
+per wake-up and per socket read. One difference matters to ximd: uvloop makes a
+burst of connects to a unix socket faster than the server accepts them, and a
+connect that finds the listen backlog full fails (EAGAIN; under asyncio it fails
+too, at the first write, but its slower connects did not get there in the same
+runs): docs/performance.md, "uvloop".
 """
 
 from __future__ import annotations

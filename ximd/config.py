@@ -310,9 +310,14 @@ class LMCacheSection:
 class TuningSection:
     socket_buffer_bytes: int = setting(4194304, Number(integer=True, low=65536),
                                        "ZeroMQ SNDBUF/RCVBUF; net.core.{r,w}mem_max must allow it.")
-    event_loop: str = setting(eventloop.AUTO, Choice(*eventloop.CHOICES),
-                              "asyncio's event loop: auto = uvloop when installed (python3-uvloop), else "
-                              "asyncio's own; uvloop = uvloop or do not start.",
+    # asyncio by default, unlike the router: under uvloop a burst of new connections to the
+    # engine's unix socket overflowed its listen backlog (connect: EAGAIN, the request fails)
+    # where asyncio's slower connects did not, and the engine client does not retry a connect
+    # (docs/performance.md, "uvloop").
+    event_loop: str = setting(eventloop.ASYNCIO, Choice(*eventloop.CHOICES),
+                              "asyncio's event loop: asyncio's own, uvloop (python3-uvloop; or do not start), "
+                              "or auto = uvloop when installed. Under uvloop a burst of new engine connections "
+                              "can overflow the engine's listen backlog and fail.",
                               env="XEROTIER_AGENT_EVENT_LOOP")
 
 

@@ -23,19 +23,22 @@ from tests.support.engine import short_tempdir
 from ximd.exitcodes import EX_CONFIG
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
-LOOPS = [("asyncio", "asyncio"),
-         pytest.param("uvloop", "uvloop", marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed")),
-         ("", "uvloop" if HAVE_UVLOOP else "asyncio")]     # the default, auto
+# (asked of both, what ximd logs, what the router logs)
+LOOPS = [("asyncio", "asyncio", "asyncio"),
+         pytest.param("uvloop", "uvloop", "uvloop",
+                      marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed")),
+         # The defaults: ximd asyncio, the router auto (uvloop when installed).
+         ("", "asyncio", "uvloop" if HAVE_UVLOOP else "asyncio")]
 
 
-@pytest.mark.parametrize("asked, logged", LOOPS)
-def test_both_programs_serve_on_the_loop_asked_for(asked, logged):
+@pytest.mark.parametrize("asked, ximd_loop, router_loop", LOOPS)
+def test_both_programs_serve_on_the_loop_asked_for(asked, ximd_loop, router_loop):
     with short_tempdir("xl-") as root:
         node = standin_node(root, event_loop=asked)
         try:
             node.start()
-            assert f"event loop: {logged}" in node.daemon.log()
-            assert f"event loop: {logged}" in node.router.log()
+            assert f"event loop: {ximd_loop}" in node.daemon.log()
+            assert f"event loop: {router_loop}" in node.router.log()
             check_openai_client_sync_and_async(node, tokens=6)
             check_router_restart_mid_stream(node, {"max_tokens": 400})
             check_sigterm_lets_the_stream_finish(node, {"max_tokens": 40}, tokens=40)

@@ -57,7 +57,7 @@ def test_ximd_setting_from_file_and_environment(tmp_path):
     cfg = load(path, env={"XEROTIER_AGENT_EVENT_LOOP": "UVLOOP"})
     assert (cfg.tuning.event_loop, cfg.origins["tuning.event_loop"]) == ("uvloop", "env:XEROTIER_AGENT_EVENT_LOOP")
     path.write_text("")
-    assert load(path, env={}).tuning.event_loop == "auto"
+    assert load(path, env={}).tuning.event_loop == "asyncio"      # ximd's default (the router's: auto)
 
 
 def test_ximd_bad_value_names_the_source_and_the_choices(tmp_path):
