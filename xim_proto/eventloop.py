@@ -34,6 +34,7 @@ class EventLoopError(Exception):
     """The event loop asked for cannot run here (uvloop asked for and not installed)."""
 
 
+# asyncio's own loop on Linux, whatever event loop policy is set (uvloop.install() sets one).
 @dataclass(frozen=True)
 class EventLoop:
     """The loop chosen: its name as logged ("uvloop 0.17.0", "asyncio") and how to make one."""
@@ -60,7 +61,7 @@ def choose(value: str) -> EventLoop:
     EventLoopError when ``uvloop`` is asked for and cannot be imported."""
     choice = check(value)
     if choice == ASYNCIO:
-        return EventLoop(ASYNCIO, asyncio.new_event_loop)
+        return EventLoop(ASYNCIO, asyncio.SelectorEventLoop)
     try:
         import uvloop
     except ImportError as exc:
@@ -68,5 +69,5 @@ def choose(value: str) -> EventLoop:
             raise EventLoopError(f"event loop 'uvloop' asked for, but it cannot be imported ({exc}): "
                                  f"install python3-uvloop (or `pip install uvloop`), or set 'auto' or "
                                  f"'asyncio'") from None
-        return EventLoop(ASYNCIO, asyncio.new_event_loop)
+        return EventLoop(ASYNCIO, asyncio.SelectorEventLoop)
     return EventLoop(f"uvloop {uvloop.__version__}", uvloop.new_event_loop)

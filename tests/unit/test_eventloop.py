@@ -29,10 +29,21 @@ def test_a_bad_value_says_what_is_expected():
         eventloop.choose("tokio")
 
 
-def test_asyncio_is_asyncio_even_with_uvloop_installed():
-    chosen = eventloop.choose("asyncio")
-    assert chosen.name == "asyncio"
-    assert loop_type_under(chosen).startswith("asyncio")
+def test_asyncio_is_asyncio_even_with_uvloops_policy_set():
+    uvloop = pytest.importorskip("uvloop")
+    before = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())     # what uvloop.install() does
+    try:
+        chosen = eventloop.choose("asyncio")
+        assert chosen.name == "asyncio"
+        assert loop_type_under(chosen).startswith("asyncio")
+    finally:
+        asyncio.set_event_loop_policy(before)
+
+
+def test_asyncio_without_uvloop_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert loop_type_under(eventloop.choose("asyncio")).startswith("asyncio")
 
 
 def test_uvloop_and_auto_run_uvloop_when_it_is_installed():
