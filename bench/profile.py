@@ -11,8 +11,8 @@ process for ``--seconds``; then the load stops. Printed: the process's CPU
 during the recording, the functions with the most self time and with the most
 total time (shares of the samples at work: py-spy drops most idle samples, and
 those it keeps with a waiting leaf — epoll, a lock, an executor's queue — are
-counted apart; with uvloop its loop is C, so its idle time shows as
-``Runner.run``), and where the profile is: ``profile.txt`` (py-spy's raw collapsed stacks, for
+counted apart; with uvloop its loop is C, so its idle time and its own work
+show as ``Runner.run``), and where the profile is: ``profile.txt`` (py-spy's raw collapsed stacks, for
 flamegraph.pl or https://www.speedscope.app) and ``profile.speedscope.json``.
 Threads that run no Python (libzmq's I/O thread) are not sampled unless
 ``--native`` (then their C frames appear too).
