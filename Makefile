@@ -21,7 +21,7 @@ host:
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q -e '.[test,lint]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,lint,bench,uvloop]'
 	touch $@
 
 venv: $(VENV)/.stamp

@@ -1,6 +1,6 @@
 """The platform's floor: CPU per streamed token of a process that only READS the engine's stream.
 
-    .venv/bin/python -m bench.floor [--concurrency 64] [--tokens-per-s 75]
+    .venv/bin/python -m bench.floor [--concurrency 64] [--tokens-per-s 75] [--event-loop uvloop]
 
 Streams from the paced stand-in engine (its own process) are read by this
 process in two ways, and the CPU this process spends per token is printed:
@@ -30,6 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.standin_engine import Pacing, StandinEngine, serve
+from xim_proto import eventloop
 from ximd.enginehttp import EngineClient
 
 MODEL = "tiny"
@@ -114,10 +115,10 @@ def cpu_s() -> float:
 def measure(name: str, reader, sock: str, args) -> dict:
     start = cpu_s()
     wall = time.perf_counter()
-    asyncio.run(reader(sock, args.concurrency, args.rounds, args.max_tokens))
+    eventloop.choose(args.event_loop).run(reader(sock, args.concurrency, args.rounds, args.max_tokens))
     cpu = cpu_s() - start
     tokens = args.concurrency * args.rounds * args.max_tokens
-    return {"reader": name, "concurrency": args.concurrency, "tokens": tokens,
+    return {"reader": name, "event_loop": args.event_loop, "concurrency": args.concurrency, "tokens": tokens,
             "wall_s": round(time.perf_counter() - wall, 2),
             "cpu_ms_per_1k_tokens": round(cpu / tokens * 1e6, 1)}
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--tokens-per-s", type=float, default=75.0)
     parser.add_argument("--batched", action="store_true", help="vLLM-like steps in the stand-in")
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="asyncio",
+                        help="the readers' loop (the stand-in's stays asyncio's)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="ximd-floor-", dir="/tmp"))
     sock = str(workdir / "engine.sock")

@@ -137,8 +137,9 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: bytes, head
 
 
 async def run_load(target: Target, *, model: str, concurrency: int, requests_per_worker: int,
-                   max_tokens: int, timeout_s: float = 300) -> Phase:
-    """Run the workload once; every worker waits for its answer before the next request."""
+                   max_tokens: int, timeout_s: float = 300, until: asyncio.Event | None = None) -> Phase:
+    """Run the workload once; every worker waits for its answer before the next request.
+    With ``until``, a worker also stops (after its request in flight) once that is set."""
     connector = (aiohttp.UnixConnector(path=target.unix_socket, limit=0) if target.unix_socket
                  else aiohttp.TCPConnector(limit=0))
     headers = {"Content-Type": "application/json"}
@@ -150,6 +151,8 @@ async def run_load(target: Target, *, model: str, concurrency: int, requests_per
 
     async def worker() -> None:
         for _ in range(requests_per_worker):
+            if until is not None and until.is_set():
+                break
             samples.append(await stream_one(session, url, body, headers))
 
     async with aiohttp.ClientSession(connector=connector,

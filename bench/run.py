@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import psutil
 
 from bench.loadgen import Target, run_load
 from bench.standin_engine import write_model_dir
+from xim_proto import eventloop
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -47,6 +49,7 @@ ROUTER_CMD = [sys.executable, "-m", "xim_router.cli"]
 XIMD_CMD = [sys.executable, "-m", "ximd.cli"]
 MODEL = "tiny"
 READY_TIMEOUT_S = {"standin": 60, "vllm": 600}
+PACINGS = ("step", "stream", "unpaced")
 
 
 def free_port() -> int:
@@ -142,6 +145,7 @@ class Setup:
     max_tokens: int
     max_concurrent: int
     router_workers: int = 1             # xim-router serve --workers
+    event_loop: str | None = None       # both programs' (--event-loop, tuning.event_loop); None: their default
 
 
 class Stack:
@@ -156,7 +160,8 @@ class Stack:
         self.router = Proc("router", [*ROUTER_CMD, "serve", "--state-dir",
                                       str(self.dir / "router"), "--http", "127.0.0.1:0",
                                       "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning",
-                                      "--workers", str(self.setup.router_workers)],
+                                      "--workers", str(self.setup.router_workers),
+                                      *(["--event-loop", self.setup.event_loop] if self.setup.event_loop else [])],
                            router_log)
         self.procs.append(self.router)
         pattern = re.compile(r"xim-router serving http=(\S+)")
@@ -173,6 +178,8 @@ class Stack:
                      f"{self.setup.tokens_per_s:g} --standin-max-tokens {self.setup.max_tokens}")
             if self.setup.pacing == "step":
                 extra += " --standin-batched"
+            elif self.setup.pacing == "unpaced":
+                extra += " --standin-unpaced"
         else:
             python = engine_python()
             model_dir = tiny_model(python)
@@ -192,6 +199,8 @@ class Stack:
                "XEROTIER_AGENT_CACHE_DIR": str(self.dir / "cache")}
         if extra:
             env["XEROTIER_AGENT_VLLM_ARGS"] = extra
+        if self.setup.event_loop:
+            env["XEROTIER_AGENT_EVENT_LOOP"] = self.setup.event_loop
         self.ximd = Proc("ximd", [*XIMD_CMD, "run"], self.dir / "ximd.log", env)
         self.procs.append(self.ximd)
         self.engine_socket = self.dir / "run" / "engine.sock"
@@ -208,6 +217,30 @@ class Stack:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+@contextlib.contextmanager
+def running_stack(setup: Setup, name: str, keep_workdir: bool = False):
+    """A started Stack in a fresh scratch directory; stopped (and the directory removed) after."""
+    workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
+    stack = Stack(setup, workdir)
+    try:
+        print(f"{name}: starting router ({setup.router_workers} HTTP worker(s)) + ximd + {setup.engine} engine "
+              f"in {workdir} ...", flush=True)
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        if keep_workdir:
+            print(f"{name}: logs and state kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def standin_setup(args: argparse.Namespace, max_concurrent: int) -> Setup:
+    """The stand-in's Setup from add_standin_arguments' flags."""
+    return Setup(engine="standin", pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
+                 max_tokens=args.max_tokens, max_concurrent=max_concurrent, event_loop=args.event_loop)
 
 
 # ---------------------------------------------------------------- one comparison
@@ -325,27 +358,18 @@ def requests_per_worker(setup: Setup, phase_s: float) -> int:
 async def main_async(args) -> int:
     setup = Setup(engine=args.engine, pacing=args.pacing, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s,
                   max_tokens=args.max_tokens, max_concurrent=max(args.concurrency) * 2,
-                  router_workers=args.router_workers)
-    workdir = Path(tempfile.mkdtemp(prefix="ximd-bench-", dir="/tmp"))   # short: unix socket paths
-    stack = Stack(setup, workdir)
+                  router_workers=args.router_workers, event_loop=args.event_loop)
     rows = []
-    try:
-        print(f"bench: starting router ({args.router_workers} HTTP worker(s)) + ximd + {args.engine} engine "
-              f"in {workdir} ...", flush=True)
-        stack.start()
+    with running_stack(setup, "bench", args.keep_workdir) as stack:
         per_worker = args.requests_per_worker or requests_per_worker(setup, args.phase_seconds)
         for c in args.concurrency:
             print(f"bench: concurrency {c}, {per_worker} request(s) per worker, direct then through ...",
                   flush=True)
             rows.append(await compare(stack, c, per_worker, args.max_tokens))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    finally:
-        stack.stop()
-        if not args.keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(f"engine={args.engine} pacing={args.pacing} ttft_ms={args.ttft_ms:g} tokens_per_s={args.tokens_per_s:g} "
-          f"max_tokens={args.max_tokens} cpus={len(os.sched_getaffinity(0))}")
+          f"max_tokens={args.max_tokens} cpus={len(os.sched_getaffinity(0))} event_loop={args.event_loop or 'default'}")
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": asdict(setup), "rows": [asdict(r) for r in rows]},
@@ -353,17 +377,34 @@ async def main_async(args) -> int:
     return 0 if all(r.errors_through == 0 and r.errors_direct == 0 for r in rows) else 1
 
 
+def add_standin_arguments(parser: argparse.ArgumentParser, pacing: str, max_tokens: int = 64) -> None:
+    """The workload's and the stand-in's flags, alike in bench.run, bench.profile and bench.saturate."""
+    parser.add_argument("--pacing", choices=PACINGS, default=pacing,
+                        help="stand-in: step = vLLM-like batched decode steps (all streams' tokens "
+                             "on one clock); stream = each stream on its own phase; unpaced = as "
+                             "fast as it is read (for bench.saturate)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="stand-in: time to first token")
+    parser.add_argument("--tokens-per-s", type=float, default=75.0, help="stand-in: per-stream pace")
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES,
+                        help="the router's and ximd's event loop (default: theirs, auto)")
+
+
+def run_main(main_async, args: argparse.Namespace, name: str) -> int:
+    """asyncio.run(main_async(args)); a RuntimeError (a start that failed, say) is one line on stderr."""
+    try:
+        return asyncio.run(main_async(args))
+    except RuntimeError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=("standin", "vllm"), default="standin")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 16, 64, 256])
-    parser.add_argument("--pacing", choices=("step", "stream"), default="step",
-                        help="stand-in: step = vLLM-like batched decode steps (all streams' tokens "
-                             "on one clock); stream = each stream on its own phase")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--ttft-ms", type=float, default=20.0, help="stand-in: time to first token")
-    parser.add_argument("--tokens-per-s", type=float, default=75.0, help="stand-in: per-stream pace")
+    add_standin_arguments(parser, pacing="step")
     parser.add_argument("--phase-seconds", type=float, default=10.0,
                         help="about how long each direct/through phase runs")
     parser.add_argument("--requests-per-worker", type=int, default=0, help="override --phase-seconds")
@@ -371,12 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="xim-router serve --workers (its CPU counts the core and its workers)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and state for a look")
-    args = parser.parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    except RuntimeError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
+    return run_main(main_async, parser.parse_args(argv), "bench")
 
 
 if __name__ == "__main__":

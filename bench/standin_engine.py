@@ -8,7 +8,8 @@ It speaks what ximd needs of the engine — ``/health``, ``/v1/models``,
 compact JSON chunks vLLM writes, the usage chunk with ``choices: []``) or not,
 and, with ``--embeddings`` (what vLLM's ``--runner pooling`` maps to here),
 ``/v1/embeddings`` (a deterministic unit vector per input) — and it streams at a fixed pace: ``ttft_ms`` to the first token, then
-``tokens_per_s`` per stream. Pacing is what makes it useful for measuring
+``tokens_per_s`` per stream (``--unpaced``: as fast as it is read, one token per
+event, for saturation benchmarks). Pacing is what makes it useful for measuring
 ximd: with the engine's cost fixed and small, what a benchmark sees through
 router + ximd beyond the direct run is our overhead, not CPU starvation.
 
@@ -56,12 +57,15 @@ class Pacing:
     # Off: each stream keeps its own phase (the harder case for a reader: no two
     # streams' tokens arrive together).
     batched: bool = False
+    # As fast as the reader takes them (bench.saturate): no pause between tokens, still one
+    # token per SSE event and HTTP chunk; the streams take turns, one token each.
+    unpaced: bool = False
 
     def override(self, raw: object) -> Pacing:
         if not isinstance(raw, dict):
             return self
         known = {k: raw[k] for k in ("ttft_ms", "tokens_per_s", "fail_status", "hang",
-                                     "fail_after_tokens", "batched") if k in raw}
+                                     "fail_after_tokens", "batched", "unpaced") if k in raw}
         return replace(self, **known)
 
 
@@ -267,20 +271,25 @@ class StandinEngine:
         await response.prepare(request)
         start = time.monotonic()
         interval = 1.0 / pacing.tokens_per_s
+        # The events without a finish_reason, built once: the words repeat.
+        events = [b"data: " + writer.token(" " + word, None) + b"\n\n" for word in WORDS]
         try:
             for i in range(max_tokens):
                 # An absolute schedule: a late wake-up does not push every later token back.
                 due = start + pacing.ttft_ms / 1000 + i * interval
                 if pacing.batched:
                     due = math.ceil(due / interval) * interval      # the next engine step
-                delay = due - time.monotonic()
-                if delay > 0:
+                if pacing.unpaced and i > 0:
+                    await asyncio.sleep(0)          # one token, then the other streams' turn
+                elif (delay := due - time.monotonic()) > 0:
                     await asyncio.sleep(delay)
                 if i == pacing.fail_after_tokens:
                     request.transport.close()
                     return response
-                finish = "length" if i == max_tokens - 1 else None
-                event = b"data: " + writer.token(" " + WORDS[i % len(WORDS)], finish) + b"\n\n"
+                if i == max_tokens - 1:
+                    event = b"data: " + writer.token(" " + WORDS[i % len(WORDS)], "length") + b"\n\n"
+                else:
+                    event = events[i % len(WORDS)]
                 if i == 0 and writer.endpoint == "chat":
                     # vLLM sends the role chunk with the first token, not before it.
                     event = b"data: " + writer.role() + b"\n\n" + event
@@ -396,6 +405,7 @@ def vllm_compatible(argv: list[str]) -> list[str]:
     for name in ("ttft-ms", "tokens-per-s", "max-tokens"):
         parser.add_argument(f"--standin-{name}")
     parser.add_argument("--standin-batched", action="store_true")
+    parser.add_argument("--standin-unpaced", action="store_true")
     parser.add_argument("--runner")           # vLLM's: "pooling" serves embeddings
     known, _ = parser.parse_known_args(argv)
     out = []
@@ -414,6 +424,8 @@ def vllm_compatible(argv: list[str]) -> list[str]:
             out += ["--" + name.replace("_", "-"), value]
     if known.standin_batched:
         out.append("--batched")
+    if known.standin_unpaced:
+        out.append("--unpaced")
     if known.runner == "pooling":
         out.append("--embeddings")
     return out
@@ -434,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="completion length when a request does not say")
     parser.add_argument("--batched", action="store_true",
                         help="vLLM-like steps: all streams' tokens on one shared clock grid")
+    parser.add_argument("--unpaced", action="store_true",
+                        help="stream as fast as the reader takes it (one token per event, the "
+                             "streams taking turns): for saturation benchmarks")
     parser.add_argument("--max-num-seqs", type=int, default=0,
                         help="run at most this many requests at once, queue the rest (0: no limit)")
     parser.add_argument("--embeddings", action="store_true",
@@ -445,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens_per_s <= 0:
         parser.error("--tokens-per-s must be > 0")
     pacing = Pacing(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, max_tokens=args.max_tokens,
-                    batched=args.batched)
+                    batched=args.batched, unpaced=args.unpaced)
     engine = StandinEngine(pacing, model=args.model, max_num_seqs=args.max_num_seqs,
                            embeddings=args.embeddings)
+    pace = "unpaced" if args.unpaced else f"{args.tokens_per_s:g} tokens/s"
     print(f"stand-in engine: model {args.model}, {args.ttft_ms:g} ms to first token, "
-          f"{args.tokens_per_s:g} tokens/s, on {args.uds or f'{args.host}:{args.port}'}", flush=True)
+          f"{pace}, on {args.uds or f'{args.host}:{args.port}'}", flush=True)
     asyncio.run(serve(engine, uds=args.uds, host=args.host, port=args.port,
                       ready_file=args.ready_file))
     return 0

@@ -7,7 +7,6 @@ below take values, return results and raise.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import logging
@@ -17,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from xim_proto import __version__
+from xim_proto import __version__, eventloop
 from xim_proto.addresses import parse_host_port
 from xim_proto.cliout import FORMATS, format_name, local_text, quiet_on_closed_stdout, rfc3339
 from xim_proto.joinkey import fingerprint
@@ -183,6 +182,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                             f"{workers.AUTO_LIMIT}; default 1: one process does everything)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--event-loop", default=eventloop.AUTO, choices=eventloop.CHOICES,
+                       help="asyncio's event loop: auto = uvloop when installed (python3-uvloop), else "
+                            "asyncio's own; uvloop = uvloop or do not start (default %(default)s)")
     add_api_arguments(serve)
 
 
@@ -521,7 +523,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         options = serve_options(with_credentials(args))
         checked_exposure(args, options)
-        return asyncio.run(serve(options))
+        try:
+            loop = eventloop.choose(args.event_loop)
+        except eventloop.EventLoopError as exc:
+            raise config.ConfigError(str(exc)) from None
+        log.info("event loop: %s", loop.name)
+        return loop.run(serve(options))
     except config.ConfigError as exc:
         print(f"xim-router: invalid configuration: {exc}", file=sys.stderr)
         notify.send(f"STATUS=invalid configuration: {exc}")

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from xim_proto import eventloop
 from xim_proto.cliout import rfc3339
 from ximd import __version__, reexec, tuning
 from ximd.config import Config, ConfigError
@@ -433,4 +434,11 @@ def run_daemon(load_config: Callable[[], Config]) -> int:
         notifier.status(f"invalid configuration: {exc.problems[0]}")
         return EX_CONFIG
     setup_logging(cfg.agent.log_level)
-    return asyncio.run(Agent(cfg, notifier, load_config, resumed).run())
+    try:
+        loop = eventloop.choose(cfg.tuning.event_loop)
+    except eventloop.EventLoopError as exc:
+        log.error("not starting: %s (tuning.event_loop)", exc, extra=phase_fields("config"))
+        notifier.status(f"invalid configuration: {exc}")
+        return EX_CONFIG
+    log.info("event loop: %s", loop.name, extra=phase_fields("start"))
+    return loop.run(Agent(cfg, notifier, load_config, resumed).run())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from xim_proto import eventloop
 from xim_proto.addresses import parse_host_port
 from xim_proto.joinkey import JOIN_KEY_PREFIX
 
@@ -313,6 +314,15 @@ class LMCacheSection:
 class TuningSection:
     socket_buffer_bytes: int = setting(4194304, Number(integer=True, low=65536),
                                        "ZeroMQ SNDBUF/RCVBUF; net.core.{r,w}mem_max must allow it.")
+    # asyncio by default, unlike the router: under uvloop a burst of new connections to the
+    # engine's unix socket overflowed its listen backlog (connect: EAGAIN, the request fails)
+    # where asyncio's slower connects did not, and the engine client does not retry a connect
+    # (docs/performance.md, "uvloop").
+    event_loop: str = setting(eventloop.ASYNCIO, Choice(*eventloop.CHOICES),
+                              "asyncio's event loop: asyncio's own, uvloop (python3-uvloop; or do not start), "
+                              "or auto = uvloop when installed. Under uvloop a burst of new engine connections "
+                              "can overflow the engine's listen backlog and fail.",
+                              env="XEROTIER_AGENT_EVENT_LOOP")
 
 
 @dataclass(frozen=True)

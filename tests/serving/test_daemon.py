@@ -47,7 +47,7 @@ class ServedNode:
 
     def __init__(self, root: Path, *, python: str, model_dir: Path, max_concurrent: int = 4,
                  drain_grace_s: float = 20, vllm_args: str = "", ready_timeout_s: float = 60,
-                 router_args: tuple[str, ...] = ()):
+                 router_args: tuple[str, ...] = (), event_loop: str = ""):
         self.root = root
         self.python, self.model_dir = python, model_dir
         self.max_concurrent, self.drain_grace_s = max_concurrent, drain_grace_s
@@ -56,8 +56,11 @@ class ServedNode:
         self.metrics_port = free_port()
         # A generous lease timeout: next to a real vLLM the two cores are busy, and a late
         # lease must not look like a lost node to these tests.
+        # event_loop: both programs' (ximd's tuning.event_loop, the router's --event-loop); "": their default.
+        self.event_loop = event_loop
+        loop_args = ("--event-loop", event_loop) if event_loop else ()
         self.router = RouterProcess(root / "r", lease_interval="1s", lease_timeout="10s",
-                                    extra_args=router_args)
+                                    extra_args=(*router_args, *loop_args))
         self.daemon: Daemon | None = None
 
     @property
@@ -76,6 +79,8 @@ class ServedNode:
                "XEROTIER_AGENT_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}"}
         if self.vllm_args:
             env["XEROTIER_AGENT_VLLM_ARGS"] = self.vllm_args
+        if self.event_loop:
+            env["XEROTIER_AGENT_EVENT_LOOP"] = self.event_loop
         (self.root / "d").mkdir()
         self.daemon = Daemon(self.root / "d", config=config, env=env, watchdog_usec=None).start()
         # Read sd_notify messages as systemd would: an unread datagram queue fills
