@@ -38,6 +38,7 @@ from pathlib import Path
 from aiohttp import web
 
 SERVED_MODEL = "tiny"
+UVICORN_BACKLOG = 2048     # uvicorn's default listen backlog
 WORDS = ("the", "engine", "writes", "one", "token", "at", "a", "time", "and", "ximd",
          "passes", "it", "on")
 
@@ -355,9 +356,11 @@ async def serve(engine: StandinEngine, *, uds: Path | None, host: str | None, po
     await runner.setup()
     sites = []
     if uds is not None:
-        sites.append(web.UnixSite(runner, str(uds)))
+        # uvicorn's backlog (vLLM serves with uvicorn), not aiohttp's 128: a burst of 256
+        # connects overflowed that, a failure of the stand-in, not of what it stands in for.
+        sites.append(web.UnixSite(runner, str(uds), backlog=UVICORN_BACKLOG))
     if port is not None:
-        sites.append(web.TCPSite(runner, host or "127.0.0.1", port))
+        sites.append(web.TCPSite(runner, host or "127.0.0.1", port, backlog=UVICORN_BACKLOG))
     for site in sites:
         await site.start()
     if ready_file is not None:
