@@ -71,3 +71,9 @@ def choose(value: str) -> EventLoop:
                                  f"'asyncio'") from None
         return EventLoop(ASYNCIO, asyncio.SelectorEventLoop)
     return EventLoop(f"uvloop {uvloop.__version__}", uvloop.new_event_loop)
+
+
+def running_choice() -> str:
+    """The setting that makes the loop this code runs on again (ASYNCIO or UVLOOP): what a
+    process starts its children with, so that they run on the loop it was given."""
+    return UVLOOP if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else ASYNCIO

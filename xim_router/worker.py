@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from xim_proto import codec
+from xim_proto import codec, eventloop
 from xim_router import dataplane, metrics, openai_api
 from xim_router.api_common import ROUTER_KEY, error_response, json_errors
 from xim_router.http import MAX_BODY_BYTES, quiet_malformed_requests
@@ -267,14 +267,14 @@ async def serve(fd: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
+    if len(args) != 3:
         logging.basicConfig(stream=sys.stderr)
         log.error("xim_router.worker is started by `xim-router serve --workers N`, not by hand")
         return 2
-    fd, parent = int(args[0]), int(args[1])
+    fd, parent, loop = int(args[0]), int(args[1]), args[2]     # the core's own event loop
     if not die_with(parent):
         return 1
-    return asyncio.run(serve(fd))
+    return eventloop.choose(loop).run(serve(fd))
 
 
 if __name__ == "__main__":

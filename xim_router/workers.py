@@ -51,7 +51,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from xim_proto import codec
+from xim_proto import codec, eventloop
 from xim_router import dataplane, metrics, openai_api
 from xim_router.ipc import Channel
 from xim_router.mesh import Router
@@ -211,6 +211,7 @@ class WorkerLink:
             self.channel = await Channel.connect(ours, self.on_message, self.on_lost)
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "xim_router.worker", str(theirs.fileno()), str(os.getpid()),
+                eventloop.running_choice(),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL)
         finally:
             theirs.close()

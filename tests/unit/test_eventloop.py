@@ -54,6 +54,18 @@ def test_uvloop_and_auto_run_uvloop_when_it_is_installed():
         assert loop_type_under(chosen).startswith("uvloop")
 
 
+@pytest.mark.parametrize("value", ["asyncio", "uvloop"])
+def test_a_child_is_told_the_loop_its_parent_runs(value):
+    # xim-router's HTTP workers start with eventloop.running_choice(): the core's own loop.
+    if value == "uvloop":
+        pytest.importorskip("uvloop")
+
+    async def told() -> str:
+        return eventloop.running_choice()
+
+    assert eventloop.choose(value).run(told()) == value
+
+
 def test_without_uvloop_auto_falls_back_and_uvloop_is_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvloop", None)          # import uvloop → ImportError
     assert eventloop.choose("auto").name == "asyncio"
