@@ -160,7 +160,9 @@ class Stack:
         self.router = Proc("router", [*ROUTER_CMD, "serve", "--state-dir",
                                       str(self.dir / "router"), "--http", "127.0.0.1:0",
                                       "--mesh", "tcp://127.0.0.1:0", "--log-level", "warning",
-                                      "--workers", str(self.setup.router_workers),
+                                      # Only when asked: a router older than --workers can be measured too.
+                                      *(["--workers", str(self.setup.router_workers)]
+                                        if self.setup.router_workers != 1 else []),
                                       *(["--event-loop", self.setup.event_loop] if self.setup.event_loop else [])],
                            router_log)
         self.procs.append(self.router)
