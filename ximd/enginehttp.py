@@ -30,6 +30,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 MAX_HEAD_BYTES = 64 * 1024           # status line + headers (and, apart, the trailers)
 MAX_CHUNK_LINE_BYTES = 4096          # a chunk-size line with its extensions
@@ -335,8 +336,8 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, but not necessarily asyncio's class: uvloop's is its own.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._decoder is not None and not self.finished:
