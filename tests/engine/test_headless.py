@@ -2,8 +2,9 @@
 
 Two engine processes on loopback form a group of two "nodes": the tiny model split
 TP=2 over nnodes=2, the leader an ordinary engine on its unix socket, the follower
-the headless entry. One completion answered through the leader proves the follower
-holds its half. (Loopback shares /dev/shm and the host between the two: failure
+the headless entry, both launched as ximd builds them (build_launch with a
+GroupRole). One completion answered through the leader proves the follower holds
+its half. (Loopback shares /dev/shm and the host between the two: failure
 behaviour is for the namespace test, not this one.)
 """
 
@@ -20,7 +21,7 @@ import pytest
 
 from tests.support.engine import http_get, kill_all, post_json, short_tempdir, tiny_cpu_plan, tiny_launch
 from ximd.engine import headless
-from ximd.engine.launch import ENGINE_MODULE
+from ximd.engine.launch import ENGINE_MODULE, GroupRole
 
 pytestmark = pytest.mark.engine
 
@@ -35,19 +36,13 @@ def free_port() -> int:
 
 
 def member_launch(root: Path, engine_py: str, model: Path, *, rank: int, port: int, cpu: int):
-    """ximd's launch for the tiny model with TP=2, plus the multi-node flags and fabric variables."""
-    launch, _ = tiny_launch(root, engine_py, model, plan=tiny_cpu_plan(
-        tensor_parallel_size=2, engine_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cpu)}))
-    argv = list(launch.argv)
-    if rank > 0:
-        at = argv.index("-m")
-        argv[at:at + 2] = [str(HEADLESS)]
-        at = argv.index("--uds")
-        del argv[at:at + 2]
-    argv += ["--distributed-executor-backend", "mp", "--nnodes", "2", "--node-rank", str(rank),
-             "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    env = {**launch.env, "VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    return launch, argv, env
+    """ximd's launch for rank ``rank`` of a group of two on loopback: the tiny model, TP=2 over both."""
+    group = GroupRole(name="tiny", rank=rank, size=2, tensor_parallel_size=2, pipeline_parallel_size=1,
+                      master_address="127.0.0.1", master_port=port, fabric_address="127.0.0.1",
+                      fabric_interface="lo", engine_port=port + 1 + 10 * rank)
+    launch, _ = tiny_launch(root, engine_py, model, group=group, plan=tiny_cpu_plan(
+        engine_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cpu)}))
+    return launch, list(launch.argv), dict(launch.env)
 
 
 def start(argv, env, log: Path) -> subprocess.Popen:
@@ -95,7 +90,7 @@ def test_two_members_serve_the_tiny_model_split_tp2_over_two_nodes(engine_py, ti
         assert body["usage"]["completion_tokens"] == 8
         follower_log = logs[1].read_text(errors="replace")
         assert "headless multiproc executor" in follower_log, tail(logs[1])
-        assert ENGINE_MODULE not in " ".join(members[1][1])
+        assert ENGINE_MODULE not in members[1][1] and "--uds" not in members[1][1]
 
 
 def test_the_entry_refuses_an_engine_of_another_version(engine_py, tmp_path):
