@@ -76,7 +76,8 @@ def main(argv: list[str]) -> int:
 
     reason = unsupported(engine_version)
     if reason:
-        print(reason, file=sys.stderr, flush=True)
+        sys.stderr.write(reason + "\n")   # (a bare script like sandbox.py: no print below the command layer)
+        sys.stderr.flush()
         return EXIT_UNSUPPORTED
 
     # What vllm/entrypoints/cli/main.py does before `serve` (0.32).
