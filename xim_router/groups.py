@@ -202,10 +202,78 @@ def _assignment(spec: GroupSpec, run: GroupRun, member: Member, action: str) -> 
                        reason=None if running else (run.reason or None))
 
 
-def leave(spec: GroupSpec, run: GroupRun, rank: int) -> codec.Group:
-    """What the member of ``rank`` in ``spec`` hears when the operator takes it out of the group
-    (or deletes the group): stop its part."""
-    return codec.Group(group=spec.name, epoch=run.epoch, action=codec.GROUP_LEAVE, model=spec.model,
-                       tensor_parallel_size=spec.tensor_parallel_size,
-                       pipeline_parallel_size=spec.pipeline_parallel_size, rank=rank, size=len(spec.members),
-                       reason="no longer a member of this group")
+def leave(status: codec.GroupStatus) -> codec.Group:
+    """What an agent hears when it reports a part in a group it is no longer a member of (the
+    operator took it out or deleted the group, perhaps while it was away): stop that part.
+    Only group, epoch and rank matter with `leave`; the rest is what the wire requires."""
+    return codec.Group(group=status.group, epoch=status.epoch, action=codec.GROUP_LEAVE, model="",
+                       tensor_parallel_size=1, pipeline_parallel_size=1, rank=status.rank,
+                       size=max(2, status.rank + 1), reason="no longer a member of this group")
+
+
+@dataclass(frozen=True)
+class Tick:
+    sends: list[tuple[str, codec.Group]]      # (worker id, assignment) to send now
+    epochs: dict[str, int]                    # group → its new epoch, to store
+    ended: list[tuple[str, str]]              # (group, why its epoch ended), to log
+
+
+class Coordinator:
+    """Every declared group's run, and what each connected member was last told.
+
+    The router calls `declare` with what its store holds (every sweep) and `tick` with what
+    it knows of the connected agents (after each sweep, hello, member's lease, session end);
+    `tick` returns only what changed for a session, so a member hears each assignment once.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[str, tuple[GroupSpec, GroupRun]] = {}
+        self._told: dict[str, tuple[str, codec.Group]] = {}     # worker id → (session, last assignment)
+        self._new_epochs: dict[str, int] = {}
+
+    def declare(self, stored: list[tuple[GroupSpec, int]]) -> None:
+        """The groups the operator declared, with their stored epochs. A new group (or one
+        whose declaration changed, or the first sight after the router started) begins at
+        the next epoch: whatever a member still runs from before is stopped first."""
+        declared = {spec.name: (spec, epoch) for spec, epoch in stored}
+        for name in list(self.groups):
+            if name not in declared:
+                del self.groups[name]
+        for name, (spec, epoch) in declared.items():
+            known = self.groups.get(name)
+            if known is None or known[0] != spec:
+                begin = max(epoch, known[1].epoch if known else 0) + 1
+                self.groups[name] = (spec, GroupRun(epoch=begin))
+                self._new_epochs[name] = begin
+
+    def tick(self, connected: Mapping[str, Member], now: float) -> Tick:
+        """Each group's step over the connected agents (worker id → Member, with the group
+        report of its last lease whatever group it names)."""
+        sends: list[tuple[str, codec.Group]] = []
+        ended: list[tuple[str, str]] = []
+        member_of: dict[str, str] = {}
+        for name, (spec, run) in list(self.groups.items()):
+            done = step(spec, run, connected, now)
+            self.groups[name] = (spec, done.run)
+            if done.bumped:
+                self._new_epochs[name] = done.run.epoch
+                ended.append((name, done.run.ended))
+            for worker in spec.members:
+                member_of[worker] = name
+            sends += [(w, g) for w, g in done.assignments.items() if self._changed(connected[w], g)]
+        for worker, member in connected.items():
+            status = member.status
+            if (status is not None and member.session and member_of.get(worker) != status.group
+                    and status.state != "stopped"):
+                g = leave(status)
+                if self._changed(member, g):
+                    sends.append((worker, g))
+        epochs, self._new_epochs = self._new_epochs, {}
+        return Tick(sends, epochs, ended)
+
+    def _changed(self, member: Member, assignment: codec.Group) -> bool:
+        told = (member.session or "", assignment)
+        if self._told.get(member.worker_id) == told:
+            return False
+        self._told[member.worker_id] = told
+        return True

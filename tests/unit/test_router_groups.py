@@ -11,6 +11,7 @@ from xim_router.groups import (
     FORMING,
     SERVING,
     STARTING,
+    Coordinator,
     GroupRun,
     GroupSpec,
     Member,
@@ -159,5 +160,47 @@ def test_backoff_is_capped():
 
 
 def test_leave():
-    g = leave(SPEC, GroupRun(epoch=4), 1)
-    assert (g.action, g.rank, g.epoch, g.leader_address) == ("leave", 1, 4, None)
+    g = leave(status(epoch=4, rank=1))
+    assert (g.action, g.group, g.rank, g.epoch, g.leader_address) == ("leave", "llama-405b", 1, 4, None)
+    assert codec.decode(codec.encode(g)) == g
+
+
+# ---------------------------------------------------------------- the coordinator
+
+
+def test_a_declared_group_begins_after_its_stored_epoch_and_each_assignment_is_sent_once():
+    coordinator = Coordinator()
+    coordinator.declare([(SPEC, 6)])
+    first = coordinator.tick(members(epoch=7), 100.0)
+    assert first.epochs == {"llama-405b": 7} and not first.ended
+    assert {w: (g.action, g.epoch) for w, g in first.sends} == {"worker-a": ("run", 7), "worker-b": ("run", 7)}
+    again = coordinator.tick(members("starting", epoch=7), 101.0)
+    assert again.sends == [] and again.epochs == {}
+    reconnected = members("starting", epoch=7, sessions=("s-a", "s-b2"))
+    bumped = coordinator.tick(reconnected, 102.0)
+    assert bumped.epochs == {"llama-405b": 8} and bumped.ended == [("llama-405b", "epoch 7 ended: worker-b reconnected")]
+    assert {w: (g.action, g.epoch) for w, g in bumped.sends} == {"worker-a": ("wait", 8), "worker-b": ("wait", 8)}
+
+
+def test_a_changed_declaration_starts_over_and_a_new_session_hears_its_assignment_again():
+    coordinator = Coordinator()
+    coordinator.declare([(SPEC, 0)])
+    coordinator.tick(members(), 0.0)
+    coordinator.declare([(SPEC, 0)])                                    # the same: nothing changes
+    assert coordinator.groups["llama-405b"][1].epoch == 1
+    coordinator.declare([(dataclasses.replace(SPEC, model="other/model"), 0)])
+    assert coordinator.groups["llama-405b"][1].epoch == 2
+    tick = coordinator.tick(members(epoch=1, sessions=("s-a", "s-b")), 1.0)
+    assert tick.epochs == {"llama-405b": 2} and all(g.action == "wait" for _, g in tick.sends)
+
+
+def test_an_agent_reporting_a_part_in_a_group_it_is_not_in_is_told_to_leave_once():
+    coordinator = Coordinator()
+    coordinator.declare([(SPEC, 0)])
+    coordinator.tick(members(), 0.0)
+    coordinator.declare([])                                             # the operator deleted it
+    stray = members("serving")
+    tick = coordinator.tick(stray, 1.0)
+    assert sorted((w, g.action, g.rank) for w, g in tick.sends) == [("worker-a", "leave", 0), ("worker-b", "leave", 1)]
+    assert coordinator.tick(stray, 2.0).sends == []
+    assert coordinator.tick(members("stopped"), 3.0).sends == []       # it stopped: nothing more to say
