@@ -11,6 +11,7 @@ behaviour is for the namespace test, not this one.)
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.engine import http_get, kill_all, post_json, short_tempdir, tiny_cpu_plan, tiny_launch
-from ximd.engine import headless
+from tests.support.engine import SupervisorThread, post_json, short_tempdir, tiny_cpu_plan, tiny_launch
+from ximd.engine import EngineSupervisor, headless
 from ximd.engine.launch import ENGINE_MODULE, GroupRole
 
 pytestmark = pytest.mark.engine
@@ -45,52 +46,37 @@ def member_launch(root: Path, engine_py: str, model: Path, *, rank: int, port: i
     return launch, list(launch.argv), dict(launch.env)
 
 
-def start(argv, env, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def tail(path: Path, n: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no output)"
-
-
-def test_two_members_serve_the_tiny_model_split_tp2_over_two_nodes(engine_py, tiny_model_dir):
+def test_two_members_serve_the_tiny_model_split_tp2_over_two_nodes(engine_py, tiny_model_dir, recorder):
+    """Both parts under ximd's supervisor as a group runs them: no restart of its own, the
+    follower without a health endpoint, each in ximd's engine sandbox."""
     with ExitStack() as stack:
         roots = [stack.enter_context(short_tempdir(f"ximd-m{rank}-")) for rank in (0, 1)]
         port = free_port()
-        members = [member_launch(roots[rank], engine_py, tiny_model_dir, rank=rank, port=port, cpu=rank)
-                   for rank in (0, 1)]
-        for launch, _, _ in members:
-            for d in launch.dirs:
-                Path(d).mkdir(parents=True, exist_ok=True)
-            stack.callback(kill_all, launch.instance_id)
-        logs = [root / "engine.log" for root in roots]
-        procs = [start(argv, env, log) for (_, argv, env), log in zip(members, logs, strict=True)]
-        for proc in procs:
-            stack.callback(proc.wait, 30)
-            stack.callback(lambda p=proc: p.poll() is None and os.killpg(p.pid, 15))
-        leader = members[0][0]
-
+        launches = [member_launch(roots[rank], engine_py, tiny_model_dir, rank=rank, port=port, cpu=rank)[0]
+                    for rank in (0, 1)]
+        assert launches[0].health_check and not launches[1].health_check
+        assert ENGINE_MODULE not in launches[1].argv and "--uds" not in launches[1].argv
+        supervisors = [EngineSupervisor(launch, restart=False, startup_timeout=GROUP_START_TIMEOUT_S)
+                       for launch in launches]
+        runners = [stack.enter_context(SupervisorThread(s)) for s in supervisors]
+        leader, follower = supervisors
         began = time.monotonic()
-        while True:
-            try:
-                if http_get(leader.socket_path, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            dead = [(rank, p.returncode) for rank, p in enumerate(procs) if p.poll() is not None]
-            assert not dead, f"member ended before the group served: {dead}\nleader:\n{tail(logs[0])}\nfollower:\n{tail(logs[1])}"
-            assert time.monotonic() - began < GROUP_START_TIMEOUT_S, f"leader:\n{tail(logs[0])}\nfollower:\n{tail(logs[1])}"
-            time.sleep(0.5)
+        runners[0].wait_for(lambda: leader.healthy, GROUP_START_TIMEOUT_S, "the leader healthy")
+        assert follower.healthy and follower.starts == 1
+        started_s = time.monotonic() - began
 
         body = post_json(leader.socket_path, "/v1/completions", {
-            "model": leader.served_model_name, "prompt": "def hello():", "max_tokens": 8,
+            "model": leader.launch.served_model_name, "prompt": "def hello():", "max_tokens": 8,
             "temperature": 0, "ignore_eos": True})
         assert body["usage"]["completion_tokens"] == 8
-        follower_log = logs[1].read_text(errors="replace")
-        assert "headless multiproc executor" in follower_log, tail(logs[1])
-        assert ENGINE_MODULE not in members[1][1] and "--uds" not in members[1][1]
+        assert any("headless multiproc executor" in m for m in recorder.messages("ximd.engine")), started_s
+
+        # A part that dies stays down: the group restarts as one (the router's epoch), never a lone follower.
+        os.kill(follower.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not runners[1].future.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert follower.state == "failed" and follower.starts == 1 and "while serving" in follower.last_error
 
 
 def test_the_entry_refuses_an_engine_of_another_version(engine_py, tmp_path):

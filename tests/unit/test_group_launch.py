@@ -169,6 +169,11 @@ def test_a_follower_runs_the_headless_entry_without_socket(tmp_path):
     assert flags(argv, "--model") == [] and "--model=/var/lib/xerotier/models/hub/snap" in argv
 
 
+def test_only_the_leader_has_a_health_endpoint_to_check(tmp_path):
+    assert launch_for(tmp_path, role(0)).health_check and launch_for(tmp_path, None).health_check
+    assert not launch_for(tmp_path, role(1)).health_check
+
+
 def test_the_groups_tp_replaces_the_local_plan_and_cpu_never_gets_the_uni_executor(tmp_path):
     argv = list(launch_for(tmp_path, role(1, tp=2)).argv)      # the CPU plan says TP 1
     assert flags(argv, "--tensor-parallel-size") == ["2"]

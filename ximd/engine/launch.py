@@ -82,6 +82,8 @@ class EngineLaunch:
     lmcache: bool = False
     dirs: tuple[Path, ...] = field(default=())  # to create before the start
     sandbox: Policy | None = None            # None: the engine runs unconfined (tests of the supervisor)
+    # False for a group follower: vLLM's headless worker serves no /health (running is all it shows).
+    health_check: bool = True
 
     def without_lmcache(self) -> EngineLaunch:
         """The same launch with the LMCache connector taken out."""
@@ -350,7 +352,8 @@ def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
                      kv_env=kv.env if lmcache_on else None, group=group)
     dirs = (*engine_dirs(paths).values(), paths.runtime_dir)
     return EngineLaunch(argv, env, paths.socket_path, served, instance, model=model_ref.ref,
-                        lmcache=lmcache_on, dirs=tuple(dirs), sandbox=sandbox_policy(cfg, paths, hidden))
+                        lmcache=lmcache_on, dirs=tuple(dirs), sandbox=sandbox_policy(cfg, paths, hidden),
+                        health_check=group is None or group.leader)
 
 
 SECRET_FLAGS = ("--api-key",)
