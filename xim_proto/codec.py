@@ -30,12 +30,19 @@ PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
 # The revision of docs/protocol.md this implementation follows (§10: same frames,
 # additions an older peer never sees). 1.2: the embeddings endpoint and capability.
 # 1.3: several frames per ZeroMQ message (``batch``), when both sides offer it.
-PROTOCOL_REVISION = "1.3"
+# 1.4: groups (one model across several agents): the `group` message, lease.group.
+PROTOCOL_REVISION = "1.4"
 # hello's capability of an agent whose engine serves /v1/embeddings (revision 1.2).
 EMBEDDINGS = "embeddings"
 # The capability, in hello and in welcome, of a side that reads ``batch`` frames (revision
 # 1.3): an agent sends them only when both its hello and the router's welcome list it.
 BATCH = "batch"
+# hello's capability of an agent that can run its part of a group (revision 1.4).
+GROUPS = "groups"
+# What a `group` assignment tells an agent to do, and the states of its part (§5.6).
+GROUP_RUN, GROUP_WAIT, GROUP_LEAVE = "run", "wait", "leave"
+GROUP_ACTIONS = (GROUP_RUN, GROUP_WAIT, GROUP_LEAVE)
+GROUP_STATES = ("waiting", "starting", "serving", "failed", "stopped")
 
 # The largest frame either side sends or accepts. The transport enforces the
 # same limit (ZMQ_MAXMSGSIZE), so an oversized frame never reaches Python.
@@ -107,7 +114,22 @@ class Usage:
     total_tokens: int
 
 
-RECORDS: dict[str, type] = {"Model": Model, "Usage": Usage}
+@dataclass(frozen=True)
+class GroupStatus:
+    """An agent's report of its part in a group (revision 1.4), carried in its leases."""
+
+    group: str
+    epoch: int                       # the epoch of the assignment this report is about
+    rank: int
+    state: str                       # GROUP_STATES
+    fabric_address: str | None = None     # where the other members reach this agent's engine
+    fabric_port: int | None = None        # the master port its engine listens on when it leads
+    engine_version: str | None = None     # the vLLM version of its engine environment
+    model_ready: bool | None = None       # the group's model is complete in its cache
+    detail: str | None = field(default=None, metadata=at_most(1024))
+
+
+RECORDS: dict[str, type] = {"Model": Model, "Usage": Usage, "GroupStatus": GroupStatus}
 
 
 # ---------------------------------------------------------------- messages
@@ -171,6 +193,7 @@ class Lease(Message):
     in_flight: list[str] = field(metadata=at_most(4096))
     max_concurrent: int
     draining: bool
+    group: GroupStatus | None = None     # revision 1.4: its part in a group, if it has one
 
 
 @dataclass(frozen=True)
@@ -179,6 +202,25 @@ class LeaseAck(Message):
     SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
     seq: int
     stale: list[str] | None = field(default=None, metadata=at_most(4096))
+
+
+@dataclass(frozen=True)
+class Group(Message):
+    """The router's assignment of an agent to a group (revision 1.4): its part, and what to do now."""
+
+    TYPE: ClassVar[str] = "group"
+    SENDERS: ClassVar[tuple[str, ...]] = (ROUTER,)
+    group: str
+    epoch: int
+    action: str                      # GROUP_ACTIONS
+    model: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    rank: int
+    size: int
+    leader_address: str | None = None   # required with action run
+    leader_port: int | None = None      # required with action run
+    reason: str | None = field(default=None, metadata=at_most(1024))
 
 
 @dataclass(frozen=True)
@@ -272,7 +314,7 @@ class Batch(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Reject, Lease, LeaseAck, Infer, Chunk, Done,
+    cls.TYPE: cls for cls in (Hello, Welcome, Reject, Lease, LeaseAck, Group, Infer, Chunk, Done,
                               Error, Cancel, Credit, Drain, DrainAck, Bye, Batch)
 }
 # What a batch may not carry: a hello opens a session on its own connection, and a batch

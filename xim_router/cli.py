@@ -24,6 +24,7 @@ from xim_proto.modelid import is_model_id
 from xim_proto.privileges import become, owner_to_become
 from xim_router import config, dataplane, exposure, keys, notify, openai_api, server, workers
 from xim_router import store as store_mod
+from xim_router.groups import GroupSpec
 from xim_router.http import quiet_malformed_requests
 from xim_router.mesh import RouterSettings
 from xim_router.policy import MAX_CONCURRENT_LIMIT, NodePolicy, check_max_concurrent, check_model_name
@@ -109,6 +110,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser, *, replacing: bool) ->
     if replacing:
         ceiling.add_argument("--no-max-concurrent", action="store_true",
                              help="remove the ceiling: what it declares counts again")
+
+
+def _group_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a group name (1-64 letters, digits, '.', '_', '-')")
+    return text
 
 
 def _model_id(text: str) -> str:
@@ -252,6 +259,29 @@ def build_parser(serve_defaults: dict[str, object] | None = None) -> argparse.Ar
 
     revoke = sub.add_parser("revoke", parents=[state], help="revoke an agent's identity")
     revoke.add_argument("agent_id")
+
+    groups = sub.add_parser("groups", parents=[state],
+                            help="list groups (one model on several agents); declare or delete one")
+    add_format(groups)
+    groups_sub = groups.add_subparsers(dest="subcommand")
+    group_create = groups_sub.add_parser(
+        "create", parents=[state_again], help="declare a group",
+        description="Declare a group: MODEL run by vLLM's multi-node engine over the MEMBERS, TP x PP "
+                    "spread over them. The first member leads (rank 0: it serves the API), the others "
+                    "follow in the order given. A running router forms it within a second and starts it "
+                    "once every member is connected, runs the same engine version and has the model. "
+                    "The members' engines talk to each other on their private fabric (docs/groups.md).")
+    group_create.add_argument("name", type=_group_name)
+    group_create.add_argument("members", nargs="+", metavar="MEMBER",
+                              help="an enrolled agent's worker id or agent id, in rank order (at least two)")
+    group_create.add_argument("--model", type=_model_id, required=True, help="the model, a Hugging Face id")
+    group_create.add_argument("--tensor-parallel-size", "--tp", type=_positive_int, required=True, metavar="N",
+                              help="TP over the whole group")
+    group_create.add_argument("--pipeline-parallel-size", "--pp", type=_positive_int, default=1, metavar="N",
+                              help="PP over the whole group (default 1)")
+    group_delete = groups_sub.add_parser("delete", parents=[state_again],
+                                         help="delete a group: its members stop their parts")
+    group_delete.add_argument("name")
 
     config_cmd = sub.add_parser("config", help="check router.toml")
     config_sub = config_cmd.add_subparsers(dest="subcommand", required=True)
@@ -443,6 +473,77 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_groups_create(args: argparse.Namespace) -> int:
+    store = open_store(args.state_dir)
+    by_agent_id = {a.agent_id: a.worker_id for a in store.agents()}
+    members = tuple(by_agent_id.get(m, m) for m in args.members)
+    spec = GroupSpec(args.name, args.model, args.tensor_parallel_size, args.pipeline_parallel_size, members)
+    problem = spec.problem()
+    if problem:
+        print(f"xim-router: groups create: {problem}", file=sys.stderr)
+        return 2
+    try:
+        store.create_group(spec)
+    except store_mod.StoreError as exc:
+        print(f"xim-router: groups create: {exc.message} (see `xim-router agents`)", file=sys.stderr)
+        return 1
+    print(f"group {spec.name}: {spec.model}, TP {spec.tensor_parallel_size} x PP {spec.pipeline_parallel_size} "
+          f"over {len(members)} members, led by {members[0]}; a running router forms it within a second")
+    return 0
+
+
+def cmd_groups_delete(args: argparse.Namespace) -> int:
+    if not open_store(args.state_dir).delete_group(args.name):
+        print(f"xim-router: no group {args.name!r} (see `xim-router groups`)", file=sys.stderr)
+        return 1
+    print(f"deleted group {args.name}; a running router tells its members to stop their parts")
+    return 0
+
+
+def group_rows(groups: list[store_mod.StoredGroup], agents: list[store_mod.Agent]) -> list[dict]:
+    """What `groups` shows: each group and each member's part as its last lease reported it."""
+    by_worker = {a.worker_id: a for a in agents}
+    rows = []
+    for g in groups:
+        spec = g.spec
+        parts = []
+        for rank, worker in enumerate(spec.members):
+            agent = by_worker.get(worker)
+            report = ((agent.last_lease or {}).get("group") if agent else None) or {}
+            mine = report.get("group") == spec.name
+            parts.append({"rank": rank, "worker_id": worker, "agent_state": agent.state if agent else "unknown",
+                          "part": report.get("state") if mine else None,
+                          "epoch": report.get("epoch") if mine else None,
+                          "fabric_address": report.get("fabric_address") if mine else None,
+                          "engine_version": report.get("engine_version") if mine else None,
+                          "detail": report.get("detail") if mine else None})
+        rows.append({"name": spec.name, "model": spec.model, "tensor_parallel_size": spec.tensor_parallel_size,
+                     "pipeline_parallel_size": spec.pipeline_parallel_size, "epoch": g.epoch,
+                     "created_at": g.created_at, "members": parts})
+    return rows
+
+
+def member_cell(part: dict) -> str:
+    where = part["part"] or part["agent_state"]
+    epoch = f"@{part['epoch']}" if part["epoch"] is not None else ""
+    return printable(f"{part['rank']}:{part['worker_id']} {where}{epoch}")
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    store = open_store(args.state_dir)
+    rows = group_rows(store.groups(), store.agents())
+    if args.format == "json":
+        print(json_rows(rows))
+    elif not rows:
+        print("no groups (declare one with `xim-router groups create`)")
+    else:
+        print(render_table([{"name": printable(r["name"]), "model": printable(r["model"]),
+                             "tp_x_pp": f"{r['tensor_parallel_size']}x{r['pipeline_parallel_size']}",
+                             "epoch": str(r["epoch"]), "members": ", ".join(member_cell(p) for p in r["members"])}
+                            for r in rows], ["name", "model", "tp_x_pp", "epoch", "members"]))
+    return 0
+
+
 def api_settings_from(args: argparse.Namespace) -> openai_api.ApiSettings:
     """The OpenAI API's settings from the serving flags; ValueError with a message for the operator."""
     return openai_api.api_settings(args.api_key, args.api_key_file, args.request_timeout,
@@ -595,7 +696,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 # Commands that only read and write the store: run by root, they become the state
 # directory's owner (the service's account), so that what they create stays its own.
-ADMIN_COMMANDS = {"join-key", "agents", "revoke"}
+ADMIN_COMMANDS = {"join-key", "agents", "revoke", "groups"}
 
 
 COMMANDS = {
@@ -607,6 +708,9 @@ COMMANDS = {
     ("agents", None): cmd_agents,
     ("agents", "set"): cmd_agents_set,
     ("revoke", None): cmd_revoke,
+    ("groups", None): cmd_groups,
+    ("groups", "create"): cmd_groups_create,
+    ("groups", "delete"): cmd_groups_delete,
 }
 
 

@@ -25,6 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from xim_proto import codec, transport
 from xim_proto.ratelimit import RateLimitedLog, TokenBucket, escape
 from xim_router import __version__, zap
+from xim_router import groups as groups_mod
 from xim_router import store as store_mod
 from xim_router.keys import CurveKeypair
 from xim_router.policy import NodePolicy, shown
@@ -186,6 +187,8 @@ class Router:
         # Set, then replaced, whenever a session may take a model it could not before
         # (a hello, a lease, a policy): requests held for a node wait on it (`availability`).
         self._available = asyncio.Event()
+        # Groups (one model on several agents): declared in the store, run from here.
+        self.groups = groups_mod.Coordinator()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -598,6 +601,7 @@ class Router:
                  worker_id, escape(hello.hostname), escape(hello.agent_version), session.version,
                  len(hello.models), hello.max_concurrent)
         self._ignore_refused(session)
+        self._tick_groups()
         if routing_id == worker_id.encode():
             log.warning("agent %s uses its worker id as its routing id (an agent from before "
                         "protocol revision 1.1): another enrolled node can claim that address once "
@@ -625,6 +629,8 @@ class Router:
                 self._more_available()
             self._record_lease(session.agent_id, msg, session.lease_at)
             self._ignore_refused(session)
+            if msg.group is not None:
+                self._tick_groups()
             mine = {rid for rid, r in self._requests.items() if r.worker_id == session.worker_id}
             stale = [rid for rid in msg.in_flight if rid not in mine]
             self._reply(session.routing_id, codec.LeaseAck(seq=msg.seq, stale=stale or None),
@@ -660,6 +666,25 @@ class Router:
             # here, so it can close without TCP resetting frames still on their way.
             self._reply(session.routing_id, codec.Bye(reason="bye acknowledged"), session.version)
             self._end_session(session, f"bye: {escape(msg.reason)}", store_mod.DISCONNECTED)
+
+    def _tick_groups(self, now_mono: float | None = None) -> None:
+        """Step every group over the live sessions; send each member what changed for it,
+        store new epochs, say why an epoch ended (docs/protocol.md §5.6)."""
+        if not self.groups.groups and not any(s.lease and s.lease.group for s in self.sessions.values()):
+            return
+        connected = {w: groups_mod.Member(w, s.session_id, codec.GROUPS in s.hello.capabilities,
+                                          s.lease.group if s.lease else None)
+                     for w, s in self.sessions.items()}
+        tick = self.groups.tick(connected, time.monotonic() if now_mono is None else now_mono)
+        for name, why in tick.ended:
+            log.warning("group %s: %s; every member stops its part and the group starts over",
+                        name, escape(why))
+        for name, epoch in tick.epochs.items():
+            log.info("group %s: epoch %d", name, epoch)
+            self._record_later(f"the epoch of group {name}", self.store.set_group_epoch, name, epoch)
+        for worker_id, assignment in tick.sends:
+            session = self.sessions[worker_id]
+            self._reply(session.routing_id, assignment, session.version)
 
     def _ignore_refused(self, session: Session) -> None:
         """Say (once per change, rate-limited) which declared models the node may not serve:
@@ -729,6 +754,7 @@ class Router:
                            session.agent_id, state)
         log.info("agent %s session ended (%s); %d request(s) failed over", session.worker_id,
                  why, len(failed))
+        self._tick_groups()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -761,6 +787,9 @@ class Router:
                 self._end_session(session, "lease expired", store_mod.DISCONNECTED)
         agents = await self.store_worker.call(self.store.agents)
         self._apply_policies(agents)
+        stored = await self.store_worker.call(self.store.groups)
+        self.groups.declare([(g.spec, g.epoch) for g in stored])
+        self._tick_groups(now_mono)
         live = {s.agent_id for s in self.sessions.values()}       # as of now, after the read
         for agent in agents:
             if agent.state in store_mod.FINAL_STATES:

@@ -28,6 +28,7 @@ from typing import ParamSpec, TypeVar
 
 from xim_proto.joinkey import fingerprint
 from xim_router import keys
+from xim_router.groups import GroupSpec
 from xim_router.policy import NodePolicy
 
 SCHEMA = """
@@ -72,6 +73,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
      "ALTER TABLE join_keys ADD COLUMN max_concurrent_ceiling INTEGER",
      "ALTER TABLE agents ADD COLUMN allowed_models TEXT",
      "ALTER TABLE agents ADD COLUMN max_concurrent_ceiling INTEGER"),
+    # 2: groups (one model on several agents, docs/groups.md): members are worker ids in rank
+    # order (JSON); the epoch only grows, so that a member never takes an old assignment for new.
+    ("CREATE TABLE groups (name TEXT PRIMARY KEY, model TEXT NOT NULL, "
+     "tensor_parallel_size INTEGER NOT NULL, pipeline_parallel_size INTEGER NOT NULL, "
+     "members TEXT NOT NULL, epoch INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL)",),
 )
 
 # Agent states (docs/protocol.md §7). revoked and unenrolled are final: the
@@ -83,6 +89,19 @@ FINAL_STATES = (REVOKED, UNENROLLED)
 # How long a node that lost the answer to its enrollment (crash, full disk) may
 # repeat it with the same join key and keypair (docs/protocol.md §3.1).
 ENROLL_REPLAY_WINDOW_S = 3600.0
+
+
+@dataclass(frozen=True)
+class StoredGroup:
+    spec: GroupSpec
+    epoch: int
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> StoredGroup:
+        spec = GroupSpec(row["name"], row["model"], row["tensor_parallel_size"], row["pipeline_parallel_size"],
+                         tuple(json.loads(row["members"])))
+        return cls(spec, row["epoch"], row["created_at"])
 
 
 class StoreError(Exception):
@@ -400,6 +419,45 @@ class Store:
         return {r["agent_id"] for r in rows}
 
     # ------------------------------------------------------------ join keys by fingerprint
+
+    # ------------------------------------------------------------ groups
+
+    def create_group(self, spec: GroupSpec, now: float | None = None) -> None:
+        """Declare a group; StoreError (bad_request) when its name is taken, a member is not
+        an enrolled agent's worker id, or a member already belongs to another group."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (spec.name,)).fetchone():
+                raise StoreError("bad_request", f"a group named {spec.name!r} exists already")
+            live = {r["worker_id"] for r in db.execute(
+                "SELECT worker_id FROM agents WHERE state NOT IN (?, ?)", FINAL_STATES)}
+            unknown = [w for w in spec.members if w not in live]
+            if unknown:
+                raise StoreError("bad_request", f"not the worker id of an enrolled agent: {', '.join(unknown)}")
+            for row in db.execute("SELECT name, members FROM groups"):
+                taken = sorted(set(json.loads(row["members"])) & set(spec.members))
+                if taken:
+                    raise StoreError("bad_request", f"{', '.join(taken)} already in group {row['name']!r}: "
+                                                    "an agent runs one engine, so it is in one group at most")
+            db.execute("INSERT INTO groups (name, model, tensor_parallel_size, pipeline_parallel_size, members, "
+                       "epoch, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
+                       (spec.name, spec.model, spec.tensor_parallel_size, spec.pipeline_parallel_size,
+                        json.dumps(list(spec.members)), now))
+
+    def groups(self) -> list[StoredGroup]:
+        rows = self.db.execute("SELECT * FROM groups ORDER BY created_at").fetchall()
+        return [StoredGroup.from_row(r) for r in rows]
+
+    def delete_group(self, name: str) -> bool:
+        with self._write() as db:
+            return db.execute("DELETE FROM groups WHERE name = ?", (name,)).rowcount == 1
+
+    def set_group_epoch(self, name: str, epoch: int) -> None:
+        """The group's new epoch; never lower than what is stored."""
+        with self._write() as db:
+            db.execute("UPDATE groups SET epoch = MAX(epoch, ?) WHERE name = ?", (epoch, name))
+
+    # ------------------------------------------------------------ join keys, revoking
 
     def revoke_join_key(self, key_fingerprint: str, now: float | None = None) -> bool:
         """Spend what is left of a live join key and expire it now; False when none is live.

@@ -178,6 +178,19 @@ class Listen(Kind):
         return value
 
 
+class PortRange(Kind):
+    expected = 'a port range "LOW-HIGH" of at least two ports within 1024-65535, such as "29500-29599"'
+
+    def parse(self, value, from_text):
+        match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(self.expected)
+        low, high = int(match.group(1)), int(match.group(2))
+        if not 1024 <= low < high <= 65535:
+            raise ValueError(self.expected)
+        return f"{low}-{high}"
+
+
 class JoinKey(Kind):
     expected = f'empty or a join key starting with "{JOIN_KEY_PREFIX}"'
 
@@ -337,6 +350,30 @@ class MetricsSection:
                           env="XEROTIER_AGENT_METRICS_LISTEN")
 
 
+@dataclass(frozen=True)
+class GroupSection:
+    """Where this node meets the other members of a group (one model across hosts, docs/groups.md).
+
+    The engines of a group talk to each other directly, unauthenticated and with
+    pickles, on every TCP port: the fabric must be a private network.
+    """
+
+    fabric_interface: str = setting("", Text(), "Network interface the group's engines reach each other on "
+                                    "(Gloo's and NCCL's socket interface; empty = the one holding fabric_address).",
+                                    env="XEROTIER_AGENT_GROUP_FABRIC_INTERFACE")
+    fabric_address: str = setting("", Text(), "This node's address on that network (vLLM's VLLM_HOST_IP; "
+                                  "empty = the first address of fabric_interface).",
+                                  env="XEROTIER_AGENT_GROUP_FABRIC_ADDRESS")
+    port_range: str = setting("29500-29599", PortRange(),
+                              "Ports the engine listens on for the group: the first is the leader's "
+                              "--master-port, vLLM's own queues start at the second (Gloo and NCCL "
+                              "still use ephemeral ports: open all TCP between members).",
+                              env="XEROTIER_AGENT_GROUP_PORT_RANGE")
+    allow_public_fabric: bool = setting(False, Flag(), "Allow a fabric address that is public: the engines "
+                                        "then exchange unauthenticated pickles over it (never on the internet).",
+                                        env="XEROTIER_AGENT_GROUP_ALLOW_PUBLIC_FABRIC")
+
+
 SECTIONS: dict[str, type] = {
     "agent": AgentSection,
     "router": RouterSection,
@@ -345,6 +382,7 @@ SECTIONS: dict[str, type] = {
     "lmcache": LMCacheSection,
     "tuning": TuningSection,
     "metrics": MetricsSection,
+    "group": GroupSection,
 }
 
 # systemd hands the unit's directories to the service; they outrank the
@@ -399,6 +437,7 @@ class Config:
     lmcache: LMCacheSection
     tuning: TuningSection
     metrics: MetricsSection
+    group: GroupSection
     origins: Mapping[str, str]
     sources: tuple[str, ...] = ()      # files read, in order
     warnings: tuple[str, ...] = ()     # worth saying, not worth failing over

@@ -319,6 +319,33 @@ def check_engine(probe: EngineProbe, configured: str) -> Check:
                  f"or cpu) --prefix {configured.removesuffix('/bin/python')}; or set engine.python")
 
 
+def check_group_fabric(group, interfaces: dict[str, list[str]], engine_version: str | None) -> Check:
+    """The fabric a group's engines would use (docs/groups.md): set, on this host, private,
+    and an engine whose version the follower entry knows."""
+    from ximd.engine.headless import unsupported
+    from ximd.fabric import FabricError, public_reason, resolve_fabric
+
+    if not group.fabric_interface and not group.fabric_address:
+        return Check("group fabric", "skip", "group.fabric_interface and group.fabric_address are not set: "
+                     "this node cannot take part in a group (one model across hosts)")
+    try:
+        fabric = resolve_fabric(group.fabric_interface, group.fabric_address, interfaces,
+                                port_range=group.port_range, allow_public=group.allow_public_fabric)
+    except FabricError as exc:
+        return Check("group fabric", "fail", str(exc),
+                     "set group.fabric_interface or group.fabric_address to this node's private network")
+    where = (f"{fabric.address} on {fabric.interface}, ports {fabric.first_port}-{fabric.last_port}; the "
+             "group's members must reach each other there on every TCP port (Gloo and NCCL use ephemeral ones)")
+    if public_reason(fabric.address):
+        return Check("group fabric", "warn", f"{where}; it is PUBLIC (group.allow_public_fabric = true): "
+                     "the engines exchange unauthenticated pickles over it",
+                     "use a private network (a VLAN, WireGuard, Tailscale) and turn allow_public_fabric off")
+    refusal = unsupported(engine_version) if engine_version else None
+    if refusal:
+        return Check("group fabric", "warn", f"{where}; but {refusal}")
+    return Check("group fabric", "ok", where)
+
+
 def check_redis(shown_url: str, enabled: str, error: str | None) -> Check:
     if not shown_url:
         return Check("lmcache remote", "skip", "lmcache.redis_url not set")
@@ -390,6 +417,7 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
     """Every check, in the order an operator fixes things."""
     from ximd.config import mask_secret
     from ximd.engine import sandbox  # stdlib-only: asks the kernel what the engine will get
+    from ximd.fabric import host_interfaces
 
     hw = hw or hardware.detect()
     source = modelsource.locate_for(cfg)
@@ -415,9 +443,10 @@ def collect(cfg, hw: Hardware | None = None) -> list[Check]:
         check_sysctls(tuning.check_socket_buffers(cfg.tuning.socket_buffer_bytes)),
         check_directory("state", cfg.state_dir, DirState.of(cfg.state_dir), uid, private=True),
         check_directory("cache", cfg.cache_dir, DirState.of(cfg.cache_dir), uid, private=False),
-        check_engine(probe_engine(cfg.engine.python), cfg.engine.python),
+        check_engine(engine := probe_engine(cfg.engine.python), cfg.engine.python),
         check_engine_sandbox(sandbox.landlock_abi(), sandbox.unavailable_reason()),
         check_redis(mask_secret(redis_url) if redis_url else "", cfg.lmcache.enabled, redis_error),
+        check_group_fabric(cfg.group, host_interfaces(), engine.version),
         check_plan(lambda: autoconfig.plan_from_config(cfg, hw, facts, note)),
     ]
 

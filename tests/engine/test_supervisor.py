@@ -299,3 +299,37 @@ def test_engine_that_dies_during_start_up_with_lmcache_is_retried_once_without_i
     assert backoffs == ["engine died during start-up with LMCache on; retrying at once without LMCache"]
     assert "No supported cpu connector found" in supervisor.last_error
     assert any("retrying once without LMCache" in m for m in recorder.messages(level=logging.WARNING))
+
+
+# ---------------------------------------------------------------- a group's part (docs/groups.md)
+
+
+def test_a_follower_without_health_endpoint_counts_as_healthy_once_it_has_run_for_the_grace(root):
+    """vLLM's headless worker serves no /health: running past the grace is what it shows."""
+    launch = launch_of(root, ("/bin/sh", "-c", "echo headless worker up; exec sleep 300"), health_check=False)
+    with supervised(launch, headless_grace=1.0) as (supervisor, runner, states):
+        runner.wait_for(lambda: supervisor.healthy, 10, "healthy")
+        assert not launch.socket_path.exists()
+        assert states.of("loading") and states.of("healthy")
+        time.sleep(1.0)
+        assert supervisor.healthy and supervisor.restarts == 0
+
+
+def test_a_follower_that_exits_within_the_grace_failed_during_start_up(root):
+    launch = launch_of(root, ("/bin/sh", "-c", "echo 'RuntimeError: no leader'; exit 3"), health_check=False)
+    with supervised(launch, headless_grace=2.0, restart=False) as (supervisor, runner, _):
+        runner.wait_for(lambda: supervisor.state == "failed", 10, "failed")
+    assert "during start-up" in supervisor.last_error and "RuntimeError: no leader" in supervisor.last_error
+
+
+def test_a_groups_part_that_dies_stays_down_for_the_group_to_restart_as_one(root):
+    launch = launch_of(root, standin(root))
+    with supervised(launch, restart=False) as (supervisor, runner, states):
+        runner.wait_for(lambda: supervisor.healthy, 20, "healthy")
+        os.kill(supervisor.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not runner.future.done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.future.done(), "run() goes on after a part's engine died"
+        assert supervisor.state == "failed" and supervisor.starts == 1 and not states.of("backoff")
+        assert "while serving" in supervisor.last_error

@@ -24,6 +24,9 @@ def sample_messages() -> list[codec.Message]:
         codec.Lease(seq=3, running=1, waiting=0, kv_cache_usage=0.25, engine_state="ready",
                     models=[model], in_flight=["r1"], max_concurrent=8, draining=False),
         codec.LeaseAck(seq=3, stale=["r0"]),
+        codec.Group(group="llama-405b", epoch=4, action="run", model="meta-llama/Llama-3.1-405B",
+                    tensor_parallel_size=8, pipeline_parallel_size=2, rank=1, size=2,
+                    leader_address="10.0.0.10", leader_port=29500),
         codec.Infer(id="r1", model="tiny", endpoint="chat.completions", body=b'{"messages":[]}',
                     stream=True, deadline_s=30.0, credit=16),
         codec.Chunk(id="r1", seq=0, data=[b'{"choices":[]}', b'{"choices":[1]}']),
@@ -155,7 +158,7 @@ def test_role_check():
     welcome = codec.encode(sample_messages()[1])
     assert isinstance(codec.decode(welcome, sender=codec.ROUTER), codec.Welcome)
     expect("unexpected_type", welcome, "welcome is not sent by the agent", sender=codec.AGENT)
-    error = codec.encode(sample_messages()[8])
+    error = codec.encode(sample_messages()[9])
     codec.decode(error, sender=codec.AGENT)
     codec.decode(error, sender=codec.ROUTER)
 
@@ -330,3 +333,64 @@ def test_only_the_agent_sends_batches():
     frame = codec.encode(codec.Batch(frames=frames_of(2)))
     with pytest.raises(ProtocolError, match="unexpected_type"):
         codec.decode(frame, sender=codec.ROUTER)
+
+
+def group_status(**changes) -> codec.GroupStatus:
+    values = dict(group="llama-405b", epoch=4, rank=1, state="waiting", fabric_address="fd00::11",
+                  fabric_port=29500, engine_version="0.32.0", model_ready=True,
+                  detail="waiting for the leader")
+    values.update(changes)
+    return codec.GroupStatus(**values)
+
+
+def test_a_lease_carries_the_agents_part_in_a_group():
+    lease = codec.Lease(seq=3, running=0, waiting=0, kv_cache_usage=0.0, engine_state="starting", models=[],
+                        in_flight=[], max_concurrent=4, draining=False, group=group_status())
+    decoded = codec.decode(codec.encode(lease), sender=codec.AGENT)
+    assert decoded == lease and decoded.group.detail == "waiting for the leader"
+
+
+def test_a_lease_without_a_group_stays_as_it_was():
+    """An agent not in a group sends the lease of revision 1.2: no group field at all."""
+    lease = codec.Lease(seq=1, running=0, waiting=0, kv_cache_usage=0.0, engine_state="ready", models=[],
+                        in_flight=[], max_concurrent=4, draining=False)
+    assert "group" not in msgpack.unpackb(codec.encode(lease))
+
+
+def test_an_older_router_reads_a_lease_with_a_group():
+    """Unknown fields are ignored: what a revision 1.2 decoder does with lease.group (docs §4.3)."""
+    raw = msgpack.unpackb(codec.encode(codec.Lease(
+        seq=1, running=0, waiting=0, kv_cache_usage=0.0, engine_state="ready", models=[], in_flight=[],
+        max_concurrent=4, draining=False, group=group_status())))
+    assert isinstance(raw["group"], dict) and raw["group"]["rank"] == 1
+
+
+def test_the_group_status_is_checked_like_any_record():
+    raw = msgpack.unpackb(codec.encode(codec.Lease(
+        seq=1, running=0, waiting=0, kv_cache_usage=0.0, engine_state="ready", models=[], in_flight=[],
+        max_concurrent=4, draining=False, group=group_status())))
+    raw["group"]["epoch"] = "4"
+    with pytest.raises(ProtocolError, match=r"lease.group.epoch: expected int"):
+        codec.decode(msgpack.packb(raw))
+    raw["group"]["epoch"], raw["group"]["detail"] = 4, "x" * 1025
+    with pytest.raises(ProtocolError, match="too_large"):
+        codec.decode(msgpack.packb(raw))
+
+
+def test_only_the_router_assigns_groups():
+    frame = codec.encode(next(m for m in sample_messages() if isinstance(m, codec.Group)))
+    assert isinstance(codec.decode(frame, sender=codec.ROUTER), codec.Group)
+    with pytest.raises(ProtocolError, match="unexpected_type"):
+        codec.decode(frame, sender=codec.AGENT)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=64), st.integers(0, 2**63 - 1), st.sampled_from(["run", "wait", "leave"]),
+       st.integers(1, 64), st.integers(1, 16), st.integers(0, 255), st.integers(2, 256),
+       st.one_of(st.none(), st.ip_addresses().map(str)), st.one_of(st.none(), st.integers(1, 65535)),
+       st.one_of(st.none(), st.text(max_size=1024)))
+def test_group_round_trip(name, epoch, action, tp, pp, rank, size, address, port, reason):
+    msg = codec.Group(group=name, epoch=epoch, action=action, model="m", tensor_parallel_size=tp,
+                      pipeline_parallel_size=pp, rank=rank, size=size, leader_address=address, leader_port=port,
+                      reason=reason)
+    assert codec.decode(codec.encode(msg), sender=codec.ROUTER) == msg

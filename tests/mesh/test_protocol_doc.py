@@ -93,3 +93,10 @@ def test_the_walker_notices_drift():
     assert documented_field_limits(text.replace("| `hello.hostname` | 255 |", "| `hello.hostname` | 256 |")) \
         != codec.field_limits()
     assert "at_capacity" not in documented_error_codes(dropped)
+
+
+def test_group_actions_and_states_are_the_documented_ones():
+    section = DOC.read_text().split("### 5.6 Groups", 1)[1].split("\n## ", 1)[0]
+    record = DOC.read_text().split("#### record `GroupStatus`", 1)[1].split("\n#### ", 1)[0]
+    assert all(f"`{action}`:" in section for action in codec.GROUP_ACTIONS)
+    assert all(f"`{state}` (" in record for state in codec.GROUP_STATES)

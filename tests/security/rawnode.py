@@ -88,11 +88,11 @@ class RawNode:
         return self.expect(codec.Welcome)
 
     def lease_msg(self, *, models: tuple[str, ...] = (MODEL,), in_flight: list[str] | None = None,
-                  running: int = 0) -> codec.Lease:
+                  running: int = 0, group: codec.GroupStatus | None = None) -> codec.Lease:
         self.seq += 1
         return codec.Lease(seq=self.seq, running=running, waiting=0, kv_cache_usage=0.0,
                            engine_state="ready", models=[codec.Model(name=m, state="ready") for m in models],
-                           in_flight=in_flight or [], max_concurrent=4, draining=False)
+                           in_flight=in_flight or [], max_concurrent=4, draining=False, group=group)
 
     def lease(self, **kw: Any) -> codec.LeaseAck:
         self.send(self.lease_msg(**kw))

@@ -26,7 +26,7 @@ import psutil
 
 from ximd import config as ximd_config
 from ximd.autoconfig import Plan
-from ximd.engine.launch import INSTANCE_ENV, EnginePaths, build_launch
+from ximd.engine.launch import INSTANCE_ENV, EnginePaths, GroupRole, build_launch
 from ximd.models import ModelCache, ModelChoice, resolve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,12 +94,13 @@ def load_config(root: Path, **env: str) -> ximd_config.Config:
     return ximd_config.load(config_file, env={**base, **env})
 
 
-def tiny_launch(root: Path, python: str, model_dir: Path, *, kv=None, plan: Plan | None = None, **env: str):
+def tiny_launch(root: Path, python: str, model_dir: Path, *, kv=None, plan: Plan | None = None,
+                group: GroupRole | None = None, **env: str):
     """The launch ximd builds for the tiny model: config → model → build_launch."""
     cfg = load_config(root, XEROTIER_AGENT_ENGINE_PYTHON=python, VLLM_MODEL=str(model_dir), **env)
     paths = EnginePaths.from_config(cfg)
     model = resolve(ModelChoice(str(model_dir), "config"), ModelCache.from_config(cfg))
-    return build_launch(cfg, plan or tiny_cpu_plan(), model, paths, kv=kv), cfg
+    return build_launch(cfg, plan or tiny_cpu_plan(), model, paths, kv=kv, group=group), cfg
 
 
 def processes_of(instance: str) -> list[psutil.Process]:

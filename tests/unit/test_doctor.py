@@ -366,7 +366,7 @@ def test_main_exit_code_follows_failures(tmp_path, capsys):
     names = [c["name"] for c in data["checks"]]
     assert names == ["gpus", "gpu driver", "vram", "gpu device nodes", "ram", "disk", "model", "/dev/shm",
                      "socket buffers", "state directory", "cache directory", "engine", "engine sandbox",
-                     "lmcache remote", "plan"]
+                     "lmcache remote", "group fabric", "plan"]
     gpus = data["checks"][0]
     assert gpus["status"] == "ok" and "NVIDIA H100 80GB HBM3" in gpus["detail"]
 
@@ -419,3 +419,41 @@ def test_engine_sandbox_ok_with_landlock_and_a_warning_without():
     missing = doctor.check_engine_sandbox(0, "the kernel has no Landlock")
     assert missing.status == "warn" and "the kernel has no Landlock" in missing.detail
     assert "identity" in missing.detail and "lsm=" in missing.fix
+
+
+# ---------------------------------------------------------------- the group fabric (docs/groups.md)
+
+INTERFACES = {"lo": ["127.0.0.1"], "eth0": ["80.1.2.3"], "eth1": ["10.0.0.11"]}
+
+
+def group_settings(**settings) -> config.GroupSection:
+    return dataclasses.replace(config.load(None, env={}).group, **settings)
+
+
+def test_no_fabric_is_skipped_with_what_it_means():
+    check = doctor.check_group_fabric(group_settings(), INTERFACES, "0.32.0")
+    assert check.status == "skip" and "cannot take part in a group" in check.detail
+
+
+def test_a_private_fabric_is_ok_and_says_what_the_network_must_allow():
+    check = doctor.check_group_fabric(group_settings(fabric_interface="eth1"), INTERFACES, "0.32.0")
+    assert check.status == "ok" and check.detail.startswith("10.0.0.11 on eth1, ports 29500-29599")
+    assert "every TCP port" in check.detail
+
+
+def test_a_public_fabric_fails_unless_allowed_then_warns():
+    refused = doctor.check_group_fabric(group_settings(fabric_interface="eth0"), INTERFACES, "0.32.0")
+    assert refused.status == "fail" and "public address" in refused.detail and refused.fix
+    allowed = doctor.check_group_fabric(group_settings(fabric_interface="eth0", allow_public_fabric=True),
+                                        INTERFACES, "0.32.0")
+    assert allowed.status == "warn" and "PUBLIC" in allowed.detail
+
+
+def test_a_fabric_not_on_this_host_fails():
+    check = doctor.check_group_fabric(group_settings(fabric_address="10.9.9.9"), INTERFACES, None)
+    assert check.status == "fail" and "no interface of this host has it" in check.detail
+
+
+def test_an_engine_the_follower_entry_does_not_know_is_a_warning():
+    check = doctor.check_group_fabric(group_settings(fabric_interface="eth1"), INTERFACES, "0.33.1")
+    assert check.status == "warn" and "vLLM 0.33.1" in check.detail

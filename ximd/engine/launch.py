@@ -32,6 +32,8 @@ from pathlib import Path
 from ximd.engine.sandbox import Policy
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+# A group follower's engine: vLLM's headless worker, run as a script (ximd/engine/headless.py).
+HEADLESS_SCRIPT = Path(__file__).resolve().with_name("headless.py")
 # Every engine process (and every worker it spawns) carries this in its environment,
 # so an engine of ours that outlived its supervisor can be recognised and removed.
 INSTANCE_ENV = "XIMD_ENGINE_INSTANCE"
@@ -80,6 +82,8 @@ class EngineLaunch:
     lmcache: bool = False
     dirs: tuple[Path, ...] = field(default=())  # to create before the start
     sandbox: Policy | None = None            # None: the engine runs unconfined (tests of the supervisor)
+    # False for a group follower: vLLM's headless worker serves no /health (running is all it shows).
+    health_check: bool = True
 
     def without_lmcache(self) -> EngineLaunch:
         """The same launch with the LMCache connector taken out."""
@@ -98,6 +102,53 @@ class EngineLaunch:
         return dataclasses.replace(self, argv=tuple(argv), env=env, lmcache=False)
 
 
+@dataclass(frozen=True)
+class GroupRole:
+    """This node's part in a group (one model across hosts), as its engine needs it.
+
+    The group's TP × PP spans the members (vLLM's --nnodes): each runs TP × PP / size
+    workers. Rank 0 leads: the ordinary engine with its API on the unix socket. The
+    others follow: vLLM's headless worker (HEADLESS_SCRIPT), no API, no socket.
+    """
+
+    name: str
+    rank: int
+    size: int                       # members (vLLM's --nnodes)
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    master_address: str             # the leader's fabric address
+    master_port: int                # the leader's torch.distributed rendezvous
+    fabric_address: str             # this node's (VLLM_HOST_IP)
+    fabric_interface: str           # this node's (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)
+    engine_port: int                # VLLM_PORT: where vLLM's search for free ports starts
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def local_world_size(self) -> int:
+        """Engine workers on this node."""
+        return self.world_size // self.size
+
+    def problem(self) -> str | None:
+        """Why vLLM would refuse this part, or None."""
+        if self.size < 2:
+            return f"a group has at least two members, not {self.size}"
+        if not 0 <= self.rank < self.size:
+            return f"rank {self.rank} is not in 0..{self.size - 1}"
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            return f"TP {self.tensor_parallel_size} × PP {self.pipeline_parallel_size} must both be at least 1"
+        if self.world_size % self.size:
+            return (f"TP {self.tensor_parallel_size} × PP {self.pipeline_parallel_size} = {self.world_size} "
+                    f"workers do not split evenly over {self.size} members")
+        return None
+
+
 def choose_python(configured: str, own_python: str) -> tuple[str, str]:
     """The configured engine interpreter, or ximd's own when it does not exist."""
     if configured and os.access(configured, os.X_OK):
@@ -113,14 +164,18 @@ def instance_id(state_dir: Path) -> str:
 
 def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path, plan, *,
                 kv_transfer_config: str | None = None, extra_args: tuple[str, ...] = (),
-                access_log: bool = False, stream_interval: int = 1) -> tuple[str, ...]:
-    argv = [python, "-m", ENGINE_MODULE,
-            # The = form: a value that starts with '-' is still a value, never a flag.
-            f"--model={model_arg}",
-            f"--served-model-name={served_name}",
-            "--uds", str(socket_path),
-            "--tensor-parallel-size", str(plan.tensor_parallel_size),
-            "--max-num-seqs", str(plan.max_num_seqs)]
+                access_log: bool = False, stream_interval: int = 1,
+                group: GroupRole | None = None) -> tuple[str, ...]:
+    follower = group is not None and not group.leader
+    argv = [python, str(HEADLESS_SCRIPT)] if follower else [python, "-m", ENGINE_MODULE]
+    # The = form: a value that starts with '-' is still a value, never a flag.
+    argv += [f"--model={model_arg}", f"--served-model-name={served_name}"]
+    if not follower:
+        argv += ["--uds", str(socket_path)]
+    argv += ["--tensor-parallel-size", str(group.tensor_parallel_size if group else plan.tensor_parallel_size),
+             "--max-num-seqs", str(plan.max_num_seqs)]
+    if group is not None:
+        argv += group_args(group)
     if plan.max_model_len is not None:
         argv += ["--max-model-len", str(plan.max_model_len)]
     if plan.accelerator != "cpu" and plan.gpu_memory_utilization is not None:
@@ -132,7 +187,7 @@ def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path
         # ("'function' object has no attribute 'finalize_loading'"). On CPU the
         # decode path gains little from compilation.
         argv.append("--enforce-eager")
-        if plan.tensor_parallel_size == 1:
+        if plan.tensor_parallel_size == 1 and group is None:
             # One process fewer (no separate worker): 13 s less start-up, ~600 MiB less RSS.
             argv += ["--distributed-executor-backend", "uni"]
     if stream_interval > 1:
@@ -150,6 +205,52 @@ def engine_argv(python: str, model_arg: str, served_name: str, socket_path: Path
     # Last, so the operator's arguments win over ours (argparse keeps the last value).
     argv += list(extra_args)
     return tuple(argv)
+
+
+def group_args(group: GroupRole) -> list[str]:
+    """vLLM's multi-node flags: its own multiprocessing executor across the members (Ray is
+    neither installed with the CPU build nor allowed by its platform)."""
+    return ["--pipeline-parallel-size", str(group.pipeline_parallel_size),
+            "--distributed-executor-backend", "mp",
+            "--nnodes", str(group.size), "--node-rank", str(group.rank),
+            "--master-addr", group.master_address, "--master-port", str(group.master_port)]
+
+
+def fabric_env(group: GroupRole) -> dict[str, str]:
+    """The fabric, told to everything in the engine that opens a socket to another member.
+
+    vLLM's own address (else a guess through a UDP "connect" to a public address);
+    Gloo's and NCCL's interface (else Gloo resolves the hostname, 127.0.1.1 on Debian:
+    "Gloo connectFullMesh failed"); torch's rendezvous; where vLLM's port search starts.
+    """
+    return {
+        "VLLM_HOST_IP": group.fabric_address,
+        "GLOO_SOCKET_IFNAME": group.fabric_interface,
+        "NCCL_SOCKET_IFNAME": group.fabric_interface,
+        "MASTER_ADDR": group.master_address,
+        "MASTER_PORT": str(group.master_port),
+        "VLLM_PORT": str(group.engine_port),
+    }
+
+
+def split_cpu_bind(bind: str, parts: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``parts`` local workers: the CPU list cut into that many
+    runs, joined with '|' (vLLM asserts one list per local worker). "0-3", 2 → "0,1|2,3"."""
+    if parts <= 1 or "|" in bind or bind in ("auto", "nobind"):
+        return bind
+    cpus: list[int] = []
+    for piece in bind.split(","):
+        low, _, high = piece.partition("-")
+        cpus += range(int(low), int(high or low) + 1)
+    if len(cpus) < parts:
+        raise LaunchError(f"{len(cpus)} CPUs ({bind}) cannot be shared by {parts} engine workers")
+    size, extra = divmod(len(cpus), parts)
+    runs, at = [], 0
+    for i in range(parts):
+        step = size + (1 if i < extra else 0)
+        runs.append(",".join(map(str, cpus[at:at + step])))
+        at += step
+    return "|".join(runs)
 
 
 def engine_dirs(paths: EnginePaths) -> dict[str, Path]:
@@ -171,7 +272,7 @@ def engine_dirs(paths: EnginePaths) -> dict[str, Path]:
 
 
 def engine_env(paths: EnginePaths, plan, *, model_env: Mapping[str, str], instance: str,
-               kv_env: Mapping[str, str] | None = None) -> dict[str, str]:
+               kv_env: Mapping[str, str] | None = None, group: GroupRole | None = None) -> dict[str, str]:
     """Nothing of ximd's own environment: the engine runs offline (HF_HUB_OFFLINE, from
     the model's env) and needs neither the hub token nor the proxies ximd may have."""
     env = {
@@ -192,6 +293,10 @@ def engine_env(paths: EnginePaths, plan, *, model_env: Mapping[str, str], instan
     env.update(kv_env or {})
     for name in getattr(plan, "engine_env_remove", ()):
         env.pop(name, None)
+    if group is not None:
+        env.update(fabric_env(group))
+        if "VLLM_CPU_OMP_THREADS_BIND" in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = split_cpu_bind(env["VLLM_CPU_OMP_THREADS_BIND"], group.local_world_size)
     return env
 
 
@@ -214,26 +319,41 @@ def sandbox_policy(cfg, paths: EnginePaths, hidden: Sequence[Path]) -> Policy:
                   hidden=tuple(dict.fromkeys(str(p) for p in hidden)))
 
 
+def check_group(group: GroupRole, plan) -> None:
+    """The part can run here: vLLM would accept it and this node has the devices for its workers."""
+    problem = group.problem()
+    if problem:
+        raise LaunchError(f"group {group.name}: {problem}")
+    if plan.accelerator != "cpu" and len(plan.visible_devices) < group.local_world_size:
+        raise LaunchError(f"group {group.name}: each member runs {group.local_world_size} engine workers "
+                          f"(TP {group.tensor_parallel_size} × PP {group.pipeline_parallel_size} over "
+                          f"{group.size} members), this node has {len(plan.visible_devices)} GPUs for them")
+
+
 def build_launch(cfg, plan, model_ref, paths: EnginePaths, *, kv=None,
-                 hidden: Sequence[Path] = ()) -> EngineLaunch:
+                 hidden: Sequence[Path] = (), group: GroupRole | None = None) -> EngineLaunch:
     """The engine's argv, environment and sandbox from the config, the plan and the resolved model.
 
     `model_ref` is a `ximd.models.ResolvedModel`; `kv` a `ximd.kvcache.KVCacheSetup`
-    (None = LMCache off); `hidden` the node's secrets the engine must not read.
+    (None = LMCache off); `hidden` the node's secrets the engine must not read; `group`
+    this node's part in a group (its TP × PP replace the plan's).
     """
     check_socket_paths(paths)
+    if group is not None:
+        check_group(group, plan)
     served = cfg.engine.served_model_name or model_ref.served_name
     instance = instance_id(paths.state_dir)
     lmcache_on = bool(kv is not None and kv.enabled)
     argv = engine_argv(paths.python, model_ref.model_arg, served, paths.socket_path, plan,
                        kv_transfer_config=kv.kv_transfer_config if lmcache_on else None,
                        extra_args=tuple(cfg.engine.extra_args), access_log=cfg.engine.access_log,
-                       stream_interval=cfg.engine.stream_interval)
+                       stream_interval=cfg.engine.stream_interval, group=group)
     env = engine_env(paths, plan, model_env=model_ref.env, instance=instance,
-                     kv_env=kv.env if lmcache_on else None)
+                     kv_env=kv.env if lmcache_on else None, group=group)
     dirs = (*engine_dirs(paths).values(), paths.runtime_dir)
     return EngineLaunch(argv, env, paths.socket_path, served, instance, model=model_ref.ref,
-                        lmcache=lmcache_on, dirs=tuple(dirs), sandbox=sandbox_policy(cfg, paths, hidden))
+                        lmcache=lmcache_on, dirs=tuple(dirs), sandbox=sandbox_policy(cfg, paths, hidden),
+                        health_check=group is None or group.leader)
 
 
 SECRET_FLAGS = ("--api-key",)
@@ -249,5 +369,6 @@ def describe(launch: EngineLaunch) -> str:
             argv[i] = arg.split("=", 1)[0] + "=****"
     shown = {k: launch.env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
                                         "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
-                                        "LMCACHE_CONFIG_FILE") if k in launch.env}
+                                        "LMCACHE_CONFIG_FILE", "VLLM_HOST_IP", "GLOO_SOCKET_IFNAME")
+             if k in launch.env}
     return " ".join(argv) + (f"  env {json.dumps(shown)}" if shown else "")

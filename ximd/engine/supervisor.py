@@ -16,6 +16,12 @@ with LMCache on is retried once at once without it.
 `on_state(report)` gets an `EngineReport` on every change of state and every
 `loading_report_interval` while loading; it must not block.
 
+A group's part (docs/groups.md) is supervised with ``restart=False``: an engine that
+dies is reported FAILED and stays down, since the group restarts as one (a lone
+follower restarted would wait for a leader that never calls again). A follower's
+launch has ``health_check=False``: vLLM's headless worker serves no /health, so it
+counts as healthy once it has run for ``headless_grace`` without exiting.
+
 `stop_grace` is 10 s so that SIGTERM + grace + SIGKILL ends inside the 15 s a
 stopping unit is given for its engine (vLLM itself stops in 3-4 s).
 
@@ -151,7 +157,8 @@ class EngineSupervisor:
                  backoff: tuple[float, float] = (1.0, 60.0), stable_after: float = 60.0,
                  loading_report_interval: float = 5.0, loading_poll_interval: float = 0.25,
                  stop_grace: float = 10.0, orphan_grace: float = 10.0,
-                 forwarder: OutputForwarder | None = None, adopt: EngineHandover | None = None):
+                 forwarder: OutputForwarder | None = None, adopt: EngineHandover | None = None,
+                 restart: bool = True, headless_grace: float = 5.0):
         self.launch = launch
         self.on_state = on_state
         self.health_interval = health_interval
@@ -165,6 +172,8 @@ class EngineSupervisor:
         self.stop_grace = stop_grace
         self.orphan_grace = orphan_grace
         self.output = forwarder or OutputForwarder()
+        self.restart = restart
+        self.headless_grace = headless_grace
 
         self.state = EngineState.STOPPED
         self.started_at: float | None = None    # wall clock of the running engine's start
@@ -214,7 +223,7 @@ class EngineSupervisor:
         try:
             while not self._stopping.is_set():
                 await self._one_lifetime()
-                if self._stopping.is_set():
+                if self._stopping.is_set() or (not self.restart and self._failures):
                     break
                 await self._pause_before_restart()
         finally:
@@ -222,7 +231,8 @@ class EngineSupervisor:
                 self._child = None              # the next image follows it now
             else:
                 await self._stop_process(self.stop_grace)
-                self._set_state(EngineState.STOPPED, "engine stopped")
+                if self.restart or self.state != EngineState.FAILED or self._stopping.is_set():
+                    self._set_state(EngineState.STOPPED, "engine stopped")
             self.output.close()
             self._running = False
             self._done.set()
@@ -361,7 +371,10 @@ class EngineSupervisor:
                         self._fail(f"engine {exit_description(exited.result())} {when}: "
                                    f"{failure_reason(self.output.last_lines(40))}", with_output=True)
                         return reached_healthy
-                    ok, why = await self._health(session)
+                    if self.launch.health_check:
+                        ok, why = await self._health(session)
+                    else:                       # it runs: all a headless worker shows
+                        ok, why = time.monotonic() - began >= self.headless_grace, ""
                     now = time.monotonic()
                     if loading:
                         if ok:
