@@ -27,6 +27,18 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is 
                                 reason="dropping to another user needs root and setpriv (util-linux)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def nobody_can_import_ximd():
+    """A checkout under a private directory (a `mktemp -d`, say) cannot be imported by
+    `nobody`: that is the checkout's place, not what these tests are about."""
+    probe = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            sys.executable, "-c", "import ximd"], capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, cwd="/", timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot import ximd from {REPO} with {sys.executable} "
+                    f"({probe.stderr.strip().splitlines()[-1:]}): clone where others may enter")
+
+
 def as_nobody(*argv: str, config: Path) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "XEROTIER_AGENT_CONFIG": str(config),
            "LANG": "C.UTF-8"}
