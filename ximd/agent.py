@@ -241,8 +241,12 @@ class Agent:
 
     async def start_node(self, identity: Identity) -> None:
         from ximd.node import Node
+        kind = Node
+        if self.cfg.group.enabled:     # a member of a group: the router assigns its part (docs/groups.md)
+            from ximd.member import MemberNode
+            kind = MemberNode
         adopt = self.resumed.engine if self.resumed else None
-        node = self.node = Node(self.cfg, identity, self, adopt=adopt, metrics=self.metrics,
+        node = self.node = kind(self.cfg, identity, self, adopt=adopt, metrics=self.metrics,
                                 metrics_server=self.metrics_server)
         await node.start()
 

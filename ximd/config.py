@@ -358,6 +358,9 @@ class GroupSection:
     pickles, on every TCP port: the fabric must be a private network.
     """
 
+    enabled: bool = setting(False, Flag(), "Serve as a member of a group the router declares: no model or "
+                            "engine of its own; the node connects at once and runs the part the router "
+                            "assigns (docs/groups.md).", env="XEROTIER_AGENT_GROUP_ENABLED")
     fabric_interface: str = setting("", Text(), "Network interface the group's engines reach each other on "
                                     "(Gloo's and NCCL's socket interface; empty = the one holding fabric_address).",
                                     env="XEROTIER_AGENT_GROUP_FABRIC_INTERFACE")

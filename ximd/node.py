@@ -202,12 +202,13 @@ class Node:
 
     # -------------------------------------------------------------- model
 
-    async def acquire_model(self) -> bool:
-        """Have the chosen model complete on disk: a local path is checked later; a hub model is
-        fetched, waiting (READY=1, STATUS says what to do) and retrying while it cannot be.
-        False when the model can never be served as configured (already told)."""
+    async def acquire_model(self, choice: models.ModelChoice | None = None) -> bool:
+        """Have the chosen model (by default the node's own choice) complete on disk: a local
+        path is checked later; a hub model is fetched, waiting (READY=1, STATUS says what to
+        do) and retrying while it cannot be, and held while served. False when the model can
+        never be served as configured (already told)."""
         try:
-            hf_id = models.hub_id_of(choose_model(self.cfg, self.identity.assigned_model))
+            hf_id = models.hub_id_of(choice or choose_model(self.cfg, self.identity.assigned_model))
         except ModelError as exc:
             self._cannot_start(exc)
             return False
@@ -379,11 +380,15 @@ class Node:
         if state is LinkState.REJECTED:
             asyncio.get_running_loop().create_task(self.host.identity_revoked(detail))
             return
-        if self.prepared is not None and self.supervisor is not None and self.supervisor.healthy:
-            self.host.node_serving(serving_line(self.prepared.launch.served_model_name, state))
+        self._show_link(state)
         if state is not LinkState.CONNECTED and self.bridge is not None:
             # Streams whose router is gone cannot be delivered; free their slots.
             self.bridge.abort_all("link")
+
+    def _show_link(self, state: LinkState) -> None:
+        """STATUS once the link changed: the serving line names the router's state."""
+        if self.prepared is not None and self.supervisor is not None and self.supervisor.healthy:
+            self.host.node_serving(serving_line(self.prepared.launch.served_model_name, state))
 
     # -------------------------------------------------------------- status
 

@@ -20,6 +20,7 @@ from ximd import autoconfig, enrollment, hardware, kvcache, models
 from ximd.autoconfig import Plan
 from ximd.config import Config
 from ximd.engine import EngineLaunch, EnginePaths, build_launch
+from ximd.engine.launch import GroupRole
 from ximd.logs import phase_fields
 from ximd.models.acquire import HubSource
 from ximd.models.credentials import read_hf_token, token_awaits_restart
@@ -64,14 +65,17 @@ def hub_source(cfg: Config, environ: Mapping[str, str] | None = None) -> HubSour
                      awaits_restart)
 
 
-def prepare_engine(cfg: Config, assigned_model: str | None) -> Prepared:
+def prepare_engine(cfg: Config, assigned_model: str | None, group: GroupRole | None = None) -> Prepared:
     """Raises ModelError (NotCached for a hub model not acquired yet), PlanError or
-    LaunchError with an operator-facing message."""
+    LaunchError with an operator-facing message. With ``group`` (this node's part in a
+    group) the model is the group's, ``assigned_model``, whatever engine.model says:
+    every member must load the same one."""
     paths = EnginePaths.from_config(cfg)
     if paths.python_note:
         log.warning("%s", paths.python_note, extra=PLAN)
     hw = hardware.detect()
-    choice = choose_model(cfg, assigned_model)
+    choice = choose_model(cfg, assigned_model) if group is None or not assigned_model \
+        else models.ModelChoice(assigned_model, "router")
     log.info("model %s (from %s)", choice.ref, choice.origin,
              extra=phase_fields("plan", XIM_MODEL=choice.ref))
     resolved = models.resolve(choice, models.ModelCache.from_config(cfg))
@@ -81,5 +85,5 @@ def prepare_engine(cfg: Config, assigned_model: str | None) -> Prepared:
     kv = kvcache.prepare(cfg, plan, engine_python=paths.python, ram_bytes=hw.ram_bytes)
     # The supervisor logs the engine's command line at every start.
     launch = build_launch(cfg, plan, resolved, paths, kv=kv,
-                          hidden=enrollment.secret_paths(cfg, os.environ))
+                          hidden=enrollment.secret_paths(cfg, os.environ), group=group)
     return Prepared(launch, plan, resolved, kv, hw)

@@ -197,6 +197,7 @@ class MeshLink:
         self._drain_acked: asyncio.Future | None = None
         self._bye_answered: asyncio.Future | None = None
         self._limited = RateLimitedLog(log, interval_s=10.0)
+        self._lease_soon = False                        # lease_soon(): the next lease goes now
 
     # ------------------------------------------------------------ public
 
@@ -243,6 +244,13 @@ class MeshLink:
             if self._outbox is not outbox:
                 raise LinkDown("the link went down while waiting to send")
         outbox.put(frame, urgent=not is_mid_stream(msg))
+
+    def lease_soon(self) -> None:
+        """Send the next lease now rather than at its interval: what it reports changed (a
+        group's part), and the router acts on it."""
+        self._lease_soon = True
+        if self._watch is not None:
+            self._watch.poke()
 
     async def drain(self, reason: str, timeout_s: float = 5.0) -> bool:
         """Ask the router to send no more requests; True once it acknowledged."""
@@ -323,7 +331,7 @@ class MeshLink:
         return codec.Lease(
             seq=self._seq, running=info.running, waiting=info.waiting, kv_cache_usage=info.kv_cache_usage,
             engine_state=info.engine_state, models=list(info.models), in_flight=list(info.in_flight),
-            max_concurrent=info.max_concurrent, draining=info.draining)
+            max_concurrent=info.max_concurrent, draining=info.draining, group=info.group)
 
     async def _session(self, ctx: zmq.Context, endpoint: str) -> SessionEnd:
         self.endpoint = endpoint
@@ -393,8 +401,9 @@ class MeshLink:
             if lease_timeout and now - last_rx > lease_timeout:
                 return SessionEnd(f"no answer from the router for {now - last_rx:.0f} s",
                                   was_connected=True)
-            if self.state == LinkState.CONNECTED and now >= next_lease:
+            if self.state == LinkState.CONNECTED and (now >= next_lease or self._lease_soon):
                 next_lease = now + interval
+                self._lease_soon = False
                 await self._send_lease()
                 continue                 # sending may have hidden a readable edge: look again
             deadlines = [d for d in (welcome_deadline, next_lease if self.state == LinkState.CONNECTED else None,

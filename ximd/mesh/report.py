@@ -36,3 +36,4 @@ class LeaseInfo:
     engine_state: str = "unknown"
     in_flight: tuple[str, ...] = ()
     draining: bool = False
+    group: codec.GroupStatus | None = None   # its part in a group, from the first assignment (revision 1.4)
