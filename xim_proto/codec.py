@@ -434,76 +434,79 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _wrong(where: str, wire_type: str, value: Any) -> ProtocolError:
-    return ProtocolError("malformed", f"{where}: expected {wire_type}, got {_describe(value)}")
+def _wrong(where: str, name: str, wire_type: str, value: Any) -> ProtocolError:
+    return ProtocolError("malformed", f"{where}.{name}: expected {wire_type}, got {_describe(value)}")
 
 
-def _too_long(where: str, size: int, limit: int, unit: str) -> ProtocolError:
-    return ProtocolError("too_large", f"{where}: {size} {unit}, at most {limit}")
+def _too_long(where: str, name: str, size: int, limit: int, unit: str) -> ProtocolError:
+    return ProtocolError("too_large", f"{where}.{name}: {size} {unit}, at most {limit}")
 
 
 def _checker(wire_type: str, encoding: bool, limit: int | None = None):
-    """A function (value, where) -> converted value for ``wire_type``.
+    """A function (value, where, name) -> converted value for ``wire_type``.
+
+    ``where`` and ``name`` place the field in the message for an error ("chunk" and
+    "data"); they are joined only then, since a frame's fields almost always pass.
 
     Decoding also holds sized values to ``limit`` (or their type's default):
     our own output is trusted to stay within them, a peer's is not.
     """
     if wire_type == "int":
-        def check(value, where):
+        def check(value, where, name):
             if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
                 return value
-            raise _wrong(where, wire_type, value)
+            raise _wrong(where, name, wire_type, value)
     elif wire_type == "float":
-        def check(value, where):
+        def check(value, where, name):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            raise _wrong(where, wire_type, value)
+            raise _wrong(where, name, wire_type, value)
     elif wire_type == "bool":
-        def check(value, where):
+        def check(value, where, name):
             if isinstance(value, bool):
                 return value
-            raise _wrong(where, wire_type, value)
+            raise _wrong(where, name, wire_type, value)
     elif wire_type == "map":
         most = _limit("map", limit, encoding)
 
-        def check(value, where):
+        def check(value, where, name):
             if not isinstance(value, dict):
-                raise _wrong(where, wire_type, value)
+                raise _wrong(where, name, wire_type, value)
             if len(value) > most:
-                raise _too_long(where, len(value), most, "entries")
+                raise _too_long(where, name, len(value), most, "entries")
             if not all(isinstance(k, str) for k in value):
-                raise ProtocolError("malformed", f"{where}: map keys must be strings")
+                raise ProtocolError("malformed", f"{where}.{name}: map keys must be strings")
             return value
     elif wire_type in _PY_TYPES:
         py_type = _PY_TYPES[wire_type]
         most = _limit(wire_type, limit, encoding)
         unit = "characters" if wire_type == "str" else "bytes"
 
-        def check(value, where):
+        def check(value, where, name):
             if not isinstance(value, py_type):
-                raise _wrong(where, wire_type, value)
+                raise _wrong(where, name, wire_type, value)
             if len(value) > most:
-                raise _too_long(where, len(value), most, unit)
+                raise _too_long(where, name, len(value), most, unit)
             return value
     elif wire_type.startswith("list["):
         inner = _checker(wire_type[5:-1], encoding)
         most = _limit("list", limit, encoding)
 
-        def check(value, where):
+        def check(value, where, name):
             if not isinstance(value, list):
-                raise _wrong(where, wire_type, value)
+                raise _wrong(where, name, wire_type, value)
             if len(value) > most:
-                raise _too_long(where, len(value), most, "items")
-            return [inner(item, where) for item in value]
+                raise _too_long(where, name, len(value), most, "items")
+            return [inner(item, where, name) for item in value]
     elif wire_type in RECORDS:
         record = RECORDS[wire_type]
 
-        def check(value, where):
+        def check(value, where, name):
             if encoding and isinstance(value, record):
-                return _to_map(record, value, where)
+                return _to_map(record, value, f"{where}.{name}")
             if not encoding and isinstance(value, dict):
-                return _from_map(record, value, where)
-            raise _wrong(where, wire_type, value)
+                return _from_map(record, value, f"{where}.{name}")
+            raise _wrong(where, name, wire_type, value)
     else:
         raise TypeError(f"unknown wire type {wire_type}")
     return check
@@ -515,38 +518,46 @@ def _limit(kind: str, limit: int | None, encoding: bool) -> float:
     return DEFAULT_LIMITS[kind] if limit is None else limit
 
 
-_DECODERS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
-_ENCODERS: dict[str, tuple[tuple[str, Any, bool], ...]] = {}
-for _name, _specs in SCHEMAS.items():
-    _DECODERS[_name] = tuple((s.name, _checker(s.wire_type, False, s.limit), s.required) for s in _specs)
-    _ENCODERS[_name] = tuple((s.name, _checker(s.wire_type, True), s.required) for s in _specs)
+# Keyed by class: a frame's type is looked up once per field list, never by name.
+_DECODERS: dict[type, tuple[tuple[str, Any, bool], ...]] = {}
+_ENCODERS: dict[type, tuple[tuple[str, Any, bool], ...]] = {}
+for _cls in (*MESSAGES.values(), *RECORDS.values()):
+    _specs = SCHEMAS[_cls.TYPE if issubclass(_cls, Message) else _cls.__name__]
+    _DECODERS[_cls] = tuple((s.name, _checker(s.wire_type, False, s.limit), s.required) for s in _specs)
+    _ENCODERS[_cls] = tuple((s.name, _checker(s.wire_type, True), s.required) for s in _specs)
 
 
 def _from_map(cls: type, raw: dict, where: str) -> Any:
     kwargs = {}
-    for name, check, required in _DECODERS[cls.TYPE if issubclass(cls, Message) else cls.__name__]:
+    for name, check, required in _DECODERS[cls]:
         value = raw.get(name)
         if value is None:                  # absent, or nil: both mean "not given"
             if required:
                 raise ProtocolError("malformed", f"{where}.{name}: missing required field")
             continue
-        kwargs[name] = check(value, f"{where}.{name}")
+        kwargs[name] = check(value, where, name)
     return cls(**kwargs)
 
 
 def _to_map(cls: type, obj: Any, where: str, out: dict | None = None) -> dict:
     out = {} if out is None else out
-    for name, check, required in _ENCODERS[cls.TYPE if issubclass(cls, Message) else cls.__name__]:
+    for name, check, required in _ENCODERS[cls]:
         value = getattr(obj, name)
         if value is None:
             if required:
                 raise ProtocolError("malformed", f"{where}.{name}: missing required field")
             continue
-        out[name] = check(value, f"{where}.{name}")
+        out[name] = check(value, where, name)
     return out
 
 
 # ---------------------------------------------------------------- encode / decode
+
+
+# One packer for every frame: msgpack.packb builds a new one per call, which costs as
+# much as packing a chunk. Sharing it is safe: pack() runs in C without releasing the
+# GIL and resets itself after each call.
+_PACK = msgpack.Packer(use_bin_type=True).pack
 
 
 def encode(msg: Message, *, version: int = PROTOCOL_VERSION) -> bytes:
@@ -560,7 +571,7 @@ def encode(msg: Message, *, version: int = PROTOCOL_VERSION) -> bytes:
     if MESSAGES.get(cls.TYPE) is not cls:
         raise ProtocolError("unknown_type", f"{cls.__name__} is not a mesh message")
     envelope = {"v": 1 if cls is Hello else version, "type": cls.TYPE}
-    frame = msgpack.packb(_to_map(cls, msg, cls.TYPE, envelope), use_bin_type=True)
+    frame = _PACK(_to_map(cls, msg, cls.TYPE, envelope))
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("too_large", f"{cls.TYPE} frame is {len(frame)} bytes, "
                                          f"over the {MAX_FRAME_BYTES}-byte limit")
@@ -596,6 +607,19 @@ class _ValueBudget:
         return entries
 
 
+def _budget_hooks(frame_bytes: int) -> dict[str, Any]:
+    """The counting hooks for a frame that could hold more than MAX_VALUES values.
+
+    Every value counted is encoded in at least one byte of its own, so a frame of at most
+    MAX_VALUES bytes cannot overrun the budget: it is unpacked without calling back into
+    Python twice per container (most frames, and every chunk of a stream).
+    """
+    if frame_bytes <= MAX_VALUES:
+        return {}
+    budget = _ValueBudget()
+    return {"list_hook": budget.array, "object_hook": budget.map}
+
+
 # msgpack's own limits stop a single oversized array or map before it is
 # allocated: none may be longer than the longest one a field allows.
 _MAX_ARRAY_LEN = max(s.limit or DEFAULT_LIMITS["list"] for specs in SCHEMAS.values()
@@ -612,12 +636,11 @@ def decode(frame: bytes, *, sender: str | None = None, batched: bool = False) ->
     """
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError("too_large", f"frame is {len(frame)} bytes, over {MAX_FRAME_BYTES}")
-    budget = _ValueBudget()
     try:
         raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True,
-                              list_hook=budget.array, object_hook=budget.map,
                               max_array_len=_MAX_ARRAY_LEN, max_map_len=_MAX_MAP_LEN,
-                              max_ext_len=0)      # no extension types in this protocol
+                              max_ext_len=0,      # no extension types in this protocol
+                              **_budget_hooks(len(frame)))
     except _OverBudget:
         raise ProtocolError("too_large", f"frame holds more than {MAX_VALUES} values") from None
     except ValueError as exc:
@@ -674,6 +697,5 @@ def batched(frames: list[bytes], *, version: int = PROTOCOL_VERSION) -> Iterator
             yield frames[start], 1
             start += 1
         else:
-            yield msgpack.packb({"v": version, "type": Batch.TYPE, "frames": frames[start:end]},
-                                use_bin_type=True), end - start
+            yield _PACK({"v": version, "type": Batch.TYPE, "frames": frames[start:end]}), end - start
             start = end

@@ -124,6 +124,31 @@ def test_arbitrary_messagepack_values(value):
 # ---------------------------------------------------------------- catalogue-shaped input
 
 
+def values_counted(value: Any) -> int:
+    """What decode()'s value budget counts for ``value``: every array item and map entry
+    (key and value), at every depth."""
+    if isinstance(value, (list, tuple)):
+        return len(value) + sum(values_counted(v) for v in value)
+    if isinstance(value, dict):
+        return 2 * len(value) + sum(values_counted(k) + values_counted(v) for k, v in value.items())
+    return 0
+
+
+@fuzz_settings(max_examples=1500)
+@given(ANY_VALUE)
+@example([0] * codec.MAX_VALUES)                           # the densest: one byte per value
+@example({0: [[]] * 1000, 1: {}})
+@example([[0] * 15] * 1300)                                # just over the budget, 20,803 bytes
+def test_a_frame_never_holds_more_values_than_bytes(value):
+    """decode() counts values only in frames longer than MAX_VALUES bytes: sound only if
+    no frame holds as many counted values as it has bytes."""
+    frame = msgpack.packb(value, use_bin_type=True)
+    assert values_counted(value) < len(frame)
+    if values_counted(value) > codec.MAX_VALUES:           # over the budget: refused, as before
+        with pytest.raises(codec.ProtocolError, match="values"):
+            codec.decode(frame)
+
+
 @pytest.mark.parametrize("name", MESSAGE_TYPES)
 @fuzz_settings(max_examples=400)
 @given(data=st.data())
