@@ -86,17 +86,6 @@ class RequestFailed(Exception):
         return cls(msg.code, msg.message, msg.http_status, msg.retryable)
 
 
-# Fire-and-forget sends (credits, cancels) are held here until they finish: the event
-# loop keeps only weak references to tasks, so an unheld one may vanish mid-send.
-_BACKGROUND: set[asyncio.Task] = set()
-
-
-def _in_background(coro) -> None:
-    task = asyncio.ensure_future(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-
-
 def load_of(in_flight: int, max_concurrent: int) -> float:
     """How full an agent is: 0 idle, 1 full."""
     return in_flight / max(1, max_concurrent)
@@ -255,24 +244,18 @@ class Exchange:
         if self._written >= self.settings.credit_batch:
             n, self._written = self._written, 0
             self.router.grant(self.id, n)    # counted before the agent can use it
-            _in_background(self._send_quietly(codec.Credit(id=self.id, n=n)))
+            self.router.send_soon(self.worker_id, codec.Credit(id=self.id, n=n))
 
     def cancel(self, reason: str) -> None:
         """Tell the agent to stop (fire and forget) and forget the request."""
         if not self.finished:
             self.finished = True
-            _in_background(self._send_quietly(codec.Cancel(id=self.id, reason=reason)))
+            self.router.send_soon(self.worker_id, codec.Cancel(id=self.id, reason=reason))
         self.close()
 
     def close(self) -> None:
         self._timer.cancel()
         self.router.close_request(self.id)
-
-    async def _send_quietly(self, msg: codec.Message) -> None:
-        try:
-            await self.router.send(self.worker_id, msg)
-        except AgentUnavailable:
-            pass        # the agent is gone; its link's end fails the request anyway
 
 
 class _Forward:

@@ -329,6 +329,26 @@ class Router:
                 raise AgentUnavailable(f"{worker_id} is not reading its queue")
             await asyncio.sleep(0.005)
 
+    def send_soon(self, worker_id: str, msg: codec.Message) -> None:
+        """Send without waiting, best effort (a credit, a cancel): queued at once when the
+        agent's queue has room — the usual case, no task for it — else by `send()` in the
+        background. An agent without a session gets nothing: its link's end fails its requests."""
+        session = self.sessions.get(worker_id)
+        if session is not None:
+            try:
+                self._read_monitor()
+                if self._send_now(session.routing_id, msg, session.version):
+                    return
+            except AgentUnavailable:
+                return
+            self._in_background(self._send_or_drop(worker_id, msg))
+
+    async def _send_or_drop(self, worker_id: str, msg: codec.Message) -> None:
+        try:
+            await self.send(worker_id, msg)
+        except AgentUnavailable:
+            pass
+
     def _send_now(self, routing_id: bytes, msg: codec.Message, version: int) -> bool:
         """True when queued; False when the peer's queue is full (try again)."""
         frame = codec.encode(msg, version=version)

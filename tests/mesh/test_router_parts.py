@@ -23,7 +23,7 @@ from xim_router import enroll_api, keys, zap
 from xim_router import store as store_mod
 from xim_router.api_common import ApiError
 from xim_router.dataplane import Exchange, Settings
-from xim_router.mesh import Router, RouterSettings
+from xim_router.mesh import Router, RouterSettings, Session
 from ximd.mesh.link import Backoff
 
 
@@ -351,6 +351,40 @@ def test_frames_written_together_are_granted_together(store, tmp_path):
         exchange.written(3)
         assert router._requests["r1"].credit == before + settings.credit_batch + 2
         exchange.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        router.store_worker.close()
+
+
+def test_a_credit_to_a_full_agent_queue_is_sent_later_and_to_a_gone_agent_not_at_all(store, tmp_path):
+    """Credits and cancels go out at once when the agent's queue has room. When it is full
+    (the agent is behind), the send is retried in the background as `send()` would, not
+    dropped: a lost credit stalls the stream until the bridge's credit timeout."""
+    router = Router(store, keys.load_or_create_keypair(tmp_path / "state"), mesh_bind="tcp://127.0.0.1:0")
+    queue_has_room = [False, False, True]           # full, still full, then room
+    sent: list[codec.Message] = []
+
+    def send_now(routing_id, msg, version):
+        if not queue_has_room.pop(0):
+            return False
+        sent.append(msg)
+        return True
+
+    async def scenario():
+        router._send_now = send_now                  # type: ignore[method-assign]
+        credit = codec.Credit(id="r1", n=8)
+        router.send_soon("nobody", credit)           # no session: nothing, no task
+        assert not router._background and not sent
+        hello = codec.Hello(token="t", versions=[1], agent_version="test", hostname="h", capabilities=[],
+                            hardware={}, models=[], max_concurrent=4)
+        router.sessions["w1"] = Session(agent_id="a1", worker_id="w1", routing_id=b"r", connection_fd=None,
+                                        session_id="s", version=1, hello=hello, connected_at=0.0, last_seen=0.0)
+        router.send_soon("w1", credit)
+        assert not sent and len(router._background) == 1    # full: retried in the background
+        await asyncio.wait_for(asyncio.gather(*router._background), 5)
+        assert sent == [credit]
 
     try:
         asyncio.run(scenario())
