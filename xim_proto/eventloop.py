@@ -34,7 +34,6 @@ class EventLoopError(Exception):
     """The event loop asked for cannot run here (uvloop asked for and not installed)."""
 
 
-# asyncio's own loop on Linux, whatever event loop policy is set (uvloop.install() sets one).
 @dataclass(frozen=True)
 class EventLoop:
     """The loop chosen: its name as logged ("uvloop 0.17.0", "asyncio") and how to make one."""
@@ -60,6 +59,8 @@ def choose(value: str) -> EventLoop:
     """The loop for the setting ``value``; ValueError for a value not in CHOICES,
     EventLoopError when ``uvloop`` is asked for and cannot be imported."""
     choice = check(value)
+    # asyncio's own loop is SelectorEventLoop on Linux, named here rather than asked of the
+    # event loop policy, which uvloop.install() replaces.
     if choice == ASYNCIO:
         return EventLoop(ASYNCIO, asyncio.SelectorEventLoop)
     try:

@@ -163,7 +163,9 @@ def _not_ready(spec: GroupSpec, run: GroupRun, views: list[Member], now: float) 
         return f"waiting for {', '.join(absent)} (not connected)"
     unable = [m.worker_id for m in views if not m.capable]
     if unable:
-        return f"{', '.join(unable)} cannot run a part of a group (its ximd is older than protocol revision 1.4)"
+        # Its hello did not offer `groups`: both cases look the same from here.
+        return (f"{', '.join(unable)} does not run as a group member (its group.enabled is off, "
+                "or its ximd is older than protocol revision 1.4)")
     for m in views:
         status = m.status
         if status is not None and status.epoch == run.epoch and status.state == "failed":

@@ -63,8 +63,8 @@ class Channel(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._unpacker.feed(data)
         try:
+            self._unpacker.feed(data)          # BufferFull past MAX_MESSAGE_BYTES unread
             for msg in self._unpacker:
                 if not isinstance(msg, list) or not msg:
                     raise ValueError(f"not a message: {type(msg).__name__}")

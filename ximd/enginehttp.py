@@ -315,7 +315,6 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
         self.idle_since = 0.0
         self._reset()
 
@@ -579,7 +578,6 @@ class EngineClient:
             if now - conn.idle_since > self.max_idle_s:
                 conn.close()
                 continue
-            conn.reused = True
             return conn
         return None
 
@@ -590,10 +588,6 @@ class EngineClient:
     def _forget(self, conn: _Connection) -> None:
         if conn in self._idle:
             self._idle.remove(conn)
-
-    @property
-    def idle_connections(self) -> int:
-        return sum(not conn.closed for conn in self._idle)
 
     def close(self) -> None:
         """Close the pooled connections (those still in use close with their Response)."""

@@ -80,6 +80,18 @@ def public_reason(address: str) -> str | None:
     return None
 
 
+def refusal(address: str, *, allow_public: bool) -> str | None:
+    """Why a group's engines may not talk over ``address`` under `[group]`'s rule, or None.
+
+    The rule of this node's own address, and of the leader's the router names with `run`:
+    a follower's engine dials the leader and takes its pickles.
+    """
+    reason = public_reason(address)
+    if reason is None or (allow_public and reason.endswith("public address")):
+        return None
+    return reason
+
+
 def resolve_fabric(interface: str, address: str, interfaces: Mapping[str, Sequence[str]], *,
                    port_range: str, allow_public: bool) -> Fabric:
     """The fabric from `[group]`'s settings and the host's interfaces; FabricError when it cannot be used.
@@ -110,8 +122,8 @@ def resolve_fabric(interface: str, address: str, interfaces: Mapping[str, Sequen
         if not interfaces[interface]:
             raise FabricError(f"group.fabric_interface {interface} has no address")
         address = interfaces[interface][0]
-    reason = public_reason(address)
-    if reason and not (allow_public and reason.endswith("public address")):
+    reason = refusal(address, allow_public=allow_public)
+    if reason:
         raise FabricError(f"group fabric: {reason}; the group's engines exchange unauthenticated pickles on "
                           "every TCP port, so the fabric must be a private network"
                           + ("" if allow_public else " (group.allow_public_fabric = true overrides this)"))

@@ -31,7 +31,7 @@ from xim_proto import codec
 from ximd import group, hardware, models
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineReport, EngineState, EngineSupervisor, LaunchError
-from ximd.fabric import Fabric, FabricError, fabric_from_config
+from ximd.fabric import Fabric, FabricError, fabric_from_config, refusal
 from ximd.logs import phase_fields
 from ximd.mesh.report import HelloInfo, LeaseInfo
 from ximd.mesh.state import LinkState
@@ -155,6 +155,11 @@ class MemberNode(Node):
     async def _start_part(self, part: group.Part) -> None:
         if self.fabric is None or not self.model_ready:
             self._fail(part, self.problem or f"{part.assignment.model} is not complete in the model cache")
+            return
+        leader = part.assignment.leader_address or ""
+        refused = refusal(leader, allow_public=self.cfg.group.allow_public_fabric)
+        if refused:             # the router's word: its engine would dial there and take pickles
+            self._fail(part, f"the leader's address: {refused}; a group's engines talk only on a private fabric")
             return
         role = group.role(part, self.fabric)
         log.info("group %s: starting rank %d of %d, epoch %d (leader %s:%d)", role.name, role.rank, role.size,

@@ -61,6 +61,10 @@ OPTIONAL_ENDPOINTS = (codec.EMBEDDINGS,)
 MAX_CHUNK_DATA_BYTES = 256 * 1024
 # A non-streamed answer travels whole in done.body; leave room for the envelope.
 MAX_WHOLE_BODY_BYTES = codec.MAX_FRAME_BYTES - 16 * 1024
+# One SSE event travels as one payload of a chunk frame: a longer one could never be sent,
+# and an engine that never ends its event must not make the bridge buffer without bound
+# (credit cannot stop it: no chunk frame goes out, so none is spent).
+MAX_EVENT_BYTES = MAX_WHOLE_BODY_BYTES
 ERROR_BODY_LIMIT = 64 * 1024
 DEFAULT_CREDIT_TIMEOUT_S = 60.0
 
@@ -541,6 +545,9 @@ class Bridge:
                 data = tail + data
             events = data.split(b"\n\n")
             tail = events.pop()
+            if len(tail) > MAX_EVENT_BYTES:
+                raise EngineError("internal", f"the engine sent an SSE event over {MAX_EVENT_BYTES} bytes, "
+                                              "more than a frame carries")
             payloads = []
             for event in events:
                 payload = sse_data(event)

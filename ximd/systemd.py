@@ -12,9 +12,20 @@ import logging
 import os
 from collections.abc import Mapping
 
+from xim_proto.ratelimit import escape
 from ximd import sdbackend
 
 log = logging.getLogger(__name__)
+
+# systemd shows a long STATUS= whole; this only bounds what a peer's words can make of it.
+MAX_STATUS_CHARS = 2048
+
+
+def status_value(text: str) -> str:
+    """``text`` as the value of STATUS=: one line. A status line carries a router's words (a
+    group's wait reason, a rejection) and the engine's; a newline in them would be read by
+    systemd as more assignments of ximd's own (WATCHDOG=1, STOPPING=1, MAINPID=…)."""
+    return escape(text, MAX_STATUS_CHARS)
 
 
 class Notifier:
@@ -55,10 +66,10 @@ class Notifier:
         return self.watchdog_usec / 2 / 1_000_000 if self.watchdog_usec else None
 
     def ready(self, status: str | None = None) -> None:
-        self.send("READY=1", *([f"STATUS={status}"] if status else []), f"MAINPID={os.getpid()}")
+        self.send("READY=1", *([f"STATUS={status_value(status)}"] if status else []), f"MAINPID={os.getpid()}")
 
     def status(self, text: str) -> None:
-        self.send(f"STATUS={text}")
+        self.send(f"STATUS={status_value(text)}")
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
@@ -71,7 +82,7 @@ class Notifier:
         self.send("RELOADING=1")
 
     def stopping(self, status: str | None = None) -> None:
-        self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
+        self.send("STOPPING=1", *([f"STATUS={status_value(status)}"] if status else []))
 
     def send(self, *lines: str) -> bool:
         if self.sender is None:

@@ -285,6 +285,28 @@ def test_out_of_credit_the_bridge_stops_reading_so_the_engine_blocks(tmp_path):
     assert stalled_at < 8 * 1024 * 1024
 
 
+def test_an_sse_event_that_never_ends_is_refused_at_the_frame_limit_not_buffered(tmp_path):
+    """A hostile engine streams data without the blank line that ends an event: credit does not
+    stop it (no chunk frame is sent, so none is spent); the size of one frame does."""
+    written = []
+
+    async def endless_event(reader, writer):
+        await read_request(reader)
+        writer.write(SSE_HEAD + chunk(b"data: "))
+        piece = chunk(b"x" * 65536)
+        for _ in range(128):                    # 8 MiB, then silence
+            writer.write(piece)
+            await writer.drain()
+            written.append(len(piece))
+        await reader.read()
+
+    messages = one(tmp_path, endless_event, infer("e1", deadline_s=20))
+    error = messages[-1]
+    assert isinstance(error, codec.Error), messages
+    assert error.code == "internal" and "an SSE event over" in error.message, error.message
+    assert sum(written) < 4 * codec.MAX_FRAME_BYTES
+
+
 def test_a_request_id_no_header_can_carry_is_refused_before_the_engine(tmp_path):
     error = one(tmp_path, serve_each_request(whole_stream()), infer("bad\r\nX-Injected: 1"))[-1]
     assert error.code == "bad_request" and "cannot travel in an HTTP header" in error.message

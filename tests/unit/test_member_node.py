@@ -216,6 +216,35 @@ def test_a_node_without_a_fabric_cannot_take_part(node):
     assert node.status()["group"]["state"] == "failed"
 
 
+@pytest.mark.parametrize("leader", ["8.8.4.4", "0.0.0.0", "not-an-address"])
+def test_a_follower_refuses_a_leader_off_the_private_fabric(node, leader):
+    """A hostile router names a public host as the leader: the follower's engine would dial it
+    and take its unauthenticated pickles (torch.distributed, vLLM's queues). Its own fabric's
+    rule holds for the leader's address too."""
+    async def go():
+        node.on_group(assignment("wait"))
+        await settle()
+        node.on_group(assignment("run", leader_address=leader))
+        await settle()
+        report = node.lease_info().group
+        assert not FakeSupervisor.made, "the engine was started towards the router's leader"
+        assert report.state == "failed" and "the leader's address" in report.detail and leader in report.detail, \
+            report.detail
+    asyncio.run(go())
+
+
+def test_allow_public_fabric_lets_a_leader_be_public(tmp_path, node):
+    node.cfg = config(tmp_path, XEROTIER_AGENT_GROUP_ALLOW_PUBLIC_FABRIC="1")
+
+    async def go():
+        node.on_group(assignment("wait"))
+        await settle()
+        node.on_group(assignment("run", leader_address="8.8.4.4"))
+        await settle()
+        assert len(FakeSupervisor.made) == 1
+    asyncio.run(go())
+
+
 def test_leave_stops_and_forgets_the_part(node):
     async def go():
         await run_part(node)

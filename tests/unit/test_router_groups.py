@@ -53,7 +53,9 @@ def test_a_ready_group_runs_with_the_leaders_fabric():
 
 @pytest.mark.parametrize(("change", "reason"), [
     (lambda m: {**m, "worker-b": Member("worker-b")}, "waiting for worker-b (not connected)"),
-    (lambda m: {**m, "worker-b": dataclasses.replace(m["worker-b"], capable=False)}, "revision 1.4"),
+    (lambda m: {**m, "worker-b": dataclasses.replace(m["worker-b"], capable=False)},
+     "worker-b does not run as a group member (its group.enabled is off, or its ximd is older than "
+     "protocol revision 1.4)"),
     (lambda m: {**m, "worker-b": dataclasses.replace(m["worker-b"], status=None)},
      "waiting for worker-b to stop any earlier part and report for epoch 1"),
     (lambda m: {**m, "worker-b": dataclasses.replace(m["worker-b"], status=status(rank=1, state="serving"))},

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.notify import NotifyReceiver
-from ximd import logs, sdbackend
+from xim_proto import codec
+from ximd import group, logs, sdbackend
 from ximd.systemd import Notifier, watchdog_usec_for_us
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,26 @@ def test_each_message_reaches_the_socket(receiver, backend):
     assert got[4] == {"RELOADING": "1"}
     assert got[5] == {"STOPPING": "1", "STATUS": "draining"}
     assert got[6] == {"STATUS": "re-executing ximd 0.1 → 0.2 … 😀"}, "sent as UTF-8 by both libraries"
+
+
+def test_a_status_line_from_a_peer_cannot_add_assignments(receiver, backend):
+    """A hostile router's wait reason reaches STATUS= through the group part's line: a newline
+    in it would be read by systemd as assignments of ximd's own (WATCHDOG=1 feeds a wedged
+    daemon's watchdog, STOPPING=1, MAINPID=…)."""
+    hostile = codec.decode(codec.encode(codec.Group(
+        group="g", epoch=1, action=codec.GROUP_WAIT, model="m", tensor_parallel_size=2,
+        pipeline_parallel_size=1, rank=1, size=2, reason="busy\nWATCHDOG=1\r\nSTOPPING=1")), sender=codec.ROUTER)
+    part, _ = group.assign(None, hostile)
+    assert part is not None
+    n = Notifier.from_env(backend)
+    n.status(group.status_line(part))
+    n.ready(hostile.reason)
+    n.stopping(hostile.reason)
+    receiver.poll(0.3)
+    got = [fields for _, fields in receiver.messages]
+    assert [sorted(fields) for fields in got] == [["STATUS"], ["MAINPID", "READY", "STATUS"],
+                                                 ["STATUS", "STOPPING"]], got
+    assert got[0]["STATUS"] == "group g: rank 1 of 2, waiting: busy\\x0aWATCHDOG=1\\x0d\\x0aSTOPPING=1"
 
 
 def test_abstract_socket_address(backend, monkeypatch):
