@@ -154,10 +154,10 @@ class CoreCall:
                 presence=self.presence, holds=pool.holds)
         except dataplane.RequestFailed as exc:
             send("e", lid, None, exc.code, exc.message, exc.http_status, exc.retryable, exc.param)
-            self.link.calls.pop(lid, None)
+            self._forget()
             return
         except dataplane.ClientGone:
-            self.link.calls.pop(lid, None)
+            self._forget()
             return
         self.exchange = exchange
         if self.link.calls.get(lid) is not self:        # the worker went away meanwhile
@@ -174,11 +174,17 @@ class CoreCall:
         if isinstance(msg, codec.Chunk):
             (send if first else self.link.channel.send_later)("c", lid, msg.data)
             return
-        self.link.calls.pop(lid, None)
+        self._forget()
         if isinstance(msg, codec.Done):
             send("d", lid, msg.finish_reason, asdict(msg.usage) if msg.usage else None, msg.body)
         elif isinstance(msg, codec.Error):
             send("e", lid, msg.id, msg.code, msg.message, msg.http_status, msg.retryable, None)
+
+    def _forget(self) -> None:
+        """Drop this call from its link, and only this one: a worker restarted meanwhile
+        numbers its calls afresh, and one of them may hold the same local id."""
+        if self.link.calls.get(self.local_id) is self:
+            del self.link.calls[self.local_id]
 
     def wrote(self, frames: int) -> None:
         if self.exchange is not None and not self.exchange.finished:
@@ -186,7 +192,7 @@ class CoreCall:
 
     def cancel(self, reason: str) -> None:
         """The worker gave up on the request (its client went, it stops, it died)."""
-        self.link.calls.pop(self.local_id, None)
+        self._forget()
         if self.exchange is not None:
             self.exchange.cancel(reason)
         else:

@@ -62,3 +62,20 @@ def test_a_message_over_the_limit_closes_the_channel_saying_why(caplog):
         assert asyncio.run(go()) == []
     assert not faults, faults
     assert any("cannot be read" in r.getMessage() for r in caplog.records)
+
+
+def test_a_call_of_a_dead_worker_never_drops_the_restarted_workers_call_of_the_same_id():
+    """A restarted worker numbers its calls afresh: when the dead worker's call ends late
+    (its start failed, its client went, its answer ended) it must not remove the new call
+    that now holds the same local id."""
+    from types import SimpleNamespace
+
+    from xim_router.workers import CoreCall
+
+    link = SimpleNamespace(calls={})
+    old = CoreCall(link, 1)                                    # type: ignore[arg-type]
+    new = link.calls[1] = CoreCall(link, 1)                    # type: ignore[arg-type]
+    old.cancel("router worker gone")
+    assert link.calls == {1: new}
+    new.cancel("client gone")
+    assert link.calls == {}
