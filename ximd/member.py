@@ -28,6 +28,7 @@ import platform
 from typing import Any
 
 from xim_proto import codec
+from xim_proto.ratelimit import escape
 from ximd import group, hardware, models
 from ximd.autoconfig import PlanError
 from ximd.engine import EngineReport, EngineState, EngineSupervisor, LaunchError
@@ -108,8 +109,8 @@ class MemberNode(Node):
                 action = group.Action.STOP
         self.part = part
         if part is not None and (before is None or before.epoch != part.epoch or before.state != part.state):
-            log.info("group %s: epoch %d, %s%s", msg.group, msg.epoch, msg.action,
-                     f" ({msg.reason})" if msg.reason else "", extra=GROUP)
+            log.info("group %s: epoch %d, %s%s", escape(msg.group), msg.epoch, escape(msg.action),
+                     f" ({escape(msg.reason)})" if msg.reason else "", extra=GROUP)   # the router's words
         if part is not None:
             self._want_model(part.assignment.model)
         if action is not group.Action.NOTHING:

@@ -270,3 +270,17 @@ def test_the_link_sends_the_report_in_its_leases(node):
         link.lease_soon()               # no session yet: only remembered
         assert link._lease_soon
     asyncio.run(go())
+
+
+def test_the_routers_words_cannot_forge_log_lines(node, caplog):
+    """A group name or wait reason from a hostile router is logged on one line: ximd's log
+    on stderr (a foreground run, a container) would otherwise show a made-up line of ours."""
+    caplog.set_level("INFO", logger=member_mod.log.name)
+
+    async def go():
+        node.on_group(assignment("wait", group="g\nximd: enrolled as a trusted node",
+                                 reason="waiting\nWATCHDOG=1"))
+        await settle()
+    asyncio.run(go())
+    lines = [r.getMessage() for r in caplog.records if "epoch" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines), lines

@@ -27,7 +27,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from xim_proto import codec, transport
-from xim_proto.ratelimit import RateLimitedLog
+from xim_proto.ratelimit import RateLimitedLog, escape
 from ximd import __version__
 from ximd.identity import EnrollmentError, EnrollmentRejected, Identity, TokenRefresher
 from ximd.mesh.report import HelloInfo, LeaseInfo
@@ -537,7 +537,7 @@ class MeshLink:
         return None
 
     async def _on_reject(self, reject: codec.Reject) -> SessionEnd | None:
-        detail = f"router rejected the session: {reject.message} ({reject.code})"
+        detail = f"router rejected the session: {escape(reject.message)} ({escape(reject.code)})"
         if reject.code in FINAL_REJECTIONS:
             return SessionEnd(detail, final=True)
         if reject.code == "no_session":
