@@ -27,16 +27,17 @@ fi
 # The packages hold the project's wheel, which carries VERSION too (stamp_version), so
 # VERSION must be one that Python's packaging tools keep as it is: a canonical PEP 440
 # version without an epoch. With any other the wheel and its dist-info would be named by
-# the normalised form (1.0-1 -> 1.0.post1) or the build would fail (1.0~rc1): refused
-# here, before anything is built. Note that rpm and dpkg sort a pre-release such as 1.2.0rc1
-# after 1.2.0, unlike pip.
+# another form (1.0-1 -> 1.0.post1; 1.0~rc1 is no PEP 440 version at all) and the RPM's
+# %files would miss them: refused here, before anything is built. A pre-release passes (1.2.0rc1) but is no use for a
+# release: rpm and dpkg sort it after 1.2.0, unlike pip, and rpmlint refuses "rc" in a
+# Version (invalid-version); their own 1.2.0~rc1 is not a PEP 440 version.
 pep440_number='(0|[1-9][0-9]*)'
 pep440_local="([a-z0-9]*[a-z][a-z0-9]*|$pep440_number)"
 pep440="^$pep440_number(\\.$pep440_number)*((a|b|rc)$pep440_number)?(\\.post$pep440_number)?(\\.dev$pep440_number)?(\\+$pep440_local(\\.$pep440_local)*)?\$"
 case $version in
     *[!0-9a-z.+]*|"") false ;;   # also a newline, which grep would take for two versions
     *) printf '%s\n' "$version" | grep -Eqx "$pep440" ;;
-esac || die "version '$version' is not a canonical PEP 440 version, which the wheel in the packages must carry unchanged (like 1.2.0, 1.2.0rc1, 1.2.0.post1 or 1.2.0+build1)"
+esac || die "version '$version' is not a canonical PEP 440 version, which the wheel in the packages must carry unchanged (like 1.2.0, 1.2.0.post1 or 1.2.0+build1)"
 
 # The daemon reports the package's version (`ximd status`, `ximd reexec`, the router's
 # agent list): written into the scratch copy's xim_proto/__init__.py, which holds the
