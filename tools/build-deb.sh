@@ -6,8 +6,10 @@
 #
 # Usage: tools/build-deb.sh [--version VERSION] [--no-lint] [OUTDIR]
 #   OUTDIR     where <package>_<version>_all.deb land (default: dist/)
-#   --version  package version; default: [project] version in pyproject.toml
-#              (the system test builds a higher one to exercise upgrades)
+#   --version  package version; default: [project] version in pyproject.toml. It must be
+#              a canonical PEP 440 version (1.2.0, 1.2.0.post1, 1.2.0+build1): the wheel inside
+#              the packages is built with it too (tools/package-args.sh). The system
+#              test builds a higher one to exercise upgrades
 #   --no-lint  skip lintian (the build itself is unchanged)
 # Prints the path of each .deb on stdout, one a line, xerotier-agent's first; logs go
 # to stderr.

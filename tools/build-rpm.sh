@@ -4,7 +4,9 @@
 #
 # Usage: tools/build-rpm.sh [--version VERSION] [--no-lint] [OUTDIR]
 #   OUTDIR     where <package>-<version>-1.noarch.rpm land (default: dist/)
-#   --version  package version; default: [project] version in pyproject.toml
+#   --version  package version; default: [project] version in pyproject.toml. It must be
+#              a canonical PEP 440 version (1.2.0, 1.2.0.post1, 1.2.0+build1): the wheel inside
+#              the packages is built with it too (tools/package-args.sh)
 #   --no-lint  skip rpmlint
 # Prints the path of each .rpm on stdout, one a line, xerotier-agent's first; logs go
 # to stderr.

@@ -195,12 +195,17 @@ def ximd_page() -> str:
              ".TP", "\\fI/var/lib/xerotier/enrollment/identity.json\\fR",
              roff("The node's identity (0600), written by enrollment."),
              ".TP", "\\fI/run/ximd/control.sock\\fR", roff("What ximd status and ximd reexec ask the daemon through."),
+             # xerotier-engine-install's default --prefix (tests/unit/test_man_pages.py holds them equal).
+             ".TP", f"\\fI{roff(str(Path(configmod.SCHEMA['engine.python'].default).parents[1]))}\\fR",
+             roff("The vLLM engine environment ximd starts (engine.python is its bin/python), which the package "
+                  "does not contain: xerotier-engine-install(8) builds it; then systemctl restart ximd."),
              ".SH ENVIRONMENT",
              roff("Every setting has an environment variable (agent.toml(5) names each); "
                   f"{configmod.CONFIG_PATH_ENV} names the configuration file. "
                   "HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply to enrollment and token renewal."),
              ".SH SEE ALSO",
-             "\\fBagent.toml\\fR(5), \\fBxim-router\\fR(8), \\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1)"]
+             "\\fBagent.toml\\fR(5), \\fBxerotier-engine-install\\fR(8), \\fBxim-router\\fR(8), "
+             "\\fBsystemctl\\fR(1), \\fBjournalctl\\fR(1)"]
     return man_page("ximd", ximd_cli.build_parser(), "the systemd-native XIM node agent",
                     ximd_cli.setting_flags(), extra)
 
@@ -241,7 +246,7 @@ def config_page() -> str:
                 where.append(f"systemd's \\fB${configmod.SYSTEMD_DIRECTORIES[name]}\\fR")
             if where:
                 lines += [".br", "Also: " + ", ".join(where) + "."]
-    lines += [".SH SEE ALSO", "\\fBximd\\fR(8)"]
+    lines += [".SH SEE ALSO", "\\fBximd\\fR(8), \\fBxerotier-engine-install\\fR(8)"]
     return "\n".join(lines) + "\n"
 
 
