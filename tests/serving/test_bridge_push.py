@@ -283,3 +283,18 @@ def test_a_cancel_while_paused_closes_the_engine_connection_and_sends_nothing_mo
     assert wire.queue.empty(), "frames after the cancel"
     assert bridge.running == 0
     assert bridge.metrics.requests_by_outcome == {"cancelled": 1}
+
+
+def test_a_deadline_mid_push_is_a_timeout_error_and_frees_the_engine(engine):
+    async def scenario():
+        wire = PushWire()
+        async with pushing(engine, wire) as bridge:
+            await bridge.handle(infer("t1", deadline_s=0.5, max_tokens=2000))
+            messages = await wire.until_end("t1")
+            await wait_for_gauge(engine.socket_path, 0)         # the engine aborted the request
+            return messages, wire, bridge
+
+    messages, wire, bridge = run(scenario())
+    assert wire.pushed >= 1, "the stream was on the fast path when the deadline passed"
+    assert (messages[-1].code, messages[-1].http_status) == ("timeout", 504)
+    assert bridge.metrics.requests_by_outcome == {"timeout": 1}
