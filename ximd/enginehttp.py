@@ -17,7 +17,11 @@ this one writes a fixed template and decodes chunks in one small loop.
   `Response.read_some()` hands over every body byte that arrived since the
   last call, which is what lets the bridge coalesce. Body bytes nobody reads
   pause the transport above `HIGH_WATER_BYTES`, so a reader that stops (out of
-  credit) makes the engine's socket fill. `Response.close()` drops the
+  credit) makes the engine's socket fill. `Response.push(sink)` is the other
+  way to read a body: each read's bytes go to ``sink`` inside the read
+  callback, with no task woken and no future made per read (a streamed
+  answer's per-token path, docs/performance.md); ``pause()``/``resume()`` are
+  its back-pressure and ``pushed()`` the task's wait. `Response.close()` drops the
   connection (mid-answer, that is how the engine learns to abort);
   `release()` returns a fully read one to the pool, unless the engine said
   ``Connection: close`` or anything about the answer was off.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -42,6 +47,9 @@ MAX_IDLE_S = 3.0
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NO_BODY_STATUSES = (204, 304)
+
+# Takes the body bytes of one read, in the connection's read callback (Response.push).
+Sink = Callable[[bytes], None]
 
 
 class EngineHTTPError(Exception):
@@ -330,7 +338,9 @@ class _Connection(asyncio.Protocol):
         self.finished = False                  # the body is complete
         self.error: EngineHTTPError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
+        self._paused = False                   # reading stopped: bytes unread, or the sink's pause()
+        self._sink: Sink | None = None         # push mode (Response.push)
+        self._sink_error: Exception | None = None
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -390,22 +400,42 @@ class _Connection(asyncio.Protocol):
             body = decoder.feed(data)
         except ProtocolError as exc:
             if exc.body:
-                self._body.append(exc.body)
+                self._hand_on(exc.body)
             self._fail(exc)
             return
-        if body:
-            self._body.append(body)
-            self._buffered += len(body)
-            if self._buffered > HIGH_WATER_BYTES and not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pause_reading()
         if decoder.done:
             self.finished = True
             if decoder.extra:
                 self.reusable = False
-        elif not body:
+        if body:
+            self._hand_on(body)
+        # A pushed body wakes nobody until it ends: the sink had the bytes already.
+        if (body and self._sink is None) or self.finished:
+            self._wake()
+
+    def _hand_on(self, body: bytes) -> None:
+        """To the sink, or kept for read_some() (and, while a sink paused, for resume_push())."""
+        if self._sink is not None and not self._paused:
+            self._push(body)
             return
-        self._wake()
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER_BYTES and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _push(self, body: bytes) -> None:
+        assert self._sink is not None
+        try:
+            self._sink(body)
+        except Exception as exc:
+            # Raised in asyncio's read callback, it would end up in the loop's exception
+            # handler and leave the task waiting: the task gets it instead, and the exchange
+            # cannot go on without its reader.
+            self._sink_error = exc
+            self._sink = None
+            self.close()
+            self._wake()
 
     def _ended(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -457,15 +487,59 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             await self._wait()
+        data = self._unread()
+        self._resume_reading()
+        return data
+
+    def _unread(self) -> bytes:
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
         self._body = []
         self._buffered = 0
+        return data
+
+    def _resume_reading(self) -> None:
         if self._paused:
             self._paused = False
-            if self.transport is not None:
+            if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
-        return data
+
+    # ------------------------------------------------------------ push mode (Response.push)
+
+    def push(self, sink: Sink) -> None:
+        self._sink = sink
+        data = self._unread() if self._body else b""
+        self._resume_reading()                 # nothing is left unread: any pause was for that
+        if data:
+            self._push(data)
+
+    def pause_push(self) -> None:
+        if not self._paused:
+            self._paused = True
+            if self.transport is not None and not self.closed:
+                self.transport.pause_reading()
+            self._wake()
+
+    def resume_push(self) -> None:
+        if not self._paused or self._sink is None:
+            return
+        self._paused = False
+        if self._body:                         # a read that came in after pause_reading()
+            self._push(self._unread())
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    async def pushed(self) -> bool:
+        while True:
+            if self._sink_error is not None:
+                raise self._sink_error
+            if self._paused:
+                return False
+            if self.finished:
+                return True
+            if self.error is not None:
+                raise self.error
+            await self._wait()
 
     def close(self) -> None:
         self.reusable = False
@@ -491,6 +565,31 @@ class Response:
         """
         return await self._conn.read_some()
 
+    def push(self, sink: Sink) -> None:
+        """Hand the body to ``sink`` from now on: what arrived already at once, then each
+        read's bytes in the connection's read callback, as they arrive (no buffering).
+
+        ``sink`` runs outside any task, so it must not block; an exception it raises
+        closes the connection and is raised by `pushed()`.
+        """
+        self._conn.push(sink)
+
+    def pause(self) -> None:
+        """Stop reading the engine (the sink gets nothing more) and wake `pushed()`'s caller."""
+        self._conn.pause_push()
+
+    def resume(self) -> None:
+        """Read the engine again after `pause()`."""
+        self._conn.resume_push()
+
+    async def pushed(self) -> bool:
+        """Wait until the pushed body ended (True) or the response is paused (False).
+
+        Raises what the sink raised, or Broken/ProtocolError once the bytes that came
+        before the failure went to the sink (and, paused, only after `resume()`).
+        """
+        return await self._conn.pushed()
+
     async def read(self, limit: int) -> bytes:
         """The body up to ``limit`` bytes (all of it if shorter); stops reading at the limit."""
         parts: list[bytes] = []
@@ -509,7 +608,7 @@ class Response:
             return
         self._done = True
         conn = self._conn
-        if conn.finished and conn.reusable and not conn._body and not conn.closed:
+        if conn.finished and conn.reusable and not conn._body and not conn._paused and not conn.closed:
             conn.exchanging = False
             self._conn.client._put(conn)
         else:

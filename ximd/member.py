@@ -182,7 +182,8 @@ class MemberNode(Node):
         self.prepared, self.supervisor = prepared, supervisor
         if part.leader:
             bridge = self.bridge = Bridge(launch.socket_path, max_concurrent=prepared.plan.max_concurrent,
-                                          send=self.send, models=lambda: [launch.served_model_name],
+                                          send=self.send, try_send=self.try_send,
+                                          models=lambda: [launch.served_model_name],
                                           engine_ready=lambda: supervisor.healthy, metrics=self.metrics)
             await bridge.start()
             self._part_tasks.append(self._spawn(self.poll_engine_load(supervisor, launch.socket_path),

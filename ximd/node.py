@@ -167,7 +167,7 @@ class Node:
                                                         startup_timeout=self.cfg.engine.startup_timeout_s,
                                                         adopt=adopt)
         self.bridge = Bridge(launch.socket_path, max_concurrent=plan.max_concurrent, send=self.send,
-                             models=lambda: [launch.served_model_name],
+                             try_send=self.try_send, models=lambda: [launch.served_model_name],
                              engine_ready=lambda: supervisor.healthy, metrics=self.metrics)
         await self.bridge.start()
         if self.metrics_server is not None:
@@ -335,6 +335,12 @@ class Node:
         if self.link is None:    # the bridge answers only requests the link brought
             raise RuntimeError("the node has no mesh link")
         await self.link.send(msg)
+
+    def try_send(self, msg: codec.Message) -> bool:
+        """send() if it would not wait (MeshLink.try_send)."""
+        if self.link is None:
+            raise RuntimeError("the node has no mesh link")
+        return self.link.try_send(msg)
 
     def models_info(self) -> tuple[codec.Model, ...]:
         prepared, supervisor, bridge = self._engine()

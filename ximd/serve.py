@@ -9,6 +9,10 @@ OpenAI body to the engine's ``/v1/chat/completions``, ``/v1/completions`` or
   ready; the complete SSE events in them travel as ONE ``chunk`` frame. The
   link's message rate therefore follows the reader, not tokens/s: a busy
   node sends fewer, fuller frames instead of falling behind.
+- **Push.** A streamed answer's frames leave from the engine connection's
+  read callback (`StreamRelay`, `Response.push`) while the request has credit
+  and the link has room; the request's task wakes only when they run out, at
+  the end, and on errors, so a token costs one event-loop callback, not two.
 - **Pass-through.** Each event's ``data:`` payload goes on as the engine's
   own bytes. Only the chunks that carry a ``finish_reason`` or the usage are
   parsed (once or twice per request), for ``done`` and the metrics.
@@ -37,9 +41,11 @@ not forwarded as a ``chunk`` but carried in ``done.body`` (and parsed into
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +75,8 @@ ERROR_BODY_LIMIT = 64 * 1024
 DEFAULT_CREDIT_TIMEOUT_S = 60.0
 
 Send = Callable[[codec.Message], Awaitable[None]]
+# Queues a frame if the link has room, else False (MeshLink.try_send): the fast path of a stream.
+TrySend = Callable[[codec.Message], bool]
 
 
 class EngineError(Exception):
@@ -193,6 +201,63 @@ def frames_of(payloads: list[bytes], limit: int = MAX_CHUNK_DATA_BYTES) -> Itera
         yield group
 
 
+class EventStream:
+    """An engine's SSE stream, fed as it arrives: the chunk frames to relay, and what
+    ``done`` carries (the finish reason, the usage, the usage-only chunk itself).
+
+    Pure: bytes in, payloads out. Each event's ``data`` goes on as the engine's own
+    bytes; only an event that carries a finish_reason or the usage is parsed.
+    """
+
+    def __init__(self) -> None:
+        self.tail = b""                          # the start of an event still to come
+        self.finish: str | None = None
+        self.usage: codec.Usage | None = None
+        self.usage_payload: bytes | None = None  # the usage-only chunk: travels in done
+        self.saw_done = False
+
+    def frames(self, data: bytes) -> list[list[bytes]]:
+        """The payloads of the events ``data`` completes, grouped into chunk frames (in
+        the usual case one). EngineError for an event longer than a frame can carry."""
+        if self.tail:
+            data = self.tail + data
+        events = data.split(b"\n\n")
+        self.tail = events.pop()
+        if len(self.tail) > MAX_EVENT_BYTES:
+            raise EngineError("internal", f"the engine sent an SSE event over {MAX_EVENT_BYTES} bytes, "
+                                          "more than a frame carries")
+        payloads = [payload for payload in map(self._relayed, events) if payload is not None]
+        if not payloads:
+            return []
+        if len(data) <= MAX_CHUNK_DATA_BYTES:
+            return [payloads]
+        return list(frames_of(payloads))
+
+    def _relayed(self, event: bytes) -> bytes | None:
+        """The payload of ``event`` if it goes on in a chunk frame (noted here if it does not)."""
+        payload = sse_data(event)
+        if payload is None:
+            return None
+        if payload == b"[DONE]":
+            self.saw_done = True
+            return None
+        if b'"usage"' in payload or has_finish_reason(payload):
+            obj = _json_or_none(payload)
+            if obj is not None:
+                self.finish = finish_reason_of(obj) or self.finish
+                self.usage = usage_of(obj.get("usage")) or self.usage
+                if "usage" in obj and obj["usage"] and not obj.get("choices"):
+                    self.usage_payload = payload
+                    return None
+        return payload
+
+    def ended_with_done(self) -> bool:
+        """At the end of the body: whether the engine sent its ``[DONE]`` (the last event
+        may lack its blank line)."""
+        tail = self.tail.strip()
+        return self.saw_done or (bool(tail) and sse_data(tail) == b"[DONE]")
+
+
 # ---------------------------------------------------------------- the bridge
 
 
@@ -222,17 +287,48 @@ class _Request:
             self.credit_granted.clear()
 
 
+class StreamRelay:
+    """A streamed answer's way from the engine to the link, as the response's sink.
+
+    It runs in the engine connection's read callback (`Response.push`): each read's
+    events leave at once as a chunk frame while ``offer`` can send it without waiting
+    (the request has credit and the link room), so a token costs no task step. The first
+    frame ``offer`` refuses is kept, with every frame after it, in order, and the
+    response paused, which wakes the request's task: it sends what was kept the waiting
+    way and resumes (`Bridge._relay_stream`). Out of credit it pauses as well: what the
+    engine writes meanwhile waits in the socket and leaves in one frame when credit comes.
+    """
+
+    def __init__(self, request: _Request, response: Response, offer: Callable[[list[bytes]], bool]):
+        self.events = EventStream()
+        self.kept: deque[list[bytes]] = deque()      # frames for the task to send, in order
+        self._request = request
+        self._response = response
+        self._offer = offer
+
+    def feed(self, data: bytes) -> None:
+        for payloads in self.events.frames(data):
+            if self.kept or not self._offer(payloads):
+                self.kept.append(payloads)
+        if self.kept or self._request.credit <= 0:
+            self._response.pause()
+
+
 class Bridge:
     """Runs the router's inference requests on the engine behind ``engine_socket``.
 
-    ``send`` is the link's send. ``models`` (optional) names the models the
-    engine serves now; ``engine_ready`` (optional) says whether it is healthy.
+    ``send`` is the link's send; ``try_send`` (optional) its send that never waits, which
+    lets a streamed answer go from the engine's read callback straight to the link
+    (`StreamRelay`; without it every frame takes the waiting way). ``models``
+    (optional) names the models the engine serves now; ``engine_ready`` (optional)
+    says whether it is healthy.
     Feed every ``infer``, ``cancel``, ``credit`` and ``lease_ack`` to `handle()`.
     """
 
     def __init__(self, engine_socket: Path, *, max_concurrent: int, send: Send,
                  models: Callable[[], Collection[str]] | None = None,
                  engine_ready: Callable[[], bool] | None = None,
+                 try_send: TrySend | None = None,
                  metrics: NodeMetrics | None = None,
                  credit_timeout_s: float = DEFAULT_CREDIT_TIMEOUT_S,
                  connect_timeout_s: float = 5.0):
@@ -241,6 +337,7 @@ class Bridge:
         self.engine_socket = Path(engine_socket)
         self.max_concurrent = max_concurrent
         self.send = send
+        self.try_send = try_send
         self.models = models
         self.engine_ready = engine_ready
         self.metrics = metrics if metrics is not None else NodeMetrics()
@@ -530,54 +627,20 @@ class Bridge:
         return usage
 
     async def _relay_stream(self, request: _Request, response: Response) -> codec.Usage | None:
-        tail = b""
-        finish: str | None = None
-        usage: codec.Usage | None = None
-        usage_payload: bytes | None = None
-        saw_done = False
-        while True:
+        relay = StreamRelay(request, response, functools.partial(self._try_chunk, request))
+        response.push(relay.feed)
+        while not await response.pushed():          # paused: frames kept, or out of credit
+            while relay.kept:
+                await self._send_chunk(request, relay.kept.popleft())
             if request.credit <= 0:
                 await self._wait_for_credit(request)
-            data = await response.read_some()
-            if not data:
-                break
-            if tail:
-                data = tail + data
-            events = data.split(b"\n\n")
-            tail = events.pop()
-            if len(tail) > MAX_EVENT_BYTES:
-                raise EngineError("internal", f"the engine sent an SSE event over {MAX_EVENT_BYTES} bytes, "
-                                              "more than a frame carries")
-            payloads = []
-            for event in events:
-                payload = sse_data(event)
-                if payload is None:
-                    continue
-                if payload == b"[DONE]":
-                    saw_done = True
-                    continue
-                if b'"usage"' in payload or has_finish_reason(payload):
-                    obj = _json_or_none(payload)
-                    if obj is not None:
-                        finish = finish_reason_of(obj) or finish
-                        usage = usage_of(obj.get("usage")) or usage
-                        if "usage" in obj and obj["usage"] and not obj.get("choices"):
-                            usage_payload = payload      # the usage-only chunk: goes in done
-                            continue
-                payloads.append(payload)
-            if payloads:
-                if len(data) <= MAX_CHUNK_DATA_BYTES:        # the usual case: one frame
-                    await self._send_chunk(request, payloads)
-                else:
-                    for group in frames_of(payloads):
-                        await self._send_chunk(request, group)
-        if tail.strip() and sse_data(tail.strip()) == b"[DONE]":
-            saw_done = True
-        if not saw_done:
+            response.resume()
+        events = relay.events
+        if not events.ended_with_done():
             raise EngineError("engine_unavailable", "the engine ended the stream before [DONE]")
-        await self._send(codec.Done(id=request.id, finish_reason=finish, usage=usage,
-                                    body=usage_payload))
-        return usage
+        await self._send(codec.Done(id=request.id, finish_reason=events.finish, usage=events.usage,
+                                    body=events.usage_payload))
+        return events.usage
 
     async def _wait_for_credit(self, request: _Request) -> None:
         try:
@@ -595,6 +658,23 @@ class Bridge:
         request.seq += 1
         request.spend()
 
+    def _try_chunk(self, request: _Request, payloads: list[bytes]) -> bool:
+        """Send a chunk frame if that needs no wait (credit, room on the link): whether it went."""
+        if request.credit <= 0 or self.try_send is None:
+            return False
+        if request.cancel_reason is not None:     # cancelled, its task not yet run: nothing more goes
+            return False
+        msg = codec.Chunk(id=request.id, seq=request.seq, data=payloads)
+        try:
+            if not self.try_send(msg):
+                return False
+        except Exception as exc:
+            raise _link_lost(msg, exc) from None
+        self._first_output(request)
+        request.seq += 1
+        request.spend()
+        return True
+
     def _first_output(self, request: _Request) -> None:
         if not request.sent_first:
             request.sent_first = True
@@ -606,7 +686,7 @@ class Bridge:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise LinkLost(f"the link refused a {msg.TYPE} frame: {exc}") from None
+            raise _link_lost(msg, exc) from None
 
     async def _send_quietly(self, msg: codec.Message) -> None:
         """Best effort: an error or drain notice the link cannot carry is only logged."""
@@ -621,6 +701,10 @@ def _broken(exc: EngineHTTPError) -> EngineError:
     if isinstance(exc, ProtocolError):
         return EngineError("engine_unavailable", f"the engine's answer is not HTTP ximd can read: {exc}")
     return EngineError("engine_unavailable", str(exc))      # Broken: "the engine closed the connection …"
+
+
+def _link_lost(msg: codec.Message, exc: Exception) -> LinkLost:
+    return LinkLost(f"the link refused a {msg.TYPE} frame: {exc}")
 
 
 def _json_or_none(payload: bytes) -> dict | None:

@@ -235,15 +235,31 @@ class MeshLink:
 
     async def send(self, msg: codec.Message) -> None:
         """Queue for the router (transport.Outbox); LinkDown when there is no session."""
-        outbox = self._outbox
-        if self.state != LinkState.CONNECTED or outbox is None:
-            raise LinkDown(f"no session with the router ({self.state.value})")
+        outbox = self._session_outbox()
         frame = codec.encode(msg, version=self._version)
         while outbox.full():                    # the router is not reading: wait for room
             await asyncio.sleep(0.001)
             if self._outbox is not outbox:
                 raise LinkDown("the link went down while waiting to send")
         outbox.put(frame, urgent=not is_mid_stream(msg))
+
+    def try_send(self, msg: codec.Message) -> bool:
+        """send() if it would not wait: False, and nothing queued, while the outbox is full.
+
+        For callers that cannot wait where they are (the bridge relays a streamed answer
+        in the engine connection's read callback); LinkDown when there is no session.
+        """
+        outbox = self._session_outbox()
+        if outbox.full():
+            return False
+        outbox.put(codec.encode(msg, version=self._version), urgent=not is_mid_stream(msg))
+        return True
+
+    def _session_outbox(self) -> transport.Outbox:
+        outbox = self._outbox
+        if self.state != LinkState.CONNECTED or outbox is None:
+            raise LinkDown(f"no session with the router ({self.state.value})")
+        return outbox
 
     def lease_soon(self) -> None:
         """Send the next lease now rather than at its interval: what it reports changed (a
