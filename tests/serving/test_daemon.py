@@ -7,12 +7,15 @@ enrolls with a fresh join key and supervises its engine. Two engines:
 - the paced stand-in (bench/standin_engine.py, started by ximd through
   bench/standin-python): fast, and able to hang or fail on request;
 - real vLLM on the tiny model (`-m engine`): one daemon start for the whole
-  module (about a minute here), the tests share it, the SIGTERM test last.
+  module (about a minute here), the tests share it, the SIGTERM test last. Its
+  development endpoints are on (tests.support.engine.dev_mode_python): the
+  max_concurrent test pauses its scheduler to hold requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +29,7 @@ import pytest
 
 from bench.standin_engine import write_model_dir
 from tests.support.daemon import Daemon
-from tests.support.engine import engine_python, short_tempdir, tiny_model
+from tests.support.engine import dev_mode_python, engine_python, generation_paused, short_tempdir, tiny_model
 from tests.support.router import RouterProcess
 from tests.support.standin_engine import wait_for_gauge
 from ximd import control
@@ -126,14 +129,28 @@ class ServedNode:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             return resp.read().decode()
 
-    async def wait_in_flight(self, count: int, timeout: float) -> None:
-        """Until ximd itself counts ``count`` requests in flight. Asked over the control
-        socket: /metrics also scrapes the engine, which a busy CPU engine answers late."""
-        deadline = time.monotonic() + timeout
+    async def in_flight(self) -> int:
+        """The requests ximd itself counts in flight (the slots max_concurrent limits). Asked
+        over the control socket: /metrics also scrapes the engine, which a busy CPU engine
+        answers late."""
         path = control.socket_path(self.daemon.runtime_dir)
-        while (await asyncio.to_thread(control.query, path))["requests"]["in_flight"] != count:
-            assert time.monotonic() < deadline, f"ximd never had {count} request(s) in flight"
+        return (await asyncio.to_thread(control.query, path))["requests"]["in_flight"]
+
+    async def wait_in_flight(self, count: int, timeout: float) -> None:
+        """Until ximd counts ``count`` requests in flight."""
+        deadline = time.monotonic() + timeout
+        while (seen := await self.in_flight()) != count:
+            assert time.monotonic() < deadline, f"ximd never had {count} request(s) in flight (last: {seen})"
             await asyncio.sleep(0.02)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until neither ximd nor the router counts a request in flight. Each frees a slot on
+        its own schedule (the router once it notices a client gone or reads done, ximd once
+        the cancel arrives or it has sent done), and either one full refuses (at_capacity)."""
+        deadline = time.monotonic() + timeout
+        while (seen := (await self.in_flight(), await asyncio.to_thread(self.router.in_flight))) != (0, 0):
+            assert time.monotonic() < deadline, f"requests stayed in flight (ximd, router): {seen}"
+            await asyncio.sleep(0.05)
 
     def stop(self) -> None:
         try:
@@ -209,44 +226,48 @@ def check_disconnect_frees_the_engine_slot(node: ServedNode, long_request: dict)
     asyncio.run(scenario())
 
 
-def check_extras_beyond_max_concurrent_are_refused(node: ServedNode, hold: dict) -> None:
-    """Hold max_concurrent streams open; the extras are refused (429) and nothing hangs.
+def check_extras_beyond_max_concurrent_are_refused(node: ServedNode, held_request: dict,
+                                                   hold=contextlib.nullcontext) -> None:
+    """Hold max_concurrent streamed requests in flight; the extras are refused (429) and
+    nothing hangs; a request afterwards works.
 
-    A trial only proves something while the held streams keep every slot: if one ends on
-    its own first (this VM sometimes stalls for seconds next to a busy vLLM), an extra may
-    rightly get the freed slot, and the trial is run again.
+    A held request must not end on its own before the extras are answered, however slow the
+    machine: ``held_request`` does not end while in ``hold()`` (the stand-in: a request that
+    hangs; vLLM: any request, its scheduler paused). A long stream is no hold: next to a busy
+    vLLM this VM stalls for seconds, and 1500 tokens were generated, relayed and done before
+    the test looked (ximd never counted 2 in flight). Nor does a client that stops reading
+    hold one: the router's socket buffer to it grows to megabytes and takes the whole answer.
     """
-    async def trial():
+    async def scenario():
         c = node.async_client()
-        ended_on_their_own = []
-
-        async def held_stream():
-            stream = await c.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **hold)
-            async for _ in stream:
-                pass
-            ended_on_their_own.append(True)
-
-        held = [asyncio.ensure_future(held_stream()) for _ in range(node.max_concurrent)]
-        # ximd's own count, not the engine's gauge: a busy CPU engine answers /metrics
-        # seconds late, long enough for a held stream to end before the extras go out.
-        await node.wait_in_flight(node.max_concurrent, timeout=20)
-        extras = await asyncio.wait_for(asyncio.gather(*(
-            c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2) for _ in range(3)),
-            return_exceptions=True), timeout=60)                   # nothing hangs
-        for task in held:
-            task.cancel()
-        await asyncio.gather(*held, return_exceptions=True)
+        # A request of the previous test may still hold a slot (a cancel or a done on its way):
+        # a held request would then be the one refused.
+        await node.wait_idle(timeout=30)
+        async with hold():
+            held = [asyncio.ensure_future(c.chat.completions.create(
+                model=MODEL, messages=MESSAGES, stream=True, **held_request)) for _ in range(node.max_concurrent)]
+            try:
+                await node.wait_in_flight(node.max_concurrent, timeout=60)
+                extras = await asyncio.wait_for(asyncio.gather(*(
+                    c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2) for _ in range(3)),
+                    return_exceptions=True), timeout=60)                   # nothing hangs
+                # Every slot was held throughout: no held request got an answer (a refusal
+                # included), and ximd still counts them all.
+                answered = [task.exception() or task.result() for task in held if task.done()]
+                assert not answered, f"held requests were answered while held: {answered}"
+                assert await node.in_flight() == node.max_concurrent
+            finally:
+                for task in held:
+                    task.cancel()
+                await asyncio.gather(*held, return_exceptions=True)
+        await node.wait_idle(timeout=30)              # the cancelled held requests, before the one after
         await wait_for_gauge(node.engine_socket, 0, timeout=30)
         await c.close()
-        return extras, bool(ended_on_their_own)
+        return extras
 
-    for _ in range(3):
-        extras, a_slot_freed = asyncio.run(trial())
-        if all(isinstance(e, openai.RateLimitError) and e.code == "at_capacity" for e in extras):
-            break
-        assert a_slot_freed, f"extras were not refused while every slot was held: {extras}"
-    else:
-        pytest.fail("in every trial a held stream ended before the extras were answered")
+    extras = asyncio.run(scenario())
+    assert all(isinstance(e, openai.RateLimitError) and e.code == "at_capacity" for e in extras), \
+        f"extras were not refused while every slot was held: {extras}"
     after = node.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     assert after.usage.completion_tokens == 2
 
@@ -334,8 +355,8 @@ def test_sigterm_during_a_stream_lets_it_finish(node):
 def vllm_node():
     python = engine_python()
     with short_tempdir("xv-") as root:
-        served = ServedNode(root, python=python, model_dir=tiny_model(python), max_concurrent=2,
-                            ready_timeout_s=600, event_loop=os.environ.get("XIM_TEST_LOOP", ""))
+        served = ServedNode(root, python=dev_mode_python(python, root), model_dir=tiny_model(python),
+                            max_concurrent=2, ready_timeout_s=600, event_loop=os.environ.get("XIM_TEST_LOOP", ""))
         try:
             yield served.start()
         finally:
@@ -359,7 +380,9 @@ def test_vllm_client_disconnect_frees_the_engine_slot(vllm_node):
 
 @pytest.mark.engine
 def test_vllm_more_requests_than_max_concurrent(vllm_node):
-    check_extras_beyond_max_concurrent_are_refused(vllm_node, LONG)
+    # The pause holds the requests, not their length: a short one costs nothing if it ever runs.
+    check_extras_beyond_max_concurrent_are_refused(
+        vllm_node, {"max_tokens": 8}, hold=lambda: generation_paused(vllm_node.engine_socket))
 
 
 @pytest.mark.engine

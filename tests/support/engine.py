@@ -13,13 +13,14 @@ import hashlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import psutil
@@ -63,6 +64,23 @@ def tiny_model(python: str) -> Path:
                            env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                                 "HOME": str(dest.parent)}, stdout=subprocess.DEVNULL)
     return dest
+
+
+def dev_mode_python(python: str, directory: Path) -> str:
+    """An engine interpreter, written into ``directory``: ``python`` with vLLM's development
+    endpoints on (VLLM_SERVER_DEV_MODE=1; `generation_paused` needs its /pause and /resume).
+
+    ximd builds the engine's environment itself and passes nothing of its own on
+    (ximd.engine.launch.engine_env), so the variable cannot come from the test's: it
+    travels in this wrapper (the way bench/standin-python stands in for the interpreter).
+    The real interpreter's directory goes first on PATH, where ximd puts the directory of
+    the interpreter it is given.
+    """
+    wrapper = directory / "vllm-dev-python"
+    wrapper.write_text(f'#!/bin/sh\nPATH={shlex.quote(str(Path(python).parent))}:"$PATH" '
+                       f'VLLM_SERVER_DEV_MODE=1 exec {shlex.quote(python)} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
 @contextmanager
@@ -144,14 +162,35 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def http_get(socket_path: Path, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+def http_call(socket_path: Path, method: str, path: str, timeout: float) -> tuple[int, bytes]:
+    """A request without a body: its status and its body."""
     conn = UnixHTTPConnection(socket_path, timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def http_get(socket_path: Path, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    return http_call(socket_path, "GET", path, timeout)
+
+
+@asynccontextmanager
+async def generation_paused(socket_path: Path):
+    """Inside, vLLM runs no step (its /pause?mode=keep, an endpoint of `dev_mode_python`'s):
+    a request sent meanwhile waits in its queue and stays in flight on ximd for as long as
+    the test needs, however slow the machine. /resume on the way out, whatever happened:
+    the module's later tests share the engine.
+    """
+    status, body = await asyncio.to_thread(http_call, socket_path, "POST", "/pause?mode=keep", 30)
+    assert status == 200, f"the engine did not pause: {status} {body[:300]!r}"
+    try:
+        yield
+    finally:
+        status, body = await asyncio.to_thread(http_call, socket_path, "POST", "/resume", 30)
+        assert status == 200, f"the engine did not resume: {status} {body[:300]!r}"
 
 
 def post_json(socket_path: Path, path: str, body: dict, timeout: float = 60.0) -> dict:

@@ -122,13 +122,22 @@ class RouterProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=30) as resp:
+            return resp.read().decode()
+
     def mesh_event(self, event: str) -> float:
         """A count of /metrics' xim_router_mesh_events_total (frame_in, batch_in, rate_limited, …)."""
-        with urllib.request.urlopen(self.http_url + "/metrics", timeout=30) as resp:
-            text = resp.read().decode()
-        found = re.search(rf'^xim_router_mesh_events_total\{{event="{re.escape(event)}"\}} (\S+)$', text, re.M)
+        found = re.search(rf'^xim_router_mesh_events_total\{{event="{re.escape(event)}"\}} (\S+)$',
+                          self.metrics(), re.M)
         assert found, f"no mesh event {event!r} in /metrics"
         return float(found.group(1))
+
+    def in_flight(self) -> int:
+        """Requests the router has on its nodes now (/metrics' xim_router_node_in_flight, summed):
+        its own count, by which it refuses (at_capacity) before a node is even asked."""
+        values = re.findall(r'^xim_router_node_in_flight\{[^}]*\} (\S+)$', self.metrics(), re.M)
+        return int(sum(float(v) for v in values))
 
     # ------------------------------------------------------------ admin commands
 
