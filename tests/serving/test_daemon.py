@@ -209,12 +209,21 @@ def check_openai_client_sync_and_async(node: ServedNode, tokens: int) -> None:
     assert parts[-1].usage.completion_tokens == tokens and chat.usage.completion_tokens == tokens
 
 
+def as_json_body(request: dict) -> dict:
+    """The fields of an openai-client call as the HTTP body: the client merges ``extra_body``
+    into the top level, and a raw POST must too (sent as it is, vLLM ignored ``ignore_eos`` and
+    ``min_tokens``, and the "long" stream could end after a few tokens)."""
+    body = {k: v for k, v in request.items() if k != "extra_body"}
+    return body | request.get("extra_body", {})
+
+
 def check_disconnect_frees_the_engine_slot(node: ServedNode, long_request: dict) -> None:
     async def scenario():
         import aiohttp
         async with aiohttp.ClientSession() as s:
             resp = await s.post(node.router.http_url + "/v1/chat/completions",
-                                json={"model": MODEL, "messages": MESSAGES, "stream": True, **long_request})
+                                json={"model": MODEL, "messages": MESSAGES, "stream": True,
+                                      **as_json_body(long_request)})
             assert resp.status == 200, await resp.text()
             await resp.content.readany()
             # ximd's own count, not the engine's gauge: a busy CPU engine answers /metrics
