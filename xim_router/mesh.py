@@ -333,15 +333,16 @@ class Router:
         """Send without waiting, best effort (a credit, a cancel): queued at once when the
         agent's queue has room — the usual case, no task for it — else by `send()` in the
         background. An agent without a session gets nothing: its link's end fails its requests."""
+        self._read_monitor()      # as in send(): a closed connection's session ends before anything is addressed
         session = self.sessions.get(worker_id)
-        if session is not None:
-            try:
-                self._read_monitor()
-                if self._send_now(session.routing_id, msg, session.version):
-                    return
-            except AgentUnavailable:
+        if session is None:
+            return
+        try:
+            if self._send_now(session.routing_id, msg, session.version):
                 return
-            self._in_background(self._send_or_drop(worker_id, msg))
+        except AgentUnavailable:
+            return
+        self._in_background(self._send_or_drop(worker_id, msg))
 
     async def _send_or_drop(self, worker_id: str, msg: codec.Message) -> None:
         try:
